@@ -1,0 +1,29 @@
+"""One kind of user-facing error, and the guard every entry point runs under.
+
+A stage that fails on bad input prints a single line naming the file or parameter and what is
+wrong, exits non-zero, and shows a traceback only when GPTLAB_DEBUG=1 asks for one.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+
+class GptlabError(Exception):
+    """A problem with the user's input or environment, explained in one line."""
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """Run an entry point, turning known failures into one line on stderr and exit code 1."""
+    try:
+        main()
+    except GptlabError as error:
+        if os.environ.get("GPTLAB_DEBUG") == "1":
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

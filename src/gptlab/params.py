@@ -1,0 +1,177 @@
+"""The one loader of params.yaml: every section validated before any stage does work.
+
+params.yaml is the single source of truth for values: there are no defaults here, so a missing
+key is an error rather than a silent fallback that `dvc exp show` would never display.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gptlab.errors import GptlabError
+
+PARAMS_FILE = "params.yaml"
+SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+
+
+class Section(BaseModel):
+    """A params section: strict types, no unknown keys, immutable once loaded."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    def cross_field_problems(self) -> list[tuple[str, str]]:
+        """(key, problem) pairs that depend on several keys of the section at once."""
+        return []
+
+
+class DataParams(Section):
+    source: Literal["pip", "url", "local"]
+    spec: str = Field(min_length=1)
+    sha256: str | None
+    include: list[str]
+
+    @field_validator("sha256")
+    @classmethod
+    def _is_hex_digest(cls, value: str | None) -> str | None:
+        if value is not None and not SHA256_PATTERN.match(value):
+            raise ValueError("expected 64 lowercase hex digits")
+        return value
+
+    @field_validator("include")
+    @classmethod
+    def _patterns_not_empty(cls, value: list[str]) -> list[str]:
+        if not value or any(not pattern.strip() for pattern in value):
+            raise ValueError("expected a non-empty list of non-empty glob patterns")
+        return value
+
+    def cross_field_problems(self) -> list[tuple[str, str]]:
+        if self.source in ("pip", "url") and self.sha256 is None:
+            return [("sha256", f"required when source is {self.source!r}")]
+        return []
+
+
+class CleanParams(Section):
+    strip_boilerplate: bool
+    unicode: Literal["NFC", "NFKC", "none"]
+    lowercase: bool
+    collapse_whitespace: bool
+    dedupe: Literal["none", "exact", "near"]
+    near_threshold: float = Field(gt=0, le=1)
+    min_chars: int = Field(ge=0)
+    split: Literal["documents", "tail"]
+    val_fraction: float = Field(gt=0, lt=1)
+    split_seed: int
+
+
+class TokenizerParams(Section):
+    kind: Literal["char", "bpe", "tiktoken"]
+    vocab_size: int = Field(ge=260, le=1 << 31)
+    encoding: str = Field(min_length=1)
+
+
+class Params(Section):
+    seed: int
+    data: DataParams
+    clean: CleanParams
+    tokenizer: TokenizerParams
+
+
+def load_params(path: str | os.PathLike = PARAMS_FILE) -> Params:
+    """Read and validate the whole params file; raise GptlabError naming the first bad key."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    try:
+        params = Params.model_validate(raw)
+    except ValidationError as error:
+        raise GptlabError(f"{path}: {_describe(error)}") from None
+    problems = [
+        f"{name}.{key}: {problem}"
+        for name in Params.model_fields
+        if isinstance(section := getattr(params, name), Section)
+        for key, problem in section.cross_field_problems()
+    ]
+    if problems:
+        raise GptlabError(f"{path}: {'; '.join(problems)}")
+    return params
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that reads 1e-3 as a float and refuses duplicate keys.
+
+    PyYAML follows YAML 1.1, where a float needs a dot, so `lr: 1e-3` would load as a string;
+    and a key written twice would silently keep the last value.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)$"),
+    list("-+0123456789."),
+)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise GptlabError(f"{path}: not found (run from the project folder)") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise GptlabError(f"{path}: cannot be read: {error}") from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise GptlabError(f"{path}: not valid YAML{line}: {problem}") from None
+    if not isinstance(data, dict):
+        raise GptlabError(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
+def _describe(error: ValidationError) -> str:
+    """One line for all of pydantic's errors, each named by its dotted key."""
+    return "; ".join(_describe_one(detail) for detail in error.errors())
+
+
+def _describe_one(detail: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in detail["loc"])
+    kind = detail["type"]
+    if kind == "extra_forbidden":
+        return f"unknown key {key!r}{_did_you_mean(detail['loc'])}"
+    if kind == "missing":
+        return f"{key}: missing"
+    message = detail["msg"].removeprefix("Value error, ")
+    return f"{key}: {message} (got {detail['input']!r})"
+
+
+def _did_you_mean(loc: tuple) -> str:
+    """Suggest the closest known key at the same place in the schema."""
+    model: type[BaseModel] = Params
+    for part in loc[:-1]:
+        annotation = model.model_fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        model = annotation
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
+    if not close:
+        return ""
+    return f" (did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?)"

@@ -1,0 +1,261 @@
+"""Tokenizers behind one interface: char, byte-level BPE, and tiktoken encodings.
+
+Each saves to and loads from one JSON file (no pickle), holding everything needed to rebuild it;
+its `fingerprint` ties token files to the exact tokenizer that wrote them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from gptlab.errors import GptlabError
+from gptlab.io import write_json
+from gptlab.params import TokenizerParams
+
+EOT_TOKEN = "<|endoftext|>"
+# Small chunks keep every core busy: the BPE encoder is faster on many short texts.
+TEXT_CHUNK_CHARS = 1 << 16
+
+
+class Tokenizer(ABC):
+    kind: ClassVar[str]
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Number of token ids; every id is below it."""
+
+    @property
+    @abstractmethod
+    def eot_id(self) -> int | None:
+        """Id of the end-of-text token, or None when the vocabulary has none."""
+
+    @abstractmethod
+    def encode(self, text: str) -> np.ndarray:
+        """Token ids of `text` as an int64 array."""
+
+    @abstractmethod
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of a sequence of token ids."""
+
+    @abstractmethod
+    def to_json(self) -> dict[str, Any]:
+        """Everything needed to rebuild this tokenizer."""
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """Token ids of several texts; subclasses spread the work over all cores."""
+        return [self.encode(text) for text in texts]
+
+    @property
+    def fingerprint(self) -> str:
+        """Short stable hash of the tokenizer's definition."""
+        canonical = json.dumps(self.to_json(), sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_json(path, self.to_json())
+
+
+class CharTokenizer(Tokenizer):
+    """One token per character; ids are positions in the sorted character set, as in nanoGPT."""
+
+    kind = "char"
+
+    def __init__(self, chars: str) -> None:
+        if not chars:
+            raise GptlabError("char tokenizer: the corpus has no characters")
+        self.chars = "".join(sorted(set(chars)))
+        self._codes = np.array([ord(c) for c in self.chars], dtype=np.uint32)
+
+    @classmethod
+    def from_texts(cls, chunks: Iterable[str]) -> CharTokenizer:
+        seen: set[str] = set()
+        for chunk in chunks:
+            seen.update(chunk)
+        return cls("".join(seen))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    @property
+    def eot_id(self) -> None:
+        return None
+
+    def encode(self, text: str) -> np.ndarray:
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+        ids = np.searchsorted(self._codes, codes)
+        unknown = (ids >= len(self._codes)) | (self._codes[np.minimum(ids, len(self._codes) - 1)]
+                                               != codes)
+        if unknown.any():
+            char = chr(int(codes[np.argmax(unknown)]))
+            raise GptlabError(f"character {char!r} (U+{ord(char):04X}) is not in the char "
+                              f"tokenizer's vocabulary of {self.vocab_size} characters")
+        return ids.astype(np.int64)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "vocab_size": self.vocab_size, "chars": self.chars}
+
+
+class BPETokenizer(Tokenizer):
+    """Byte-level BPE (GPT-2 style) trained with Hugging Face `tokenizers`."""
+
+    kind = "bpe"
+
+    def __init__(self, hf_tokenizer: Any) -> None:
+        self._hf = hf_tokenizer
+
+    @classmethod
+    def train(cls, chunks: Iterable[str], vocab_size: int) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        hf = HFTokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOT_TOKEN],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        hf.train_from_iterator(chunks, trainer=trainer)
+        return cls(hf)
+
+    @classmethod
+    def from_json(cls, definition: dict[str, Any]) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return cls(HFTokenizer.from_str(json.dumps(definition["tokenizer"])))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._hf.get_vocab_size()
+
+    @property
+    def eot_id(self) -> int | None:
+        return self._hf.token_to_id(EOT_TOKEN)
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.array(self._hf.encode(text).ids, dtype=np.int64)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        # The Rust side encodes the batch on all cores.
+        return [np.array(e.ids, dtype=np.int64) for e in self._hf.encode_batch(texts)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._hf.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "vocab_size": self.vocab_size,
+                "tokenizer": json.loads(self._hf.to_str())}
+
+
+class TiktokenTokenizer(Tokenizer):
+    """A ready-made tiktoken encoding, such as gpt2 or cl100k_base."""
+
+    kind = "tiktoken"
+
+    def __init__(self, encoding: str) -> None:
+        import tiktoken
+
+        try:
+            self._encoding = tiktoken.get_encoding(encoding)
+        except ValueError:
+            known = ", ".join(tiktoken.list_encoding_names())
+            raise GptlabError(f"tokenizer.encoding: unknown tiktoken encoding {encoding!r} "
+                              f"(known: {known})") from None
+        except Exception as error:  # tiktoken fetches encodings over the network at first use
+            raise GptlabError(f"tokenizer.encoding: cannot load tiktoken encoding {encoding!r}: "
+                              f"{error} (tiktoken downloads it once; needs the internet)") from None
+        self.encoding = encoding
+
+    @property
+    def vocab_size(self) -> int:
+        return self._encoding.n_vocab
+
+    @property
+    def eot_id(self) -> int | None:
+        return self._encoding._special_tokens.get(EOT_TOKEN)
+
+    def encode(self, text: str) -> np.ndarray:
+        # Ordinary encoding: "<|endoftext|>" inside a corpus is text, not a control token.
+        return np.array(self._encoding.encode_ordinary(text), dtype=np.int64)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        batches = self._encoding.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
+        return [np.array(ids, dtype=np.int64) for ids in batches]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._encoding.decode([int(i) for i in ids])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "vocab_size": self.vocab_size, "encoding": self.encoding}
+
+
+def build_tokenizer(params: TokenizerParams, train_path: Path, val_path: Path) -> Tokenizer:
+    """Make the tokenizer chosen in params, learning from the clean text where it needs to."""
+    if params.kind == "char":
+        # Characters of both splits, as nanoGPT takes them from the whole input, so that a rare
+        # character of the validation text is not an error.
+        return CharTokenizer.from_texts(
+            chunk for path in (train_path, val_path) for chunk in iter_text_chunks(path)
+        )
+    if params.kind == "bpe":
+        return BPETokenizer.train(iter_text_chunks(train_path), params.vocab_size)
+    return TiktokenTokenizer(params.encoding)
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Rebuild a tokenizer from the JSON file written by `Tokenizer.save`."""
+    try:
+        definition = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GptlabError(f"{path}: not found (run the tokenize stage first)") from None
+    except (OSError, ValueError) as error:
+        raise GptlabError(f"{path}: not a gptlab tokenizer file ({error})") from None
+    kind = definition.get("kind") if isinstance(definition, dict) else None
+    if kind not in _REBUILDERS:
+        raise GptlabError(f"{path}: unknown tokenizer kind {kind!r}; expected one of "
+                          f"{sorted(_REBUILDERS)}")
+    try:
+        return _REBUILDERS[kind](definition)
+    except GptlabError:
+        raise
+    except Exception as error:  # a damaged definition can fail deep inside tokenizers' Rust code
+        raise GptlabError(f"{path}: damaged {kind} tokenizer definition ({error})") from None
+
+
+_REBUILDERS = {
+    "char": lambda definition: CharTokenizer(definition["chars"]),
+    "bpe": BPETokenizer.from_json,
+    "tiktoken": lambda definition: TiktokenTokenizer(definition["encoding"]),
+}
+
+
+def iter_text_chunks(path: Path, chunk_chars: int = TEXT_CHUNK_CHARS) -> Iterator[str]:
+    """Read a text file in pieces of about `chunk_chars`, each ending at a line break, so a
+    corpus larger than memory streams through and no word is cut in two."""
+    carry = ""
+    with open(path, encoding="utf-8", newline="") as f:
+        while block := f.read(chunk_chars):
+            block = carry + block
+            cut = block.rfind("\n") + 1
+            if cut == 0:
+                carry = block
+                continue
+            carry = block[cut:]
+            yield block[:cut]
+    if carry:
+        yield carry

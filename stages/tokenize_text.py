@@ -1,0 +1,52 @@
+"""tokenize stage: turn data/clean/{train,val}.txt into token files with the chosen tokenizer.
+
+(Not named tokenize.py: that would shadow the standard library module of the same name.)
+"""
+
+from pathlib import Path
+
+from gptlab.errors import run_main
+from gptlab.io import atomic_dir, write_json
+from gptlab.params import load_params
+from gptlab.tokenizers import build_tokenizer
+from gptlab.tokens import dtype_for_vocab, encode_file
+
+CLEAN_DIR = Path("data/clean")
+TOKENS_DIR = Path("data/tokens")
+METRICS = Path("metrics/tokenize.json")
+SPLITS = ("train", "val")
+
+
+def main() -> None:
+    params = load_params()
+    texts = {split: CLEAN_DIR / f"{split}.txt" for split in SPLITS}
+    tokenizer = build_tokenizer(params.tokenizer, texts["train"], texts["val"])
+    with atomic_dir(TOKENS_DIR) as staging:
+        tokenizer.save(staging / "tokenizer.json")
+        stats = {split: encode_file(tokenizer, texts[split], staging / f"{split}.bin")
+                 for split in SPLITS}
+        write_json(staging / "meta.json", {
+            "kind": tokenizer.kind,
+            "vocab_size": tokenizer.vocab_size,
+            "eot_id": tokenizer.eot_id,
+            "dtype": dtype_for_vocab(tokenizer.vocab_size).name,
+            "tokenizer_fingerprint": tokenizer.fingerprint,
+            **{f"{split}_{field}": getattr(s, field)
+               for split, s in stats.items() for field in ("tokens", "chars", "bytes")},
+        })
+    tokens = sum(s.tokens for s in stats.values())
+    total_bytes = sum(s.bytes for s in stats.values())
+    metrics = {
+        "train_tokens": stats["train"].tokens,
+        "val_tokens": stats["val"].tokens,
+        "vocab_size": tokenizer.vocab_size,
+        "chars_per_token": round(sum(s.chars for s in stats.values()) / max(tokens, 1), 4),
+        "bytes_per_token": round(total_bytes / max(tokens, 1), 4),
+        "encode_mb_per_sec": round(total_bytes / 1e6 / sum(s.seconds for s in stats.values()), 2),
+    }
+    write_json(METRICS, metrics)
+    print(", ".join(f"{key}={value}" for key, value in metrics.items()))
+
+
+if __name__ == "__main__":
+    run_main(main)
