@@ -1,0 +1,63 @@
+"""Shared fixtures: the project's own params, stage runners, and the shared test corpus."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+# A well-known corpus kept beside the checkout for tests and benchmarks (not in git).
+TINYSHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture(scope="session")
+def default_params() -> dict[str, Any]:
+    """The project's params.yaml as a plain dict (copy it before changing it)."""
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+@pytest.fixture
+def params_for(default_params: dict[str, Any]):
+    """Build a params dict from the defaults with dotted-key overrides: {"clean.split": "tail"}."""
+
+    def build(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        params = copy.deepcopy(default_params)
+        for dotted, value in (overrides or {}).items():
+            *path, last = dotted.split(".")
+            node = params
+            for part in path:
+                node = node[part]
+            node[last] = value
+        return params
+
+    return build
+
+
+def write_params(folder: Path, params: dict[str, Any]) -> Path:
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def run_stage(
+    script: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run a stage script of this checkout in `cwd`, as DVC would, capturing its output."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "stages" / script)],
+        cwd=cwd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600,
+    )
+
+
+@pytest.fixture
+def tinyshakespeare() -> Path:
+    if not TINYSHAKESPEARE.exists():
+        pytest.skip(f"{TINYSHAKESPEARE} not present")
+    return TINYSHAKESPEARE
