@@ -29,7 +29,7 @@ test: setup
 lint: setup
 	$(BIN)/ruff check src stages tests
 
-bench: setup
+bench: repro
 	$(BIN)/python -m gptlab.bench
 
 clean-venv:

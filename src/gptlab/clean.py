@@ -337,9 +337,13 @@ def split_documents(
 
 
 def leak_fraction(train_text: str, val_text: str) -> float:
-    """Fraction of validation 13-word shingles that also occur in the training text."""
-    val = shingle_hashes(val_text.lower().split(), LEAK_SHINGLE_WORDS)
+    """Fraction of validation 13-word shingles that also occur in the training text.
+
+    Words are spelling-folded as for near-dedupe, so a validation play whose other edition is
+    in the training set counts as leaked even where the spelling differs.
+    """
+    val = shingle_hashes(fold_words(val_text), LEAK_SHINGLE_WORDS)
     if len(val) == 0:
         return 0.0
-    train = shingle_hashes(train_text.lower().split(), LEAK_SHINGLE_WORDS)
+    train = shingle_hashes(fold_words(train_text), LEAK_SHINGLE_WORDS)
     return len(np.intersect1d(val, train, assume_unique=True)) / len(val)

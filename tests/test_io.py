@@ -1,0 +1,54 @@
+"""Atomic output helpers: a failed write leaves the old file or folder untouched and no litter."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from gptlab.io import atomic_dir, atomic_path, sha256_file, write_json, write_text
+
+
+def test_atomic_path_renames_into_place_only_on_success(tmp_path):
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half written")
+        raise RuntimeError("killed")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+    with atomic_path(target) as tmp:
+        tmp.write_text("new")
+        assert target.read_text() == "old"  # nothing visible until the block ends
+    assert target.read_text() == "new"
+    assert oct(target.stat().st_mode & 0o077) != "0o0"  # not left owner-only like mkstemp's
+
+
+def test_atomic_dir_swaps_whole_folders(tmp_path):
+    target = tmp_path / "raw"
+    target.mkdir()
+    (target / "a.txt").write_text("old")
+    with pytest.raises(RuntimeError), atomic_dir(target) as staging:
+        (staging / "b.txt").write_text("partial")
+        raise RuntimeError("killed")
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt"]
+    with atomic_dir(target) as staging:
+        (staging / "b.txt").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
+
+
+def test_write_json_and_text_create_parent_folders(tmp_path):
+    write_json(tmp_path / "metrics" / "m.json", {"val_loss": 1.5, "name": "ü"})
+    assert json.loads((tmp_path / "metrics" / "m.json").read_text()) == {"val_loss": 1.5,
+                                                                         "name": "ü"}
+    write_text(tmp_path / "deep" / "er" / "t.txt", "x\n")
+    assert (tmp_path / "deep" / "er" / "t.txt").read_text() == "x\n"
+
+
+def test_sha256_file_matches_hashlib_across_chunks(tmp_path):
+    data = bytes(range(256)) * 9000  # over two read chunks
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    assert sha256_file(path) == hashlib.sha256(data).hexdigest()
