@@ -1,0 +1,394 @@
+"""GPT language model and a bigram baseline.
+
+A small, readable decoder-only transformer in the style of nanoGPT, with a few switchable
+modernisations (rotary positions, RMSNorm, SwiGLU) so their effect can be measured one at a
+time. `build_model` is the entry point: it returns a `GPT` or, for `arch: bigram`, the
+smallest possible baseline, and both share one interface:
+
+    logits, loss = model(idx, targets)          # training and evaluation
+    cache = model.new_cache(batch_size)         # generation with a key/value cache
+    logits, _ = model(idx, cache=cache)
+
+Logits always have exactly `vocab_size` columns: the embedding tables are padded to a multiple
+of 64 for speed, but the padding ids are never scored or sampled.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Parameters that write into the residual stream; GPT-2 scales their init by 1/sqrt(2*n_layer)
+# so the variance of the stream does not grow with depth.
+RESIDUAL_PROJECTIONS = ("attn.out_proj.weight", "mlp.down_proj.weight")
+
+CHOICES = {
+    "arch": ("gpt", "bigram"),
+    "pos": ("learned", "rope"),
+    "norm": ("layernorm", "rmsnorm"),
+    "mlp": ("gelu", "swiglu"),
+}
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int  # the tokenizer's true vocabulary; tables are padded beyond it
+    arch: str = "gpt"
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 64
+    dropout: float = 0.0
+    bias: bool = False  # biases in Linear layers and LayerNorm
+    tie_weights: bool = True
+    pos: str = "learned"
+    norm: str = "layernorm"
+    mlp: str = "gelu"
+
+    def __post_init__(self) -> None:
+        # Full validation lives in the params loader; these are only the mistakes that would
+        # otherwise surface as a shape error deep inside forward, or silently pick a default.
+        for field, allowed in CHOICES.items():
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.pos == "rope" and self.head_dim % 2 != 0:
+            raise ValueError(
+                f"pos: rope needs an even head size, but n_embd / n_head = {self.head_dim}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        # A multiple of 64 keeps the embedding and lm-head matmuls on fast kernel tile sizes.
+        return math.ceil(self.vocab_size / 64) * 64
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, one preallocated buffer per layer.
+
+    Capacity is the model's block_size; when it is full the caller starts a fresh cache from
+    the last block_size tokens. Meant for inference (under torch.no_grad).
+    """
+
+    def __init__(
+        self,
+        n_layer: int,
+        batch_size: int,
+        n_head: int,
+        capacity: int,
+        head_dim: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        shape = (batch_size, n_head, capacity, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.capacity = capacity
+        self.length = 0
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def ensure_room(self, num_new: int) -> None:
+        if self.length + num_new > self.capacity:
+            raise ValueError(
+                f"KV cache overflow: {self.length} cached + {num_new} new tokens exceeds its "
+                f"capacity of {self.capacity} (block_size); start a fresh cache from the last "
+                f"{self.capacity} tokens"
+            )
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store the new tokens' keys and values; return those of the whole cached sequence."""
+        end = self.length + k.size(2)
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        # Under autocast the cache may hold a wider dtype than the fresh keys.
+        return self.keys[layer][:, :, :end].to(k.dtype), self.values[layer][:, :, :end].to(v.dtype)
+
+    def advance(self, num_new: int) -> None:
+        self.length += num_new
+
+
+def rope_tables(head_dim: int, length: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotary angles, (length, head_dim), in the rotate-half layout."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    angles = torch.outer(torch.arange(length).float(), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate each (i, i + head_dim/2) pair of x (B, n_head, T, head_dim) by its angle."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated_half = torch.cat((-x2, x1), dim=-1)
+    return (x * cos + rotated_half * sin).type_as(x)
+
+
+def cached_attention_mask(start: int, num_new: int, device: torch.device) -> Tensor | None:
+    """Boolean mask letting new tokens at positions start.. see the prefix and themselves.
+
+    None when no mask is needed: a single token may attend to everything cached.
+    """
+    if num_new == 1:
+        return None
+    # SDPA's is_causal aligns the triangle to the top-left, which is wrong once a prefix is
+    # cached, so the general case needs the bottom-right-aligned mask spelled out.
+    return torch.ones(num_new, start + num_new, dtype=torch.bool, device=device).tril(start)
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool, dropout_p: float
+) -> Tensor:
+    """scaled_dot_product_attention, kept in float32 under CPU autocast."""
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        # The CPU SDPA backward in bf16 is ~5x slower than in fp32; the casts are cheap.
+        with torch.autocast("cpu", enabled=False):
+            y = F.scaled_dot_product_attention(
+                q.float(), k.float(), v.float(), attn_mask, dropout_p, is_causal
+            )
+        return y.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_head = config.n_head
+        self.head_dim = config.head_dim
+        self.dropout = config.dropout
+        self.qkv_proj = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: KVCache | None
+    ) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv_proj(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+
+        if cache is None or cache.length == 0:
+            attn_mask, is_causal = None, True
+        else:
+            attn_mask, is_causal = cached_attention_mask(cache.length, T, x.device), False
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+
+        dropout_p = self.dropout if self.training else 0.0
+        y = attention(q, k, v, attn_mask, is_causal, dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.out_proj(y))
+
+
+class GeluMLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.down_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.down_proj(self.gelu(self.up_proj(x))))
+
+
+def swiglu_hidden_size(n_embd: int) -> int:
+    # Three matrices of 8/3 * n_embd hold as many weights as the GELU MLP's two of 4 * n_embd.
+    return math.ceil(8 * n_embd / 3 / 64) * 64
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        hidden = swiglu_hidden_size(config.n_embd)
+        self.gate_proj = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.up_proj = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.down_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
+def make_mlp(config: GPTConfig) -> nn.Module:
+    return SwiGLU(config) if config.mlp == "swiglu" else GeluMLP(config)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: GPTConfig, layer: int) -> None:
+        super().__init__()
+        self.attn_norm = make_norm(config)
+        self.attn = CausalSelfAttention(config, layer)
+        self.mlp_norm = make_norm(config)
+        self.mlp = make_mlp(config)
+
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: KVCache | None
+    ) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def check_length(config: GPTConfig, num_new: int, cache: KVCache | None) -> None:
+    if cache is not None:
+        cache.ensure_room(num_new)
+    elif num_new > config.block_size:
+        raise ValueError(
+            f"sequence length {num_new} exceeds block_size {config.block_size}; "
+            f"feed at most the last {config.block_size} tokens"
+        )
+
+
+def cross_entropy(logits: Tensor, targets: Tensor | None) -> Tensor | None:
+    if targets is None:
+        return None
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.padded_vocab_size, config.n_embd)
+        self.pos_emb = (
+            nn.Embedding(config.block_size, config.n_embd) if config.pos == "learned" else None
+        )
+        if config.pos == "rope":
+            cos, sin = rope_tables(config.head_dim, config.block_size)
+            # Derived from the config, so not worth storing in checkpoints.
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
+        self.final_norm = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        if config.tie_weights:
+            self.lm_head.weight = self.tok_emb.weight
+
+        self.apply(self._init_weights)
+        residual_std = 0.02 / math.sqrt(2 * config.n_layer)
+        for name, param in self.named_parameters():
+            if name.endswith(RESIDUAL_PROJECTIONS):
+                nn.init.normal_(param, mean=0.0, std=residual_std)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(
+        self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        T = idx.size(1)
+        check_length(self.config, T, cache)
+        start = 0 if cache is None else cache.length
+        positions = torch.arange(start, start + T, device=idx.device)
+
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        rope = None
+        if self.config.pos == "rope":
+            rope = (self.rope_cos[positions], self.rope_sin[positions])
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, rope, cache)
+        if cache is not None:
+            cache.advance(T)
+
+        # The padded vocabulary rows exist only for matmul speed: drop their logits.
+        logits = self.lm_head(self.final_norm(x))[..., : self.config.vocab_size]
+        return logits, cross_entropy(logits, targets)
+
+    def new_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KV cache on the model's device, in its parameter dtype unless given."""
+        param = next(self.parameters())
+        c = self.config
+        return KVCache(
+            c.n_layer,
+            batch_size,
+            c.n_head,
+            c.block_size,
+            c.head_dim,
+            device=param.device,
+            dtype=dtype or param.dtype,
+        )
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count, tied weights once; non_embedding leaves out the position table."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.pos_emb is not None:
+            n -= self.pos_emb.weight.numel()
+        return n
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token (forward + backward), as in nanoGPT's estimate_mfu."""
+        c = self.config
+        attention_flops = 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
+        return 6 * self.num_params() + attention_flops
+
+
+class Bigram(nn.Module):
+    """Next-token logits looked up from the current token alone: the floor any model must beat.
+
+    Shares GPT's interface so the same code trains, evaluates and samples it; the cache holds
+    no keys or values but still tracks length, so callers need no special case.
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.logits_table = nn.Embedding(config.vocab_size, config.vocab_size)
+        # Small logits make the initial loss ln(vocab_size), like GPT's.
+        nn.init.normal_(self.logits_table.weight, mean=0.0, std=0.02)
+
+    def forward(
+        self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        check_length(self.config, idx.size(1), cache)
+        logits = self.logits_table(idx)
+        if cache is not None:
+            cache.advance(idx.size(1))
+        return logits, cross_entropy(logits, targets)
+
+    def new_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> KVCache:
+        param = self.logits_table.weight
+        c = self.config
+        return KVCache(
+            0, batch_size, 0, c.block_size, 0, device=param.device, dtype=dtype or param.dtype
+        )
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """All parameters: the table is the whole model, and there is no position table."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self) -> int:
+        return 6 * self.num_params()
+
+
+def build_model(config: GPTConfig) -> GPT | Bigram:
+    """The model named by config.arch."""
+    return Bigram(config) if config.arch == "bigram" else GPT(config)

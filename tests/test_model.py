@@ -1,0 +1,354 @@
+"""Tests of gptlab.model: shapes, causality, variants, init, the KV cache and the CPU bf16 path."""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gptlab.model import (
+    GPT,
+    Bigram,
+    GPTConfig,
+    KVCache,
+    apply_rope,
+    build_model,
+    rope_tables,
+    swiglu_hidden_size,
+)
+
+VOCAB = 65
+BLOCK = 16
+VARIANTS = list(
+    itertools.product(("learned", "rope"), ("layernorm", "rmsnorm"), ("gelu", "swiglu"))
+)
+
+
+def tiny_config(**overrides) -> GPTConfig:
+    fields = dict(vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32, block_size=BLOCK)
+    return GPTConfig(**(fields | overrides))
+
+
+def tiny_model(seed: int = 0, **overrides) -> GPT | Bigram:
+    torch.manual_seed(seed)
+    return build_model(tiny_config(**overrides))
+
+
+def random_tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(VOCAB, (batch, length), generator=generator)
+
+
+# --- config -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vocab_size", [1, 63, 64, 65, 50257])
+def test_padded_vocab_size_is_next_multiple_of_64(vocab_size):
+    padded = tiny_config(vocab_size=vocab_size).padded_vocab_size
+    assert padded % 64 == 0
+    assert vocab_size <= padded < vocab_size + 64
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (dict(n_embd=30, n_head=4), "n_head"),
+        (dict(n_embd=36, n_head=4, pos="rope"), "rope"),
+        (dict(norm="batchnorm"), "norm"),
+        (dict(arch="lstm"), "arch"),
+    ],
+)
+def test_config_rejects_values_that_would_crash_obscurely(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**overrides)
+
+
+# --- shapes and the padded vocabulary ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["gpt", "bigram"])
+def test_forward_shapes(arch):
+    model = tiny_model(arch=arch)
+    idx = random_tokens(3, BLOCK)
+    logits, loss = model(idx, random_tokens(3, BLOCK, seed=2))
+    assert logits.shape == (3, BLOCK, VOCAB)
+    assert loss.shape == ()
+    logits, loss = model(idx)
+    assert logits.shape == (3, BLOCK, VOCAB)
+    assert loss is None
+
+
+@pytest.mark.parametrize("arch", ["gpt", "bigram"])
+def test_sequence_longer_than_block_size_raises(arch):
+    model = tiny_model(arch=arch)
+    with pytest.raises(ValueError, match="block_size"):
+        model(random_tokens(1, BLOCK + 1))
+
+
+def test_padding_tokens_are_never_sampled():
+    model = tiny_model()
+    assert model.config.padded_vocab_size > VOCAB
+    with torch.no_grad():
+        model.lm_head.weight[VOCAB:] = 1e4
+    logits, _ = model(random_tokens(4, BLOCK))
+    assert logits.shape[-1] == VOCAB
+    probs = F.softmax(logits[:, -1], dim=-1)
+    samples = torch.multinomial(probs, 1000, replacement=True)
+    assert samples.max() < VOCAB
+
+
+# --- causality and variants -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("pos", "norm", "mlp"), VARIANTS)
+def test_future_tokens_do_not_change_past_logits(pos, norm, mlp):
+    model = tiny_model(pos=pos, norm=norm, mlp=mlp).eval()
+    idx = random_tokens(2, BLOCK)
+    logits, _ = model(idx)
+    for t in (0, 5, BLOCK - 2):
+        changed = idx.clone()
+        changed[:, t + 1 :] = (changed[:, t + 1 :] + 1) % VOCAB
+        changed_logits, _ = model(changed)
+        torch.testing.assert_close(changed_logits[:, : t + 1], logits[:, : t + 1])
+        assert not torch.allclose(changed_logits[:, t + 1 :], logits[:, t + 1 :])
+
+
+def test_bigram_sees_only_the_current_token():
+    model = tiny_model(arch="bigram")
+    idx = random_tokens(2, BLOCK)
+    logits, _ = model(idx)
+    torch.testing.assert_close(logits, model.logits_table.weight[idx])
+
+
+@pytest.mark.parametrize(("pos", "norm", "mlp"), VARIANTS)
+def test_every_variant_trains(pos, norm, mlp):
+    model = tiny_model(pos=pos, norm=norm, mlp=mlp)
+    _, loss = model(random_tokens(2, BLOCK), random_tokens(2, BLOCK, seed=2))
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, param in model.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+
+
+@pytest.mark.parametrize(("pos", "norm", "mlp"), VARIANTS)
+def test_variants_build_what_they_name(pos, norm, mlp):
+    model = tiny_model(pos=pos, norm=norm, mlp=mlp)
+    names = [name for name, _ in model.named_parameters()]
+    has_pos_table = any(name.startswith("pos_emb") for name in names)
+    assert has_pos_table == (pos == "learned")
+    assert hasattr(model, "rope_cos") == (pos == "rope")
+
+    norms = [m for m in model.modules() if isinstance(m, (nn.LayerNorm, nn.RMSNorm))]
+    expected_norm = nn.RMSNorm if norm == "rmsnorm" else nn.LayerNorm
+    assert len(norms) == 2 * model.config.n_layer + 1
+    assert all(type(m) is expected_norm for m in norms)
+
+    linears = [m for m in model.blocks[0].mlp.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == (3 if mlp == "swiglu" else 2)
+
+
+def test_rope_buffers_are_not_saved():
+    model = tiny_model(pos="rope")
+    assert not any("rope" in key for key in model.state_dict())
+    assert model.rope_cos.shape == (BLOCK, model.config.head_dim)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    head_dim, length = 8, 12
+    cos, sin = rope_tables(head_dim, length)
+    q, k = torch.randn(2, head_dim, generator=torch.Generator().manual_seed(0))
+
+    def score(q_pos: int, k_pos: int) -> torch.Tensor:
+        rotated_q = apply_rope(q, cos[q_pos], sin[q_pos])
+        rotated_k = apply_rope(k, cos[k_pos], sin[k_pos])
+        torch.testing.assert_close(rotated_q.norm(), q.norm())
+        return rotated_q @ rotated_k
+
+    torch.testing.assert_close(score(5, 2), score(9, 6))
+    torch.testing.assert_close(score(3, 3), q @ k)
+    assert not torch.allclose(score(5, 2), score(5, 4))
+
+
+def test_layernorm_bias_follows_bias_flag():
+    assert tiny_model(bias=False).final_norm.bias is None
+    assert tiny_model(bias=True).final_norm.bias is not None
+
+
+def test_swiglu_matches_gelu_mlp_size():
+    n_embd = 768
+    gelu_params = 2 * 4 * n_embd * n_embd
+    swiglu_params = 3 * swiglu_hidden_size(n_embd) * n_embd
+    assert swiglu_hidden_size(n_embd) % 64 == 0
+    assert abs(swiglu_params - gelu_params) / gelu_params < 0.05
+
+
+# --- weights and initialisation ---------------------------------------------------------------
+
+
+def test_tied_weights_share_storage_and_count_once():
+    tied = tiny_model(tie_weights=True)
+    untied = tiny_model(tie_weights=False)
+    assert tied.lm_head.weight is tied.tok_emb.weight
+    assert tied.lm_head.weight.data_ptr() == tied.tok_emb.weight.data_ptr()
+    assert untied.lm_head.weight.data_ptr() != untied.tok_emb.weight.data_ptr()
+    assert len(list(untied.parameters())) == len(list(tied.parameters())) + 1
+    head_size = tied.config.padded_vocab_size * tied.config.n_embd
+    assert untied.num_params() - tied.num_params() == head_size
+
+
+def test_num_params_and_flops_for_a_known_config():
+    model = tiny_model()
+    V, T, C, L, H = 128, BLOCK, 32, 2, 2
+    per_block = 2 * C + 3 * C * C + C * C + 2 * 4 * C * C  # two norms, qkv, out, MLP
+    total = V * C + T * C + L * per_block + C
+    assert model.num_params(non_embedding=False) == total
+    assert model.num_params() == total - T * C
+    assert model.flops_per_token() == 6 * (total - T * C) + 12 * L * H * (C // H) * T
+
+    rope = tiny_model(pos="rope")
+    assert rope.num_params() == rope.num_params(non_embedding=False) == total - T * C
+
+    bigram = tiny_model(arch="bigram")
+    assert bigram.num_params() == VOCAB * VOCAB
+    assert bigram.flops_per_token() == 6 * VOCAB * VOCAB
+
+
+def test_residual_projections_get_scaled_init():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(n_layer=8, n_embd=128))
+    residual_std = 0.02 / math.sqrt(2 * 8)
+    for name, param in model.named_parameters():
+        if name.endswith("bias") or "norm" in name:
+            continue
+        expected = residual_std if name.endswith(("out_proj.weight", "down_proj.weight")) else 0.02
+        assert param.std().item() == pytest.approx(expected, rel=0.1), name
+
+
+@pytest.mark.parametrize("arch", ["gpt", "bigram"])
+def test_initial_loss_is_uniform_guess(arch):
+    model = tiny_model(arch=arch)
+    _, loss = model(random_tokens(8, BLOCK), random_tokens(8, BLOCK, seed=2))
+    assert loss.item() == pytest.approx(math.log(VOCAB), abs=0.3)
+
+
+def test_same_seed_gives_same_model():
+    idx = random_tokens(2, BLOCK)
+    logits_a, _ = tiny_model(seed=7, pos="rope", mlp="swiglu")(idx)
+    logits_b, _ = tiny_model(seed=7, pos="rope", mlp="swiglu")(idx)
+    logits_c, _ = tiny_model(seed=8, pos="rope", mlp="swiglu")(idx)
+    assert torch.equal(logits_a, logits_b)
+    assert not torch.equal(logits_a, logits_c)
+
+
+# --- training ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_overfits_one_batch(pos):
+    model = tiny_model(pos=pos)
+    # Distinct tokens, so every next token is determined by its context and zero loss is reachable.
+    data = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(0))[: 3 * (BLOCK + 1)]
+    data = data.view(3, BLOCK + 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    for _ in range(200):
+        _, loss = model(data[:, :-1], data[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.1
+
+
+def test_cpu_bf16_autocast_matches_fp32_loss():
+    model = tiny_model(pos="rope", norm="rmsnorm", mlp="swiglu")
+    idx, targets = random_tokens(4, BLOCK), random_tokens(4, BLOCK, seed=2)
+    _, fp32_loss = model(idx, targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, bf16_loss = model(idx, targets)
+    bf16_loss.backward()
+    assert torch.isfinite(bf16_loss)
+    assert bf16_loss.item() == pytest.approx(fp32_loss.item(), abs=0.05)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_cpu_autocast_runs_attention_in_fp32(monkeypatch):
+    seen_dtypes = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen_dtypes.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu")))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model = tiny_model()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = model(random_tokens(1, BLOCK))
+    assert logits.dtype == torch.bfloat16
+    assert seen_dtypes == [(torch.float32, torch.float32, torch.float32, False)] * 2
+
+
+# --- KV cache ---------------------------------------------------------------------------------
+
+
+def logits_in_chunks(model: GPT | Bigram, idx: torch.Tensor, chunks: list[int]) -> torch.Tensor:
+    cache = model.new_cache(idx.size(0))
+    pieces, start = [], 0
+    for size in chunks:
+        logits, _ = model(idx[:, start : start + size], cache=cache)
+        pieces.append(logits)
+        start += size
+        assert cache.length == start
+    return torch.cat(pieces, dim=1)
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+@pytest.mark.parametrize(
+    "chunks",
+    [[1] * BLOCK, [5] + [1] * (BLOCK - 5), [4, 5, 1, 6], [BLOCK]],
+    ids=["token-by-token", "prefill-then-tokens", "chunks-on-prefix", "one-prefill"],
+)
+def test_cached_logits_match_full_sequence(pos, chunks):
+    model = tiny_model(pos=pos, n_layer=3).eval()
+    idx = random_tokens(2, BLOCK)
+    with torch.no_grad():
+        full, _ = model(idx)
+        cached = logits_in_chunks(model, idx, chunks)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+
+
+def test_bigram_accepts_a_cache():
+    model = tiny_model(arch="bigram")
+    idx = random_tokens(2, BLOCK)
+    with torch.no_grad():
+        full, _ = model(idx)
+        cached = logits_in_chunks(model, idx, [3, 1, 12])
+    torch.testing.assert_close(cached, full)
+
+
+@pytest.mark.parametrize("arch", ["gpt", "bigram"])
+def test_cache_overflow_raises_and_leaves_cache_intact(arch):
+    model = tiny_model(arch=arch).eval()
+    cache = model.new_cache(1)
+    with torch.no_grad():
+        model(random_tokens(1, 10), cache=cache)
+        with pytest.raises(ValueError, match="capacity"):
+            model(random_tokens(1, BLOCK - 9), cache=cache)
+    assert cache.length == 10
+
+
+def test_cache_shape_and_reset():
+    model = tiny_model().eval()
+    cache = model.new_cache(3)
+    assert isinstance(cache, KVCache)
+    assert cache.capacity == BLOCK
+    assert len(cache.keys) == len(cache.values) == model.config.n_layer
+    assert cache.keys[0].shape == (3, 2, BLOCK, 16)
+    idx = random_tokens(3, 6)
+    with torch.no_grad():
+        first, _ = model(idx, cache=cache)
+        model(random_tokens(3, 4, seed=5), cache=cache)
+        cache.reset()
+        assert cache.length == 0
+        again, _ = model(idx, cache=cache)
+    torch.testing.assert_close(again, first)
