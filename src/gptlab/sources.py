@@ -137,6 +137,8 @@ def fetch_url(url: str, sha256: str, cache: Path = DOWNLOAD_CACHE,
             _download_once(url, partial, timeout)
             break
         except urllib.error.HTTPError as error:
+            if error.code == 416 and partial.exists():
+                break  # killed after the last byte: the partial file is whole; the hash decides
             if error.code < 500 and error.code not in RETRYABLE_HTTP_CODES:
                 problem = f"HTTP {error.code} {error.reason} from {url}"
                 raise GptlabError(f"data.spec: {problem}") from None
@@ -200,19 +202,20 @@ def _place_local(data: DataParams, dest: Path) -> Artifact | None:
         digest = sha256_file(source)
         if data.sha256 is not None and digest != data.sha256:
             raise GptlabError(f"data.sha256: {spec} has sha256 {digest}, expected {data.sha256}")
-        if not _place_artifact(source, dest, data.include):
-            shutil.copyfile(source, dest / source.name)
+        _place_artifact(source, dest, data.include)
         return Artifact(source, digest)
-    if data.sha256 is not None:
-        raise GptlabError("data.sha256: only checked for a single local file; set it to null")
     if os.path.isdir(spec):
         root = Path(spec)
         candidates = sorted(p for p in root.rglob("*") if p.is_file())
     elif glob.has_magic(spec):
         root = Path(_glob_root(spec))
         candidates = sorted(Path(p) for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+        if not candidates:
+            raise GptlabError(f"data.spec: no file matches {spec}")
     else:
         raise GptlabError(f"data.spec: no such file or folder: {spec}")
+    if data.sha256 is not None:
+        raise GptlabError("data.sha256: only checked for a single local file; set it to null")
     relative = [(p, p.relative_to(root).as_posix()) for p in candidates]
     kept = [(p, rel) for p, rel in relative if matches_include(rel, data.include)]
     if not kept:
