@@ -5,7 +5,7 @@
 
 from pathlib import Path
 
-from gptlab.errors import run_main
+from gptlab.errors import GptlabError, run_main
 from gptlab.io import atomic_dir, write_json
 from gptlab.params import load_params
 from gptlab.tokenizers import build_tokenizer
@@ -20,6 +20,9 @@ SPLITS = ("train", "val")
 def main() -> None:
     params = load_params()
     texts = {split: CLEAN_DIR / f"{split}.txt" for split in SPLITS}
+    for path in texts.values():
+        if not path.is_file():
+            raise GptlabError(f"{path}: not found (run the clean stage first)")
     tokenizer = build_tokenizer(params.tokenizer, texts["train"], texts["val"])
     with atomic_dir(TOKENS_DIR) as staging:
         tokenizer.save(staging / "tokenizer.json")

