@@ -23,21 +23,22 @@ def default_params() -> dict[str, Any]:
     return yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
+def with_overrides(params: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `params` with dotted-key overrides applied: {"clean.split": "tail"}."""
+    params = copy.deepcopy(params)
+    for dotted, value in overrides.items():
+        *path, last = dotted.split(".")
+        node = params
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return params
+
+
 @pytest.fixture
 def params_for(default_params: dict[str, Any]):
-    """Build a params dict from the defaults with dotted-key overrides: {"clean.split": "tail"}."""
-
-    def build(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-        params = copy.deepcopy(default_params)
-        for dotted, value in (overrides or {}).items():
-            *path, last = dotted.split(".")
-            node = params
-            for part in path:
-                node = node[part]
-            node[last] = value
-        return params
-
-    return build
+    """Build a params dict from the project's defaults with dotted-key overrides."""
+    return lambda overrides=None: with_overrides(default_params, overrides or {})
 
 
 def write_params(folder: Path, params: dict[str, Any]) -> Path:

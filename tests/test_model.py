@@ -143,7 +143,7 @@ def test_variants_build_what_they_name(pos, norm, mlp):
     norms = [m for m in model.modules() if isinstance(m, (nn.LayerNorm, nn.RMSNorm))]
     expected_norm = nn.RMSNorm if norm == "rmsnorm" else nn.LayerNorm
     assert len(norms) == 2 * model.config.n_layer + 1
-    assert all(type(m) is expected_norm for m in norms)
+    assert all(isinstance(m, expected_norm) for m in norms)
 
     linears = [m for m in model.blocks[0].mlp.modules() if isinstance(m, nn.Linear)]
     assert len(linears) == (3 if mlp == "swiglu" else 2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import re
 import shutil
 import subprocess
@@ -11,9 +12,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, write_params
+from conftest import ROOT, with_overrides, write_params
+from test_train import TINY_MODEL, TINY_TRAIN
 
 DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+# Everything the stages write: a copy of the project must not bring the checkout's outputs.
+STAGE_OUTPUTS = tuple(
+    next(iter(out)) if isinstance(out, dict) else out
+    for spec in DVC_YAML["stages"].values()
+    for out in spec.get("outs", []) + spec.get("metrics", [])
+)
 
 
 def gptlab_modules(script: Path) -> set[str]:
@@ -61,7 +69,7 @@ def make_project(tmp_path: Path) -> Path:
     ).stdout.split()
     for name in listed:
         source = ROOT / name
-        if name == "dvc.lock" or name.startswith(("data/", "metrics/")) or not source.is_file():
+        if name == "dvc.lock" or name.startswith(STAGE_OUTPUTS) or not source.is_file():
             continue
         (project / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, project / name)
@@ -98,9 +106,12 @@ def pipeline(tmp_path_factory, default_params):
     corpus.mkdir()
     for index, (name, line) in enumerate(PLAYS.items()):
         (corpus / name).write_text(f"{name.upper()}\n\n" + line * (40 + 10 * index))
-    params = {**default_params,
-              "data": {"source": "local", "spec": "corpus", "sha256": None, "include": ["*.txt"]},
-              "clean": {**default_params["clean"], "min_chars": 100}}
+    params = with_overrides(default_params, {
+        "data": {"source": "local", "spec": "corpus", "sha256": None, "include": ["*.txt"]},
+        "clean.min_chars": 100,
+        **{f"model.{key}": value for key, value in TINY_MODEL.items()},
+        **{f"train.{key}": value for key, value in TINY_TRAIN.items()},
+    })
     write_params(project, params)
     git(project, "init", "-q")
     git(project, "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
@@ -127,7 +138,30 @@ def test_second_repro_does_nothing(pipeline):
     project, _ = pipeline
     second = dvc(project, "repro", "tokenize")
     assert "Running stage" not in second
-    assert "up to date" in dvc(project, "status")
+    assert "up to date" in dvc(project, "status", "tokenize")
+
+
+def test_repro_train_runs_only_train_and_writes_model_log_metrics(pipeline):
+    project, _ = pipeline
+    run = dvc(project, "repro", "train")
+    assert "Running stage 'train'" in run
+    assert not any(f"Running stage '{s}'" in run for s in ("download", "clean", "tokenize"))
+    metrics = json.loads((project / "metrics/train.json").read_text())
+    assert metrics["final_val_loss"] > 0 and metrics["dtype"] == "float32"
+    assert (project / "models/model.safetensors").is_file()
+    log = (project / "plots/train_log.csv").read_text().splitlines()
+    assert log[0] == "step,tokens,train_loss,val_loss,lr,grad_norm,tokens_per_sec"
+    assert "Running stage" not in dvc(project, "repro", "train")
+
+
+def test_model_param_change_reruns_train_only(pipeline):
+    project, _ = pipeline
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    write_params(project, with_overrides(params, {"model.n_layer": 1}))
+    rerun = dvc(project, "repro", "train")
+    assert "Running stage 'train'" in rerun and "Running stage 'tokenize'" not in rerun
+    config = json.loads((project / "models/config.json").read_text())
+    assert config["model"]["n_layer"] == 1
 
 
 def test_tokenizer_change_reruns_tokenize_only(pipeline):

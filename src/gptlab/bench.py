@@ -16,9 +16,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from gptlab.clean import Document, drop_near_duplicates, fold_words, split_documents
+from gptlab.clean import Document, drop_near_duplicates, fold_words, split_documents, split_tail
+from gptlab.params import load_params
 from gptlab.tokenizers import BPETokenizer, CharTokenizer, TiktokenTokenizer, Tokenizer
 from gptlab.tokens import encode_file
+from gptlab.train import RunParams, TrainPaths, train
 
 SHARED_CORPUS = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare.txt"
 PROJECT_CORPUS = Path("data/clean/train.txt")
@@ -34,6 +36,7 @@ def main() -> None:
     print(f"corpus: {corpus} ({corpus.stat().st_size / 1e6:.2f} MB)\n")
     bench_tokenizers(corpus)
     bench_dedupe(corpus)
+    bench_training(corpus)
     bench_dvc_overhead()
 
 
@@ -68,6 +71,34 @@ def bench_dedupe(corpus: Path) -> None:
     mb = len(text.encode()) / 1e6
     print(f"\nclean\n  near-dedupe {mb / seconds:.2f} MB/s (spelling fold {mb / fold_seconds:.1f} "
           f"MB/s, split {split_seconds * 1000:.1f} ms)")
+
+
+def bench_training(corpus: Path) -> None:
+    """The train stage's default model and schedule on the corpus, split as nanoGPT splits it,
+    in float32 and in the `auto` dtype (bf16 autocast where the CPU has it)."""
+    params = load_params()
+    print(f"\ntrain ({params.model.n_layer} layers, {params.model.n_embd} wide, block "
+          f"{params.model.block_size}, batch {params.train.batch_size}, "
+          f"{params.train.max_iters} iters, char tokens)")
+    with tempfile.TemporaryDirectory() as tmp:
+        tokens_dir = Path(tmp) / "tokens"
+        tokens_dir.mkdir()
+        train_text, val_text = split_tail(corpus.read_text(encoding="utf-8"), 0.1)
+        tokenizer = CharTokenizer.from_texts([train_text, val_text])
+        tokenizer.save(tokens_dir / "tokenizer.json")
+        for name, text in (("train", train_text), ("val", val_text)):
+            (Path(tmp) / f"{name}.txt").write_text(text, encoding="utf-8")
+            encode_file(tokenizer, Path(tmp) / f"{name}.txt", tokens_dir / f"{name}.bin")
+        (tokens_dir / "meta.json").write_text(f'{{"vocab_size": {tokenizer.vocab_size}}}')
+        for dtype in ("float32", "auto"):
+            run = RunParams(params.seed, params.model,
+                            params.train.model_copy(update={"dtype": dtype}))
+            paths = TrainPaths(tokens_dir, Path(tmp) / dtype, Path(tmp) / "runs",
+                               Path(tmp) / f"{dtype}.csv")
+            metrics = train(run, paths)
+            print(f"  dtype {dtype:8s} -> {metrics['dtype']:9s} {metrics['tokens_per_sec']:9,.0f} "
+                  f"tokens/s  val loss {metrics['final_val_loss']:.4f}  "
+                  f"wall {metrics['wall_seconds']:.0f} s  on {metrics['device']}")
 
 
 def bench_dvc_overhead() -> None:

@@ -76,11 +76,61 @@ class TokenizerParams(Section):
     encoding: str = Field(min_length=1)
 
 
+class ModelParams(Section):
+    arch: Literal["gpt", "bigram"]
+    n_layer: int = Field(ge=1)
+    n_head: int = Field(ge=1)
+    n_embd: int = Field(ge=1)
+    block_size: int = Field(ge=1)
+    dropout: float = Field(ge=0, lt=1)
+    bias: bool
+    tie_weights: bool
+    pos: Literal["learned", "rope"]
+    norm: Literal["layernorm", "rmsnorm"]
+    mlp: Literal["gelu", "swiglu"]
+
+    def cross_field_problems(self) -> list[tuple[str, str]]:
+        if self.n_embd % self.n_head:
+            return [("n_embd", f"{self.n_embd} is not divisible by model.n_head={self.n_head}")]
+        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
+            return [("pos", f"rope needs an even head size, but n_embd / n_head = "
+                            f"{self.n_embd // self.n_head}")]
+        return []
+
+
+class TrainParams(Section):
+    device: Literal["auto", "cpu", "cuda", "mps"]
+    dtype: Literal["auto", "float32", "bfloat16", "float16"]
+    compile: bool
+    batch_size: int = Field(ge=1)
+    grad_accum: int = Field(ge=1)
+    max_iters: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    min_lr: float = Field(ge=0)
+    warmup_iters: int = Field(ge=0)
+    weight_decay: float = Field(ge=0)
+    beta1: float = Field(ge=0, lt=1)
+    beta2: float = Field(ge=0, lt=1)
+    grad_clip: float = Field(ge=0)
+    optimizer: Literal["adamw"]
+    eval_interval: int = Field(ge=1)
+    eval_iters: int = Field(ge=1)
+    log_interval: int = Field(ge=1)
+    checkpoint_interval: int = Field(ge=1)
+
+    def cross_field_problems(self) -> list[tuple[str, str]]:
+        if self.min_lr > self.lr:
+            return [("min_lr", f"{self.min_lr} is above train.lr={self.lr}")]
+        return []
+
+
 class Params(Section):
     seed: int
     data: DataParams
     clean: CleanParams
     tokenizer: TokenizerParams
+    model: ModelParams
+    train: TrainParams
 
 
 def load_params(path: str | os.PathLike = PARAMS_FILE) -> Params:

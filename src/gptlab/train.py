@@ -1,0 +1,368 @@
+"""Training: AdamW with warmup and cosine decay, mixed precision, and checkpoints that resume
+bit for bit.
+
+Everything random (weights, dropout, batches) flows from `seed`, and all of it is saved with
+each checkpoint, so a run killed at any point and started again ends exactly where an
+uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import signal
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from gptlab import __version__
+from gptlab.checkpoint import ResumeState, load_resume, save_published, save_resume
+from gptlab.device import (
+    autocast,
+    device_name,
+    peak_flops,
+    peak_memory_mb,
+    pick_device,
+    pick_dtype,
+)
+from gptlab.errors import GptlabError
+from gptlab.io import atomic_path
+from gptlab.model import GPTConfig, build_model
+from gptlab.params import ModelParams, TrainParams
+from gptlab.tokenizers import load_tokenizer
+from gptlab.tokens import open_tokens
+
+LOG_COLUMNS = ("step", "tokens", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_sec")
+
+
+@dataclass(frozen=True)
+class TrainPaths:
+    tokens_dir: Path = Path("data/tokens")
+    models_dir: Path = Path("models")
+    runs_dir: Path = Path(".gptlab/runs")
+    log_csv: Path = Path("plots/train_log.csv")
+
+
+class RandomWindows:
+    """Random (input, target) windows of a token file, from a generator whose state is saved."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int) -> None:
+        self.tokens = tokens
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+        self._offsets = np.arange(block_size + 1)
+
+    def next(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = self.rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
+        window = torch.from_numpy(self.tokens[starts[:, None] + self._offsets].astype(np.int64))
+        if device.type == "cuda":
+            # Pinned memory lets the copy overlap with the previous step's kernels.
+            window = window.pin_memory().to(device, non_blocking=True)
+        else:
+            window = window.to(device)
+        return window[:, :-1], window[:, 1:]
+
+
+def learning_rate(step: int, t: TrainParams) -> float:
+    """nanoGPT's schedule for 0-based `step`: linear warmup, then cosine decay to min_lr."""
+    if step < t.warmup_iters:
+        return t.lr * (step + 1) / (t.warmup_iters + 1)
+    if step >= t.max_iters:
+        return t.min_lr
+    progress = (step - t.warmup_iters) / max(1, t.max_iters - t.warmup_iters)
+    return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (t.lr - t.min_lr)
+
+
+def make_optimizer(model: nn.Module, t: TrainParams, device: torch.device) -> torch.optim.AdamW:
+    """AdamW that decays matrices only: biases and norm gains are not pulled towards zero."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    # The fused kernel does the whole update in one pass; CPU has one since torch 2.4.
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused)
+
+
+@dataclass(frozen=True)
+class RunParams:
+    """The params sections a training run depends on."""
+
+    seed: int
+    model: ModelParams
+    train: TrainParams
+
+
+def run_key(params: RunParams, tokens_meta: dict[str, Any]) -> str:
+    """Hash of everything a run's result depends on: a changed param starts a fresh run."""
+    depends_on = {"seed": params.seed, "model": params.model.model_dump(),
+                  "train": params.train.model_dump(), "tokens": tokens_meta}
+    return hashlib.sha256(json.dumps(depends_on, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def train(params: RunParams, paths: TrainPaths = TrainPaths()) -> dict[str, Any]:
+    """Train the model described by params on the token files; return the run's metrics."""
+    t = params.train
+    device = pick_device(t.device)
+    dtype = pick_dtype(t.dtype, device)
+    tokenizer = load_tokenizer(paths.tokens_dir / "tokenizer.json")
+    meta = json.loads((paths.tokens_dir / "meta.json").read_text(encoding="utf-8"))
+    splits = {name: open_tokens(paths.tokens_dir / f"{name}.bin", tokenizer)
+              for name in ("train", "val")}
+    for name, tokens in splits.items():
+        if len(tokens) <= params.model.block_size:
+            raise GptlabError(f"model.block_size: {params.model.block_size} is not shorter than "
+                              f"the {name} split ({len(tokens)} tokens); lower it or add data")
+
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(params.seed)
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, **params.model.model_dump())
+    model = build_model(config).to(device)
+    optimizer = make_optimizer(model, t, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    batches = RandomWindows(splits["train"], config.block_size, t.batch_size, params.seed)
+
+    run_dir = paths.runs_dir / run_key(params, meta)
+    checkpoint_dir = run_dir / "checkpoint"
+    state = ResumeState(step=0, batch_rng=batches.rng.bit_generator.state, best_val_loss=None,
+                        wall_seconds=0.0)
+    if (checkpoint_dir / "state.json").exists():
+        state = load_resume(checkpoint_dir, model, optimizer)
+        batches.rng.bit_generator.state = state.batch_rng
+        if state.scaler:
+            scaler.load_state_dict(state.scaler)
+        print(f"resuming from step {state.step} ({checkpoint_dir})", file=sys.stderr)
+    forward = torch.compile(model) if t.compile else model
+
+    session = TrainingSession(params, model, forward, optimizer, scaler, batches, splits,
+                              device, dtype, state, paths, checkpoint_dir)
+    with sigint_as_stop_request() as stop:
+        session.run(stop)
+    return session.metrics(tokenizer_kind=tokenizer.kind)
+
+
+class TrainingSession:
+    """One process's share of a run: the loop, its evaluations, logs and checkpoints."""
+
+    def __init__(self, params: RunParams, model: nn.Module, forward: nn.Module,
+                 optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                 batches: RandomWindows, splits: dict[str, np.ndarray], device: torch.device,
+                 dtype: torch.dtype, state: ResumeState, paths: TrainPaths,
+                 checkpoint_dir: Path) -> None:
+        self.params, self.t = params, params.train
+        self.model, self.forward = model, forward
+        self.optimizer, self.scaler, self.batches = optimizer, scaler, batches
+        self.splits, self.device, self.dtype = splits, device, dtype
+        self.state, self.paths, self.checkpoint_dir = state, paths, checkpoint_dir
+        self.tokens_per_step = self.t.batch_size * self.t.grad_accum * params.model.block_size
+        self.last_eval: dict[str, float] = {}
+        self._started = time.perf_counter()
+
+    def run(self, stop: StopRequest) -> None:
+        t, state = self.t, self.state
+        if state.step == 0:
+            self.evaluate_and_log(0)
+        progress = tqdm(total=t.max_iters, initial=state.step, unit="step", disable=None,
+                        file=sys.stderr, desc="train")
+        # The log interval's running loss survives a checkpoint, so a resumed run logs the
+        # same means; only step time is clocked, not evaluations and checkpoints.
+        loss_sum = torch.tensor(state.interval_loss_sum, device=self.device)
+        clock, step_seconds = time.perf_counter(), 0.0
+        while state.step < t.max_iters:
+            step = state.step + 1
+            lr = learning_rate(step - 1, t)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss, grad_norm = self.optimizer_step()
+            loss_sum += loss
+            state.step, state.interval_steps = step, state.interval_steps + 1
+            progress.update(1)
+            if step % t.log_interval == 0 or step == t.max_iters:
+                mean_loss = (loss_sum / state.interval_steps).item()  # one host sync per interval
+                step_seconds += time.perf_counter() - clock
+                self.check_finite(mean_loss, step)
+                rate = state.interval_steps * self.tokens_per_step / step_seconds
+                self.log(step, train_loss=mean_loss, lr=lr, grad_norm=float(grad_norm),
+                         tokens_per_sec=rate)
+                progress.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{rate:,.0f}")
+                loss_sum.zero_()
+                state.interval_steps, step_seconds, clock = 0, 0.0, time.perf_counter()
+            evaluate = step % t.eval_interval == 0 or step == t.max_iters
+            checkpoint = step % t.checkpoint_interval == 0 or step == t.max_iters or stop.requested
+            if evaluate or checkpoint:
+                step_seconds += time.perf_counter() - clock
+                if evaluate:
+                    self.evaluate_and_log(step)
+                if checkpoint:
+                    state.interval_loss_sum = loss_sum.item()
+                    self.save_checkpoint()
+                if stop.requested:
+                    progress.close()
+                    raise KeyboardInterrupt
+                clock = time.perf_counter()
+        progress.close()
+
+    def optimizer_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Accumulate gradients over micro-batches, clip, and update; return loss and norm."""
+        total = torch.zeros((), device=self.device)
+        for _ in range(self.t.grad_accum):
+            inputs, targets = self.batches.next(self.device)
+            with autocast(self.device, self.dtype):
+                _, loss = self.forward(inputs, targets)
+            loss = loss / self.t.grad_accum
+            self.scaler.scale(loss).backward()
+            total += loss.detach()
+        self.scaler.unscale_(self.optimizer)
+        # With clipping off, a norm of inf measures the gradient without changing it.
+        limit = self.t.grad_clip if self.t.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), limit)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss over eval_iters batches per split, the same batches at every evaluation."""
+        self.model.eval()
+        losses = {}
+        for index, (name, tokens) in enumerate(self.splits.items()):
+            # A generator of its own: evaluation must not move the training batch stream.
+            windows = RandomWindows(tokens, self.params.model.block_size, self.t.batch_size,
+                                    self.params.seed + 1 + index)
+            total = torch.zeros((), device=self.device)
+            for _ in range(self.t.eval_iters):
+                inputs, targets = windows.next(self.device)
+                with autocast(self.device, self.dtype):
+                    _, loss = self.forward(inputs, targets)
+                total += loss.float()
+            losses[name] = (total / self.t.eval_iters).item()
+        self.model.train()
+        return losses
+
+    def evaluate_and_log(self, step: int) -> None:
+        losses = self.evaluate()
+        self.check_finite(losses["val"], step)
+        self.last_eval = losses
+        best = self.state.best_val_loss
+        self.state.best_val_loss = losses["val"] if best is None else min(best, losses["val"])
+        self.log(step, val_loss=losses["val"])
+        tqdm.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}",
+                   file=sys.stderr)
+
+    def log(self, step: int, **values: float) -> None:
+        """Add values to the log row of `step`, creating it if this is the step's first entry."""
+        rows = self.state.log
+        if not rows or rows[-1]["step"] != step:
+            rows.append({"step": step, "tokens": step * self.tokens_per_step})
+        rows[-1].update(values)
+
+    def check_finite(self, loss: float, step: int) -> None:
+        if not math.isfinite(loss):
+            last = self.checkpoint_step()
+            raise GptlabError(f"train: loss became {loss} at step {step}; the last good "
+                              f"checkpoint is from step {last}. Lower train.lr, or set "
+                              f"train.grad_clip, or use train.dtype: float32")
+
+    def checkpoint_step(self) -> int:
+        path = self.checkpoint_dir / "state.json"
+        return json.loads(path.read_text())["step"] if path.exists() else 0
+
+    def save_checkpoint(self) -> None:
+        self.state.batch_rng = self.batches.rng.bit_generator.state
+        self.state.scaler = self.scaler.state_dict() if self.scaler.is_enabled() else {}
+        self.state.wall_seconds += time.perf_counter() - self._started
+        self._started = time.perf_counter()
+        save_resume(self.checkpoint_dir, self.model, self.optimizer, self.state)
+        save_published(self.model, self.model.config, self.paths.tokens_dir / "tokenizer.json",
+                       self.summary(), self.paths.models_dir)
+        write_log_csv(self.state.log, self.paths.log_csv)
+
+    def summary(self) -> dict[str, Any]:
+        return {"step": self.state.step, "seed": self.params.seed,
+                "train": self.params.train.model_dump(), "val_loss": self.last_eval.get("val"),
+                "torch_version": torch.__version__, "gptlab_version": __version__}
+
+    def metrics(self, tokenizer_kind: str) -> dict[str, Any]:
+        rates = [row["tokens_per_sec"] for row in self.state.log if "tokens_per_sec" in row]
+        tokens_per_sec = statistics.median(rates) if rates else None
+        peak = peak_flops(self.device, self.dtype)
+        mfu = (self.model.flops_per_token() * tokens_per_sec / peak
+               if peak and tokens_per_sec else None)
+        return {
+            "final_train_loss": round(self.last_eval["train"], 6),
+            "final_val_loss": round(self.last_eval["val"], 6),
+            "best_val_loss": round(self.state.best_val_loss, 6),
+            "tokens_per_sec": round(tokens_per_sec, 1) if tokens_per_sec else None,
+            "mfu": round(mfu, 4) if mfu is not None else None,
+            "peak_memory_mb": round(peak_memory_mb(self.device), 1),
+            "params": self.model.num_params(),
+            "wall_seconds": round(self.state.wall_seconds, 2),
+            "device": device_name(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "torch_version": torch.__version__,
+            "tokenizer": tokenizer_kind,
+        }
+
+
+def write_log_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    """The per-step log as CSV; columns a row does not have stay empty."""
+    lines = [",".join(LOG_COLUMNS)]
+    for row in rows:
+        lines.append(",".join(_csv_value(row.get(column)) for column in LOG_COLUMNS))
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _csv_value(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+@dataclass
+class StopRequest:
+    requested: bool = False
+
+
+@contextlib.contextmanager
+def sigint_as_stop_request() -> Iterator[StopRequest]:
+    """Turn Ctrl-C into a request the loop honours after the current step, with a checkpoint.
+
+    Stopping mid-step would save half-accumulated gradients; a second Ctrl-C stops at once.
+    """
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop  # only the main thread may handle signals
+        return
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.requested = True
+        tqdm.write("interrupted: saving a checkpoint after this step (Ctrl-C again to abort)",
+                   file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -1,0 +1,292 @@
+"""Training: schedule, optimizer groups, batches, determinism, resume after a kill, and errors."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import itertools
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, with_overrides, write_params
+from safetensors.torch import load_file
+
+from gptlab.errors import GptlabError
+from gptlab.model import GPTConfig, build_model
+from gptlab.params import load_params
+from gptlab.tokenizers import CharTokenizer
+from gptlab.tokens import encode_file
+from gptlab.train import (
+    LOG_COLUMNS,
+    RandomWindows,
+    RunParams,
+    TrainPaths,
+    learning_rate,
+    make_optimizer,
+    run_key,
+    train,
+)
+
+TINY_MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16}
+TINY_TRAIN = {"device": "cpu", "dtype": "float32", "batch_size": 4, "max_iters": 40,
+              "warmup_iters": 5, "eval_interval": 20, "eval_iters": 2, "log_interval": 5,
+              "checkpoint_interval": 20}
+PROJECT_PARAMS = load_params(ROOT / "params.yaml")
+
+
+def run_params(model: dict | None = None, train_overrides: dict | None = None,
+               seed: int = 1337) -> RunParams:
+    return RunParams(
+        seed,
+        PROJECT_PARAMS.model.model_copy(update={**TINY_MODEL, **(model or {})}),
+        PROJECT_PARAMS.train.model_copy(update={**TINY_TRAIN, **(train_overrides or {})}),
+    )
+
+
+def make_corpus(length: int = 60_000) -> str:
+    """Seeded pseudo-English: enough structure for the loss to fall within a few steps."""
+    words = ["the", "king", "is", "dead", "long", "live", "the", "queen", "my", "lord", "shall",
+             "we", "go", "to", "the", "tower", "where", "none", "may", "follow", "and", "all",
+             "is", "well", "that", "ends", "well"]
+    rng = np.random.default_rng(0)
+    text = " ".join(words[i] for i in rng.integers(0, len(words), length // 4))
+    return "\n".join(text[i : i + 60] for i in range(0, len(text), 60))[:length]
+
+
+def write_tokens(folder: Path, text: str) -> Path:
+    """A data/tokens folder as the tokenize stage writes it, for a char tokenizer."""
+    tokens_dir = folder / "data" / "tokens"
+    tokens_dir.mkdir(parents=True)
+    cut = int(len(text) * 0.9)
+    tokenizer = CharTokenizer(text)
+    tokenizer.save(tokens_dir / "tokenizer.json")
+    for name, part in (("train", text[:cut]), ("val", text[cut:])):
+        (folder / f"{name}.txt").write_text(part)
+        encode_file(tokenizer, folder / f"{name}.txt", tokens_dir / f"{name}.bin")
+    (tokens_dir / "meta.json").write_text(json.dumps({"vocab_size": tokenizer.vocab_size}))
+    return tokens_dir
+
+
+@pytest.fixture(scope="module")
+def tokens_dir(tmp_path_factory) -> Path:
+    return write_tokens(tmp_path_factory.mktemp("tokens"), make_corpus())
+
+
+def paths_in(folder: Path, tokens_dir: Path) -> TrainPaths:
+    return TrainPaths(tokens_dir, folder / "models", folder / "runs", folder / "train_log.csv")
+
+
+def read_log(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_learning_rate_warms_up_then_decays_to_min_lr():
+    t = PROJECT_PARAMS.train.model_copy(update={"lr": 1e-3, "min_lr": 1e-4, "warmup_iters": 10,
+                                                "max_iters": 100})
+    rates = [learning_rate(step, t) for step in range(101)]
+    assert rates[0] == pytest.approx(1e-3 / 11)
+    assert rates[9] == pytest.approx(1e-3 * 10 / 11)
+    assert rates[10] == pytest.approx(1e-3)  # peak at the end of warmup
+    assert all(a >= b for a, b in itertools.pairwise(rates[10:]))
+    assert rates[55] == pytest.approx((1e-3 + 1e-4) / 2)  # half way through the cosine
+    assert rates[100] == pytest.approx(1e-4)
+
+
+def test_optimizer_decays_matrices_only():
+    model = build_model(GPTConfig(vocab_size=65, n_layer=2, n_head=2, n_embd=32, block_size=16,
+                                  bias=True))
+    optimizer = make_optimizer(model, PROJECT_PARAMS.train, torch.device("cpu"))
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == PROJECT_PARAMS.train.weight_decay
+    assert no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"])
+    assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["params"]
+    grouped = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert grouped == {id(p) for p in model.parameters()}  # every parameter exactly once
+
+
+def test_random_windows_are_shifted_pairs_replayable_from_saved_state():
+    tokens = np.arange(1000, dtype=np.uint16)
+    windows = RandomWindows(tokens, block_size=8, batch_size=4, seed=7)
+    inputs, targets = windows.next(torch.device("cpu"))
+    assert inputs.shape == targets.shape == (4, 8) and inputs.dtype == torch.int64
+    assert torch.equal(targets, inputs + 1)  # on arange, the target is the next token
+    saved = windows.rng.bit_generator.state
+    expected = windows.next(torch.device("cpu"))
+    replay = RandomWindows(tokens, block_size=8, batch_size=4, seed=999)
+    replay.rng.bit_generator.state = saved
+    assert all(torch.equal(a, b) for a, b in zip(replay.next(torch.device("cpu")), expected,
+                                                 strict=True))
+    assert int(inputs.max()) < 1000 - 1
+
+
+def test_run_key_changes_with_any_param_and_tokens():
+    base = run_params()
+    assert run_key(base, {"a": 1}) == run_key(run_params(), {"a": 1})
+    assert run_key(base, {"a": 1}) != run_key(base, {"a": 2})
+    assert run_key(base, {}) != run_key(run_params(model={"n_layer": 3}), {})
+    assert run_key(base, {}) != run_key(run_params(train_overrides={"lr": 2e-3}), {})
+    assert run_key(base, {}) != run_key(run_params(seed=1), {})
+
+
+def test_training_writes_weights_log_and_metrics(tmp_path, tokens_dir):
+    paths = paths_in(tmp_path, tokens_dir)
+    metrics = train(run_params(), paths)
+    assert set(metrics) == {"final_train_loss", "final_val_loss", "best_val_loss",
+                            "tokens_per_sec", "mfu", "peak_memory_mb", "params", "wall_seconds",
+                            "device", "dtype", "torch_version", "tokenizer"}
+    assert metrics["mfu"] is None  # no known peak on CPU
+    assert metrics["dtype"] == "float32" and metrics["tokens_per_sec"] > 0
+    assert metrics["best_val_loss"] <= metrics["final_val_loss"] + 1e-9
+    rows = read_log(paths.log_csv)
+    assert tuple(rows[0]) == LOG_COLUMNS
+    assert [int(r["step"]) for r in rows] == [0, 5, 10, 15, 20, 25, 30, 35, 40]
+    assert [int(r["step"]) for r in rows if r["val_loss"]] == [0, 20, 40]
+    assert all(int(r["tokens"]) == int(r["step"]) * 4 * 16 for r in rows)
+    vocab = json.loads((tokens_dir / "tokenizer.json").read_text())["vocab_size"]
+    assert float(rows[0]["val_loss"]) == pytest.approx(math.log(vocab), abs=0.3)
+    assert metrics["final_val_loss"] < float(rows[0]["val_loss"]) - 0.3  # it learned
+    assert sorted(p.name for p in paths.models_dir.iterdir()) == [
+        "config.json", "model.safetensors", "tokenizer.json"]
+    config = json.loads((paths.models_dir / "config.json").read_text())
+    assert config["model"]["n_embd"] == 32 and config["training"]["step"] == 40
+
+
+def test_same_params_give_bit_identical_runs(tmp_path, tokens_dir):
+    first = train(run_params(), paths_in(tmp_path / "a", tokens_dir))
+    second = train(run_params(), paths_in(tmp_path / "b", tokens_dir))
+    losses = ("final_train_loss", "final_val_loss", "best_val_loss")
+    assert [first[k] for k in losses] == [second[k] for k in losses]
+    weights_a = load_file(tmp_path / "a" / "models" / "model.safetensors")
+    weights_b = load_file(tmp_path / "b" / "models" / "model.safetensors")
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    log_a, log_b = read_log(tmp_path / "a" / "train_log.csv"), read_log(tmp_path / "b" /
+                                                                        "train_log.csv")
+    assert [r["train_loss"] for r in log_a] == [r["train_loss"] for r in log_b]
+
+
+def test_bf16_autocast_and_gradient_accumulation_train(tmp_path, tokens_dir):
+    params = run_params(train_overrides={"dtype": "bfloat16", "grad_accum": 2, "max_iters": 20})
+    metrics = train(params, paths_in(tmp_path, tokens_dir))
+    assert metrics["dtype"] == "bfloat16" and math.isfinite(metrics["final_val_loss"])
+    rows = read_log(tmp_path / "train_log.csv")
+    assert int(rows[-1]["tokens"]) == 20 * 4 * 2 * 16  # batch * accumulation * block
+
+
+def test_a_diverging_run_stops_naming_the_step(tmp_path, tokens_dir):
+    params = run_params(train_overrides={"lr": 1e30, "min_lr": 0.0, "warmup_iters": 0,
+                                         "grad_clip": 0.0, "log_interval": 1})
+    with pytest.raises(GptlabError, match=r"train: loss became (nan|inf) at step \d+"):
+        train(params, paths_in(tmp_path, tokens_dir))
+
+
+def test_block_size_longer_than_a_split_is_refused_before_training(tmp_path):
+    tokens_dir = write_tokens(tmp_path, make_corpus(300))
+    with pytest.raises(GptlabError, match=r"model\.block_size: 64 is not shorter than the val"):
+        train(run_params(model={"block_size": 64}), paths_in(tmp_path, tokens_dir))
+    assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_is_refused(tmp_path, tokens_dir):
+    with pytest.raises(GptlabError, match=r"train\.device: cuda"):
+        train(run_params(train_overrides={"device": "cuda"}), paths_in(tmp_path, tokens_dir))
+
+
+def test_tokens_from_another_tokenizer_are_refused(tmp_path, tokens_dir):
+    other = tmp_path / "tokens"
+    shutil.copytree(tokens_dir, other)
+    CharTokenizer("abc").save(other / "tokenizer.json")
+    with pytest.raises(GptlabError, match="another tokenizer"):
+        train(run_params(), paths_in(tmp_path, other))
+
+
+# ---------------------------------------------------------------------------------------------
+# resume: the stage killed after a checkpoint, run again, ends where an uninterrupted run does
+
+RESUME_MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32}
+RESUME_TRAIN = {**TINY_TRAIN, "batch_size": 8, "max_iters": 200, "checkpoint_interval": 10,
+                "eval_interval": 100, "log_interval": 10}
+
+
+def stage_project(folder: Path, tokens_dir: Path, params_for) -> Path:
+    shutil.copytree(tokens_dir, folder / "data" / "tokens")
+    params = params_for({f"model.{k}": v for k, v in RESUME_MODEL.items()}
+                        | {f"train.{k}": v for k, v in RESUME_TRAIN.items()})
+    write_params(folder, params)
+    return folder
+
+
+def start_stage(project: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "stages" / "train.py")], cwd=project,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_checkpoint(project: Path, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 120
+    while not list(project.glob(".gptlab/runs/*/checkpoint/state.json")):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no checkpoint within two minutes"
+        time.sleep(0.005)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tokens_dir, default_params) -> Path:
+    """The stage run once from start to end: what every interrupted run must reproduce."""
+    params_for = functools.partial(with_overrides, default_params)
+    reference = stage_project(tmp_path_factory.mktemp("reference"), tokens_dir, params_for)
+    assert start_stage(reference).wait() == 0
+    return reference
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGKILL, signal.SIGINT])
+def test_stage_stopped_after_a_checkpoint_resumes_to_the_same_result(
+    tmp_path, tokens_dir, params_for, uninterrupted, stop_signal
+):
+    reference = uninterrupted
+    project = stage_project(tmp_path / "interrupted", tokens_dir, params_for)
+    process = start_stage(project)
+    wait_for_checkpoint(project, process)
+    os.kill(process.pid, stop_signal)
+    _, stderr = process.communicate()
+    if stop_signal == signal.SIGKILL:
+        assert process.returncode == -signal.SIGKILL
+    else:  # Ctrl-C: a checkpoint of the current step, then a clean exit
+        assert process.returncode == 130 and "saving a checkpoint" in stderr
+    assert not (project / "metrics" / "train.json").exists()
+
+    resumed = start_stage(project)
+    _, stderr = resumed.communicate()
+    assert resumed.returncode == 0 and "resuming from step" in stderr
+    expected = json.loads((reference / "metrics" / "train.json").read_text())
+    actual = json.loads((project / "metrics" / "train.json").read_text())
+    for key in ("final_train_loss", "final_val_loss", "best_val_loss", "params"):
+        assert actual[key] == expected[key]
+    weights = load_file(project / "models" / "model.safetensors")
+    reference_weights = load_file(reference / "models" / "model.safetensors")
+    assert all(torch.equal(weights[k], reference_weights[k]) for k in reference_weights)
+    losses = [(r["step"], r["train_loss"], r["val_loss"]) for r in
+              read_log(project / "plots" / "train_log.csv")]
+    assert losses == [(r["step"], r["train_loss"], r["val_loss"]) for r in
+                      read_log(reference / "plots" / "train_log.csv")]
+
+
+def test_stage_reports_bad_input_in_one_line(tmp_path, params_for):
+    write_params(tmp_path, params_for({"model.n_head": 3}))
+    result = subprocess.run([sys.executable, str(ROOT / "stages" / "train.py")], cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert "model.n_embd: 128 is not divisible by model.n_head=3" in result.stderr
+    assert not (tmp_path / "models").exists()
