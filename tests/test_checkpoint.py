@@ -20,6 +20,8 @@ from torch import nn
 
 from gptlab.checkpoint import (
     CHECKPOINT_FORMAT,
+    RESUME_FORMAT,
+    IncompatibleCheckpoint,
     ResumeState,
     load_published,
     load_resume,
@@ -490,7 +492,7 @@ def test_resume_checkpoint_is_only_safetensors_and_json(tmp_path):
     # Strict JSON: no NaN or Infinity, which other tools cannot read.
     meta = json.loads((folder / "state.json").read_text(encoding="utf-8"),
                       parse_constant=reject)
-    assert meta["format"] == CHECKPOINT_FORMAT
+    assert meta["format"] == RESUME_FORMAT
     assert meta["step"] == 1
 
 
@@ -509,7 +511,7 @@ def test_save_resume_replaces_the_previous_checkpoint_whole(tmp_path):
     assert (restored.step, restored.wall_seconds) == (2, 20.0)
 
 
-@pytest.mark.parametrize("format_number", [CHECKPOINT_FORMAT + 1, 0, None, "1"])
+@pytest.mark.parametrize("format_number", [RESUME_FORMAT + 1, RESUME_FORMAT - 1, 0, None, "2"])
 def test_load_resume_refuses_another_format(format_number, tmp_path):
     model, optimizer = trained_model(steps=1)
     folder = tmp_path / "checkpoint"
@@ -524,7 +526,7 @@ def test_load_resume_refuses_another_format(format_number, tmp_path):
 
     restored_model, restored_optimizer = fresh_model()
     weights_before = {k: v.clone() for k, v in restored_model.state_dict().items()}
-    with pytest.raises(GptlabError, match=re.escape(str(folder)) + ".*format"):
+    with pytest.raises(IncompatibleCheckpoint, match=re.escape(str(folder)) + ".*format"):
         load_resume(folder, restored_model, restored_optimizer)
     # Refused before touching anything: the fresh model is still fresh.
     for name, tensor in restored_model.state_dict().items():

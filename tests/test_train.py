@@ -290,3 +290,13 @@ def test_stage_reports_bad_input_in_one_line(tmp_path, params_for):
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert "model.n_embd: 128 is not divisible by model.n_head=3" in result.stderr
     assert not (tmp_path / "models").exists()
+
+
+def test_a_checkpoint_from_an_older_gptlab_is_ignored_not_fatal(tmp_path, tokens_dir, capsys):
+    paths = paths_in(tmp_path, tokens_dir)
+    first = train(run_params(), paths)
+    (state_json,) = paths.runs_dir.glob("*/checkpoint/state.json")
+    state_json.write_text(state_json.read_text().replace('"format": 2', '"format": 1'))
+    again = train(run_params(), paths)
+    assert "starting afresh" in capsys.readouterr().err
+    assert again["final_val_loss"] == first["final_val_loss"]  # a full rerun, same result

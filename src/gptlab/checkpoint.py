@@ -25,6 +25,8 @@ from gptlab.io import atomic_dir, write_json
 from gptlab.model import GPTConfig, build_model
 
 CHECKPOINT_FORMAT = 1
+# Version of the resume state's layout; a run finding an older one starts afresh.
+RESUME_FORMAT = 2
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
@@ -72,6 +74,10 @@ def load_published(models_dir: Path, device: torch.device | str = "cpu") -> tupl
     return model.to(device), saved
 
 
+class IncompatibleCheckpoint(GptlabError):
+    """A resume checkpoint written by another version of gptlab."""
+
+
 @dataclass
 class ResumeState:
     """Everything besides the model and optimizer that a run needs to continue bit for bit."""
@@ -106,7 +112,7 @@ def save_resume(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer
         save_model(model, str(staging / WEIGHTS))
         save_file(tensors, str(staging / "state.safetensors"))
         write_json(staging / "state.json", {
-            "format": CHECKPOINT_FORMAT,
+            "format": RESUME_FORMAT,
             **asdict(state),
             "optimizer_param_groups": optimizer_state["param_groups"],
             "optimizer_scalars": scalars,
@@ -117,11 +123,19 @@ def load_resume(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     """Restore model, optimizer and RNG from `folder`; return the rest of the run's state."""
     try:
         meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"format {meta.get('format')} is not {CHECKPOINT_FORMAT}")
+        if not isinstance(meta, dict):
+            raise ValueError("state.json is not an object")
+    except (OSError, ValueError) as error:
+        raise GptlabError(f"{folder}: damaged resume checkpoint ({error}); delete the folder "
+                          f"to start the run afresh") from None
+    if meta.get("format") != RESUME_FORMAT:
+        raise IncompatibleCheckpoint(f"{folder}: resume checkpoint format "
+                                     f"{meta.get('format')!r}, this gptlab writes {RESUME_FORMAT}")
+    try:
         load_model(model, str(folder / WEIGHTS))
         tensors = load_file(str(folder / "state.safetensors"))
-    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        fields = {name: meta[name] for name in ResumeState.__dataclass_fields__}
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as error:
         raise GptlabError(f"{folder}: damaged resume checkpoint ({error}); delete the folder "
                           f"to start the run afresh") from None
     per_param: dict[int, dict[str, Any]] = {}
@@ -138,5 +152,4 @@ def load_resume(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     cuda_states = [tensors[k] for k in cuda_keys]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
-    fields = {name: meta[name] for name in ResumeState.__dataclass_fields__}
     return ResumeState(**fields)

@@ -124,6 +124,58 @@ class TrainParams(Section):
         return []
 
 
+class EvalParams(Section):
+    device: Literal["auto", "cpu", "cuda", "mps"]
+    dtype: Literal["auto", "float32", "bfloat16", "float16"]
+    batch_size: int = Field(ge=1)
+    train_split: bool
+    train_tokens: int = Field(ge=1)
+
+
+class SampleParams(Section):
+    device: Literal["auto", "cpu", "cuda", "mps"]
+    prompts: list[str]
+    num_samples: int = Field(ge=1)
+    max_new_tokens: int = Field(ge=1)
+    temperature: float
+    top_k: int | None
+    top_p: float
+    greedy: bool
+    seed: int
+
+    @field_validator("prompts")
+    @classmethod
+    def _some_prompts(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("expected at least one prompt (an empty string starts from nothing)")
+        return value
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_positive(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError("expected at least 1, or null for no top-k filtering")
+        return value
+
+    @field_validator("top_p")
+    @classmethod
+    def _top_p_in_range(cls, value: float) -> float:
+        if not 0 < value <= 1:
+            raise ValueError("expected a value in (0, 1]")
+        return value
+
+    def cross_field_problems(self) -> list[tuple[str, str]]:
+        if self.temperature <= 0 and not self.greedy:
+            return [("temperature", f"{self.temperature} must be above 0 (or set "
+                                    f"sample.greedy: true)")]
+        return []
+
+
+class PlotParams(Section):
+    dpi: int = Field(ge=50, le=600)
+    smooth: int = Field(ge=1)
+
+
 class Params(Section):
     seed: int
     data: DataParams
@@ -131,6 +183,9 @@ class Params(Section):
     tokenizer: TokenizerParams
     model: ModelParams
     train: TrainParams
+    eval: EvalParams
+    sample: SampleParams
+    plot: PlotParams
 
 
 def load_params(path: str | os.PathLike = PARAMS_FILE) -> Params:

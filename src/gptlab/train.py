@@ -28,7 +28,13 @@ from torch import nn
 from tqdm import tqdm
 
 from gptlab import __version__
-from gptlab.checkpoint import ResumeState, load_resume, save_published, save_resume
+from gptlab.checkpoint import (
+    IncompatibleCheckpoint,
+    ResumeState,
+    load_resume,
+    save_published,
+    save_resume,
+)
 from gptlab.device import (
     autocast,
     device_name,
@@ -143,11 +149,15 @@ def train(params: RunParams, paths: TrainPaths = TrainPaths()) -> dict[str, Any]
     state = ResumeState(step=0, batch_rng=batches.rng.bit_generator.state, best_val_loss=None,
                         wall_seconds=0.0)
     if (checkpoint_dir / "state.json").exists():
-        state = load_resume(checkpoint_dir, model, optimizer)
-        batches.rng.bit_generator.state = state.batch_rng
-        if state.scaler:
-            scaler.load_state_dict(state.scaler)
-        print(f"resuming from step {state.step} ({checkpoint_dir})", file=sys.stderr)
+        try:
+            state = load_resume(checkpoint_dir, model, optimizer)
+        except IncompatibleCheckpoint as error:
+            print(f"ignoring {error}; starting afresh", file=sys.stderr)
+        else:
+            batches.rng.bit_generator.state = state.batch_rng
+            if state.scaler:
+                scaler.load_state_dict(state.scaler)
+            print(f"resuming from step {state.step} ({checkpoint_dir})", file=sys.stderr)
     forward = torch.compile(model) if t.compile else model
 
     session = TrainingSession(params, model, forward, optimizer, scaler, batches, splits,
