@@ -300,3 +300,14 @@ def test_a_checkpoint_from_an_older_gptlab_is_ignored_not_fatal(tmp_path, tokens
     again = train(run_params(), paths)
     assert "starting afresh" in capsys.readouterr().err
     assert again["final_val_loss"] == first["final_val_loss"]  # a full rerun, same result
+
+
+def test_compiled_training_matches_eager_closely(tmp_path, tokens_dir):
+    """torch.compile is an optimisation, not a different model: same losses within rounding."""
+    overrides = {"max_iters": 6, "eval_interval": 6, "checkpoint_interval": 6, "log_interval": 3}
+    eager = train(run_params(train_overrides=overrides), paths_in(tmp_path / "eager", tokens_dir))
+    compiled = train(run_params(train_overrides={**overrides, "compile": True}),
+                     paths_in(tmp_path / "compiled", tokens_dir))
+    assert compiled["final_val_loss"] == pytest.approx(eager["final_val_loss"], abs=1e-3)
+    weights = load_file(tmp_path / "compiled" / "models" / "model.safetensors")
+    assert not any(name.startswith("_orig_mod") for name in weights)  # the plain module is saved

@@ -10,6 +10,7 @@ import contextlib
 import platform
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -87,6 +88,15 @@ def device_name(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     if device.type == "mps":
         return "Apple MPS"
+    return cpu_model_name()
+
+
+def cpu_model_name() -> str:
+    """The CPU's marketing name where the OS tells it (platform.processor() is often empty)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine() or "cpu"
 
 
