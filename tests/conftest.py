@@ -62,3 +62,11 @@ def tinyshakespeare() -> Path:
     if not TINYSHAKESPEARE.exists():
         pytest.skip(f"{TINYSHAKESPEARE} not present")
     return TINYSHAKESPEARE
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    """The one line a refusing stage prints, after checking it failed in exactly that way."""
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]

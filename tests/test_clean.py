@@ -8,7 +8,7 @@ import unicodedata
 from pathlib import Path
 
 import pytest
-from conftest import run_stage, write_params
+from conftest import one_error_line, run_stage, write_params
 
 from gptlab.clean import (
     Document,
@@ -862,13 +862,7 @@ def test_clean_stage_refuses_invalid_utf8_in_one_line(tmp_path: Path, params_for
     bad = "Ophélie: «Adieu»\n".encode("latin-1")
     write_raw(tmp_path / "data" / "raw", CORPUS | {"texts/ophelia.txt": bad})
     write_params(tmp_path, params_for({"clean.min_chars": CORPUS_MIN_CHARS}))
-    result = run_stage("clean.py", tmp_path)
-    assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error:")
-    assert "texts/ophelia.txt" in lines[0]
-    assert "byte offset 3" in lines[0]
-    assert "Traceback" not in result.stderr
+    line = one_error_line(run_stage("clean.py", tmp_path))
+    assert "texts/ophelia.txt" in line and "byte offset 3" in line
     assert not (tmp_path / "data" / "clean").exists()
     assert not (tmp_path / "metrics" / "clean.json").exists()

@@ -24,7 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import run_stage, write_params
+from conftest import one_error_line, run_stage, write_params
 
 from gptlab import sources
 from gptlab.errors import GptlabError
@@ -664,12 +664,7 @@ def url_not_found(tmp_path, server):
 def test_stage_bad_input_is_one_error_line(tmp_path, server, params_for, bad_input):
     overrides, key = bad_input(tmp_path, server)
     write_params(tmp_path, params_for(overrides))
-    result = run_stage("download.py", tmp_path)
-    assert result.returncode == 1
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"error: {key}:")
-    assert "Traceback" not in result.stderr
+    assert one_error_line(run_stage("download.py", tmp_path)).startswith(f"error: {key}:")
     assert not (tmp_path / "data" / "raw").exists()
     assert_no_staging_left(tmp_path)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, with_overrides, write_params
+from conftest import ROOT, one_error_line, with_overrides, write_params
 from safetensors.torch import load_file
 
 from gptlab.errors import GptlabError
@@ -286,9 +286,7 @@ def test_stage_reports_bad_input_in_one_line(tmp_path, params_for):
     write_params(tmp_path, params_for({"model.n_head": 3}))
     result = subprocess.run([sys.executable, str(ROOT / "stages" / "train.py")], cwd=tmp_path,
                             capture_output=True, text=True)
-    assert result.returncode == 1
-    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
-    assert "model.n_embd: 128 is not divisible by model.n_head=3" in result.stderr
+    assert "model.n_embd: 128 is not divisible by model.n_head=3" in one_error_line(result)
     assert not (tmp_path / "models").exists()
 
 

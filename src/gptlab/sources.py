@@ -7,6 +7,7 @@ download resumes where it stopped.
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import shutil
@@ -20,7 +21,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path, PurePosixPath
@@ -257,44 +258,54 @@ def _place_artifact(artifact: Path, dest: Path, include: list[str]) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class Member:
+    """An archive entry, whatever the archive format."""
+
+    name: str
+    kind: str  # "file", "dir", or "other" (links, devices: never unpacked)
+    open: Callable[[], BinaryIO]
+
+
 def unpack_tar(archive: Path, dest: Path, include: list[str]) -> list[Path]:
     """Extract the regular files of a tar archive that match `include`, refusing unsafe members."""
     with tarfile.open(archive) as tar:
-        members = tar.getmembers()
-        names = _safe_member_names(archive, [m.name for m in members])
-        chosen = [(m, n) for m, n in zip(members, names, strict=True)
-                  if n and matches_include(n, include)]
-        for member, _ in chosen:
-            if not (member.isfile() or member.isdir()):
-                raise GptlabError(f"{archive.name}: member {member.name!r} is a link or special "
-                                  f"file; refusing to unpack it")
-        files = [(m, n) for m, n in chosen if m.isfile()]
-        _require_some(archive, files, include)
-        for member, name in tqdm(files, desc=f"unpack {archive.name}", unit="file",
-                                 disable=None, file=sys.stderr):
-            source = tar.extractfile(member)
-            assert source is not None  # regular files always have contents
-            _write_member(source, dest, name)
-    return [dest / name for _, name in files]
+        members = [
+            Member(m.name, "file" if m.isfile() else "dir" if m.isdir() else "other",
+                   functools.partial(tar.extractfile, m))
+            for m in tar.getmembers()
+        ]
+        return _extract(archive, members, dest, include)
 
 
 def unpack_zip(archive: Path, dest: Path, include: list[str]) -> list[Path]:
     """Extract the files of a zip archive that match `include`, refusing unsafe members."""
     with zipfile.ZipFile(archive) as zf:
-        infos = zf.infolist()
-        names = _safe_member_names(archive, [i.filename for i in infos])
-        chosen = [(i, n) for i, n in zip(infos, names, strict=True)
-                  if n and matches_include(n, include)]
-        for info, _ in chosen:
-            if stat.S_ISLNK(info.external_attr >> 16):
-                raise GptlabError(f"{archive.name}: member {info.filename!r} is a link; "
-                                  f"refusing to unpack it")
-        files = [(i, n) for i, n in chosen if not i.is_dir()]
-        _require_some(archive, files, include)
-        for info, name in tqdm(files, desc=f"unpack {archive.name}", unit="file",
-                               disable=None, file=sys.stderr):
-            with zf.open(info) as source:
-                _write_member(source, dest, name)
+        members = [
+            Member(i.filename,
+                   "other" if stat.S_ISLNK(i.external_attr >> 16) else "dir" if i.is_dir()
+                   else "file",
+                   functools.partial(zf.open, i))
+            for i in zf.infolist()
+        ]
+        return _extract(archive, members, dest, include)
+
+
+def _extract(archive: Path, members: list[Member], dest: Path, include: list[str]) -> list[Path]:
+    names = _safe_member_names(archive, [m.name for m in members])
+    chosen = [(m, n) for m, n in zip(members, names, strict=True)
+              if n and matches_include(n, include)]
+    for member, _ in chosen:
+        if member.kind == "other":
+            raise GptlabError(f"{archive.name}: member {member.name!r} is a link or special "
+                              f"file; refusing to unpack it")
+    files = [(m, n) for m, n in chosen if m.kind == "file"]
+    if not files:
+        raise GptlabError(f"data.include: no file in {archive.name} matches {list(include)}")
+    for member, name in tqdm(files, desc=f"unpack {archive.name}", unit="file", disable=None,
+                             file=sys.stderr):
+        with member.open() as source:
+            _write_member(source, dest, name)
     return [dest / name for _, name in files]
 
 
@@ -315,11 +326,6 @@ def _safe_member_names(archive: Path, names: list[str]) -> list[str]:
     strip = 1 if len(tops) == 1 and any(len(p.parts) > 1 for p in paths) else 0
     return [PurePosixPath(*p.parts[strip:]).as_posix() if len(p.parts) > strip else ""
             for p in paths]
-
-
-def _require_some(archive: Path, files: list, include: list[str]) -> None:
-    if not files:
-        raise GptlabError(f"data.include: no file in {archive.name} matches {list(include)}")
 
 
 def _write_member(source: BinaryIO, dest: Path, name: str) -> None:
