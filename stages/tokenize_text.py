@@ -9,7 +9,7 @@ from gptlab.errors import GptlabError, run_main
 from gptlab.io import atomic_dir, write_json
 from gptlab.params import load_params
 from gptlab.tokenizers import build_tokenizer
-from gptlab.tokens import dtype_for_vocab, encode_file
+from gptlab.tokens import encode_splits
 
 CLEAN_DIR = Path("data/clean")
 TOKENS_DIR = Path("data/tokens")
@@ -25,18 +25,7 @@ def main() -> None:
             raise GptlabError(f"{path}: not found (run the clean stage first)")
     tokenizer = build_tokenizer(params.tokenizer, texts["train"], texts["val"])
     with atomic_dir(TOKENS_DIR) as staging:
-        tokenizer.save(staging / "tokenizer.json")
-        stats = {split: encode_file(tokenizer, texts[split], staging / f"{split}.bin")
-                 for split in SPLITS}
-        write_json(staging / "meta.json", {
-            "kind": tokenizer.kind,
-            "vocab_size": tokenizer.vocab_size,
-            "eot_id": tokenizer.eot_id,
-            "dtype": dtype_for_vocab(tokenizer.vocab_size).name,
-            "tokenizer_fingerprint": tokenizer.fingerprint,
-            **{f"{split}_{field}": getattr(s, field)
-               for split, s in stats.items() for field in ("tokens", "chars", "bytes")},
-        })
+        stats = encode_splits(tokenizer, texts, staging)
     tokens = sum(s.tokens for s in stats.values())
     total_bytes = sum(s.bytes for s in stats.values())
     metrics = {

@@ -45,16 +45,16 @@ DEVICES = ("cpu", "cuda", "mps")
 
 @pytest.mark.skipif(HAS_CUDA or HAS_MPS, reason="auto picks the accelerator when there is one")
 def test_auto_device_is_cpu_without_an_accelerator():
-    assert pick_device("auto") == CPU
+    assert pick_device("auto", "train.device") == CPU
 
 
 @needs_cuda
 def test_auto_device_prefers_cuda():
-    assert pick_device("auto").type == "cuda"
+    assert pick_device("auto", "train.device").type == "cuda"
 
 
 def test_cpu_device_is_always_available():
-    device = pick_device("cpu")
+    device = pick_device("cpu", "train.device")
     assert isinstance(device, torch.device)
     assert device == CPU
 
@@ -66,7 +66,7 @@ def test_cpu_device_is_always_available():
 def test_unavailable_device_names_the_parameter(name):
     # A one-line error pointing at the params key, not a crash at the first .to(device).
     with pytest.raises(GptlabError, match=rf"^train\.device: {name} .*train\.device: auto"):
-        pick_device(name)
+        pick_device(name, "train.device")
 
 
 # --- pick_dtype --------------------------------------------------------------------------------
@@ -76,7 +76,7 @@ def test_unavailable_device_names_the_parameter(name):
     ("float32", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16),
 ])
 def test_explicit_dtype_names_map_to_torch_dtypes(name, dtype):
-    assert pick_dtype(name, CPU) is dtype
+    assert pick_dtype(name, CPU, "train.dtype") is dtype
 
 
 @pytest.mark.parametrize(("param", "table"), [("dtype", DTYPES), ("device", DEVICES)])
@@ -89,12 +89,12 @@ def test_every_value_params_accept_is_handled(param, table):
 
 def test_auto_dtype_on_cpu_is_bf16_exactly_when_the_cpu_has_it():
     expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-    assert pick_dtype("auto", CPU) is expected
+    assert pick_dtype("auto", CPU, "train.dtype") is expected
 
 
 def test_auto_dtype_on_mps_is_float32():
     # Decided from the device type alone, so it needs no Apple GPU to check.
-    assert pick_dtype("auto", torch.device("mps")) is torch.float32
+    assert pick_dtype("auto", torch.device("mps"), "train.dtype") is torch.float32
 
 
 @pytest.mark.skipif(platform.system() != "Linux", reason="reads /proc/cpuinfo")

@@ -25,7 +25,7 @@ from gptlab.errors import GptlabError
 from gptlab.model import GPTConfig, build_model
 from gptlab.params import load_params
 from gptlab.tokenizers import CharTokenizer
-from gptlab.tokens import encode_file
+from gptlab.tokens import encode_splits
 from gptlab.train import (
     LOG_COLUMNS,
     RandomWindows,
@@ -68,12 +68,10 @@ def write_tokens(folder: Path, text: str) -> Path:
     tokens_dir = folder / "data" / "tokens"
     tokens_dir.mkdir(parents=True)
     cut = int(len(text) * 0.9)
-    tokenizer = CharTokenizer(text)
-    tokenizer.save(tokens_dir / "tokenizer.json")
     for name, part in (("train", text[:cut]), ("val", text[cut:])):
         (folder / f"{name}.txt").write_text(part)
-        encode_file(tokenizer, folder / f"{name}.txt", tokens_dir / f"{name}.bin")
-    (tokens_dir / "meta.json").write_text(json.dumps({"vocab_size": tokenizer.vocab_size}))
+    texts = {name: folder / f"{name}.txt" for name in ("train", "val")}
+    encode_splits(CharTokenizer(text), texts, tokens_dir)
     return tokens_dir
 
 

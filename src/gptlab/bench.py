@@ -19,7 +19,7 @@ from pathlib import Path
 from gptlab.clean import Document, drop_near_duplicates, fold_words, split_documents, split_tail
 from gptlab.params import load_params
 from gptlab.tokenizers import BPETokenizer, CharTokenizer, TiktokenTokenizer, Tokenizer
-from gptlab.tokens import encode_file
+from gptlab.tokens import encode_file, encode_splits
 from gptlab.train import RunParams, TrainPaths, train
 
 SHARED_CORPUS = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare.txt"
@@ -83,13 +83,12 @@ def bench_training(corpus: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tokens_dir = Path(tmp) / "tokens"
         tokens_dir.mkdir()
-        train_text, val_text = split_tail(corpus.read_text(encoding="utf-8"), 0.1)
-        tokenizer = CharTokenizer.from_texts([train_text, val_text])
-        tokenizer.save(tokens_dir / "tokenizer.json")
-        for name, text in (("train", train_text), ("val", val_text)):
+        texts = dict(zip(("train", "val"), split_tail(corpus.read_text(encoding="utf-8"), 0.1),
+                         strict=True))
+        for name, text in texts.items():
             (Path(tmp) / f"{name}.txt").write_text(text, encoding="utf-8")
-            encode_file(tokenizer, Path(tmp) / f"{name}.txt", tokens_dir / f"{name}.bin")
-        (tokens_dir / "meta.json").write_text(f'{{"vocab_size": {tokenizer.vocab_size}}}')
+        encode_splits(CharTokenizer.from_texts(texts.values()), {
+            name: Path(tmp) / f"{name}.txt" for name in texts}, tokens_dir)
         for dtype in ("float32", "auto"):
             run = RunParams(params.seed, params.model,
                             params.train.model_copy(update={"dtype": dtype}))

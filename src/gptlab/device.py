@@ -37,8 +37,8 @@ PEAK_FLOPS: list[tuple[str, dict[torch.dtype, float]]] = [
 ]
 
 
-def pick_device(name: str) -> torch.device:
-    """The device named in params; `auto` prefers cuda, then mps, then cpu."""
+def pick_device(name: str, param: str) -> torch.device:
+    """The device named by params key `param`; `auto` prefers cuda, then mps, then cpu."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -48,17 +48,18 @@ def pick_device(name: str) -> torch.device:
     available = {"cpu": True, "cuda": torch.cuda.is_available(),
                  "mps": torch.backends.mps.is_available()}
     if not available[name]:
-        raise GptlabError(f"train.device: {name} was asked for but this PyTorch "
-                          f"({torch.__version__}) cannot use it here; set train.device: auto")
+        raise GptlabError(f"{param}: {name} was asked for but this PyTorch "
+                          f"({torch.__version__}) cannot use it here; set {param}: auto")
     return torch.device(name)
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The compute dtype named in params; `auto` is bf16 where the hardware has it, else fp32."""
+def pick_dtype(name: str, device: torch.device, param: str) -> torch.dtype:
+    """The compute dtype named by params key `param`; `auto` is bf16 where the hardware has it,
+    else fp32."""
     if name != "auto":
         dtype = DTYPES[name]
         if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise GptlabError("train.dtype: this GPU has no bfloat16; use float16 or auto")
+            raise GptlabError(f"{param}: this GPU has no bfloat16; use float16 or auto")
         return dtype
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gptlab.errors import GptlabError
-from gptlab.io import atomic_path
+from gptlab.io import atomic_path, write_json
 from gptlab.tokenizers import Tokenizer, iter_text_chunks
 
 MAGIC = b"GPTLABTK"
@@ -73,6 +73,25 @@ def encode_file(tokenizer: Tokenizer, text_path: Path, out_path: Path) -> Encode
             chars += sum(len(chunk) for chunk in batch)
             progress.update(sum(len(chunk.encode()) for chunk in batch))
     return EncodeStats(writer.count, chars, size, time.perf_counter() - start)
+
+
+def encode_splits(tokenizer: Tokenizer, texts: dict[str, Path], out_dir: Path
+                  ) -> dict[str, EncodeStats]:
+    """Write a token folder: tokenizer.json, a token file per split, and meta.json describing
+    them (later stages read the split sizes from it, e.g. bytes for bits per byte)."""
+    tokenizer.save(out_dir / "tokenizer.json")
+    stats = {split: encode_file(tokenizer, path, out_dir / f"{split}.bin")
+             for split, path in texts.items()}
+    write_json(out_dir / "meta.json", {
+        "kind": tokenizer.kind,
+        "vocab_size": tokenizer.vocab_size,
+        "eot_id": tokenizer.eot_id,
+        "dtype": dtype_for_vocab(tokenizer.vocab_size).name,
+        "tokenizer_fingerprint": tokenizer.fingerprint,
+        **{f"{split}_{field}": getattr(s, field)
+           for split, s in stats.items() for field in ("tokens", "chars", "bytes")},
+    })
+    return stats
 
 
 def _batches(chunks: Iterator[str], size: int) -> Iterator[list[str]]:

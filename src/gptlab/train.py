@@ -123,8 +123,8 @@ def run_key(params: RunParams, tokens_meta: dict[str, Any]) -> str:
 def train(params: RunParams, paths: TrainPaths = TrainPaths()) -> dict[str, Any]:
     """Train the model described by params on the token files; return the run's metrics."""
     t = params.train
-    device = pick_device(t.device)
-    dtype = pick_dtype(t.dtype, device)
+    device = pick_device(t.device, "train.device")
+    dtype = pick_dtype(t.dtype, device, "train.dtype")
     tokenizer = load_tokenizer(paths.tokens_dir / "tokenizer.json")
     meta = json.loads((paths.tokens_dir / "meta.json").read_text(encoding="utf-8"))
     splits = {name: open_tokens(paths.tokens_dir / f"{name}.bin", tokenizer)
