@@ -1,0 +1,203 @@
+"""Evaluation: the trained model scored on every token of the validation split, exactly once.
+
+Training estimates its loss from a few random windows; here the whole split is cut into
+consecutive windows of block_size tokens, so the score is exact and the same on every run. A
+token early in its window sees little context, which makes the score slightly worse than a
+sliding window would, at a cost of one forward pass per block_size tokens instead of one per
+token.
+
+bits_per_byte divides by the UTF-8 bytes of the text rather than by tokens, so models with
+different tokenizers can be compared. The bytes of the scored tokens are taken as the split's
+bytes per token (from data/tokens/meta.json) times the tokens scored: exact for a char tokenizer
+on ASCII text, and for BPE off only by the first token of the split (or, for the train sample,
+by how far the sample's bytes per token stray from the split's, small for an even spread).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from gptlab.checkpoint import TOKENIZER, load_published
+from gptlab.device import autocast, device_name, pick_device, pick_dtype
+from gptlab.errors import GptlabError
+from gptlab.params import EvalParams
+from gptlab.tokenizers import Tokenizer, load_tokenizer
+from gptlab.tokens import open_tokens
+
+
+@dataclass(frozen=True)
+class SplitScore:
+    nats: float  # summed cross-entropy of every scored token, accumulated in float64
+    tokens: int
+    seconds: float
+
+    @property
+    def loss(self) -> float:
+        return self.nats / self.tokens
+
+
+def evaluate_tokens(model: nn.Module, tokens: np.ndarray, block_size: int, batch_size: int,
+                    device: torch.device, dtype: torch.dtype) -> SplitScore:
+    """Score every token of `tokens` but the first, each once, given the ones before it in its
+    window; leaves the model in eval mode."""
+    return _score(model, _split_batches(tokens, block_size, batch_size), len(tokens) - 1,
+                  device, dtype, "evaluate")
+
+
+def evaluate_windows(model: nn.Module, windows: np.ndarray, batch_size: int,
+                     device: torch.device, dtype: torch.dtype) -> SplitScore:
+    """Score every token but the first of each row of `windows` (as made by `train_sample`)."""
+    batches = (windows[i : i + batch_size] for i in range(0, len(windows), batch_size))
+    return _score(model, batches, windows.size - len(windows), device, dtype, "evaluate sample")
+
+
+def _split_batches(tokens: np.ndarray, block_size: int, batch_size: int) -> Iterator[np.ndarray]:
+    """Windows of block_size + 1 tokens starting every block_size tokens, batch_size at a time.
+
+    Neighbouring windows share one token, the last target of one being the first input of the
+    next, so every token but the first is a target exactly once. A shorter last window, when
+    the split does not divide evenly, comes alone as the final batch.
+    """
+    starts = np.arange(0, len(tokens) - 1, block_size)
+    whole = starts[starts + block_size < len(tokens)]
+    offsets = np.arange(block_size + 1)
+    for first in range(0, len(whole), batch_size):
+        yield tokens[whole[first : first + batch_size, None] + offsets]
+    if len(whole) < len(starts):
+        yield tokens[starts[-1] :][None]
+
+
+def train_sample(tokens: np.ndarray, n_tokens: int, block_size: int) -> np.ndarray:
+    """About `n_tokens` of a split as rows of block_size + 1 tokens, spread evenly from its start
+    to its end: the same sample on every run, with no seed to keep.
+
+    The windows never overlap, so no token is scored twice; asking for more tokens than the split
+    holds gives as many windows as fit. A split shorter than one window is one shorter window.
+    """
+    length = min(block_size + 1, len(tokens))
+    count = min(max(1, n_tokens // length), len(tokens) // length)
+    starts = np.linspace(0, len(tokens) - length, count).round().astype(np.int64)
+    return tokens[starts[:, None] + np.arange(length)]
+
+
+@torch.no_grad()
+def _score(model: nn.Module, batches: Iterable[np.ndarray], total: int, device: torch.device,
+           dtype: torch.dtype, desc: str) -> SplitScore:
+    model.eval()
+    started = time.perf_counter()
+    nats = 0.0
+    with tqdm(total=total, unit="tok", unit_scale=True, desc=desc, disable=None,
+              file=sys.stderr) as progress:
+        for batch in batches:
+            window = torch.from_numpy(batch.astype(np.int64)).to(device)
+            inputs, targets = window[:, :-1], window[:, 1:]
+            with autocast(device, dtype):
+                logits, _ = model(inputs)
+            # The loss in float32 whatever the autocast dtype; the sum over batches in a Python
+            # float (float64), which also works on MPS, where tensors cannot be float64.
+            nats += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                                    reduction="sum").item()
+            progress.update(targets.numel())
+    return SplitScore(nats, total, time.perf_counter() - started)
+
+
+def evaluate_model(models_dir: Path, tokens_dir: Path, params: EvalParams) -> dict[str, Any]:
+    """Score the published model on the validation split (and, if asked, a sample of the train
+    split); return the flat metrics for metrics/eval.json."""
+    device = pick_device(params.device, "eval.device")
+    dtype = pick_dtype(params.dtype, device, "eval.dtype")
+    model, config = load_published(models_dir, device)
+    tokenizer = load_matching_tokenizer(models_dir, tokens_dir)
+    splits = ["val", "train"] if params.train_split else ["val"]
+    meta = read_meta(tokens_dir, [f"{split}_{key}" for split in splits
+                                  for key in ("tokens", "bytes")])
+    # Every input is opened and checked before the first, possibly long, forward pass.
+    tokens = {split: open_split(tokens_dir, split, tokenizer, meta) for split in splits}
+    block_size = config["model"]["block_size"]
+
+    scores = {"val": evaluate_tokens(model, tokens["val"], block_size, params.batch_size,
+                                     device, dtype)}
+    if params.train_split:
+        sample = train_sample(tokens["train"], params.train_tokens, block_size)
+        scores["train"] = evaluate_windows(model, sample, params.batch_size, device, dtype)
+    metrics = {metric_name(split, key): value for split, score in scores.items()
+               for key, value in split_metrics(score, meta, split).items()}
+    scored = sum(score.tokens for score in scores.values())
+    seconds = sum(score.seconds for score in scores.values())
+    return {**metrics, "tokens_per_sec": round(scored / seconds, 1),
+            "device": device_name(device), "dtype": str(dtype).removeprefix("torch.")}
+
+
+def metric_name(split: str, key: str) -> str:
+    """val_loss, perplexity, bits_per_byte, ...: the validation split is the headline, so only
+    its loss says which split it is; every train-sample metric does."""
+    return f"{split}_{key}" if split == "train" or key == "loss" else key
+
+
+def split_metrics(score: SplitScore, meta: dict[str, int], split: str) -> dict[str, Any]:
+    """Loss, perplexity and bits per byte of one split's score, rounded for the metrics file."""
+    if not math.isfinite(score.nats):
+        raise GptlabError(f"eval: the {split} loss is {score.nats}; with eval.dtype float16 the "
+                          f"logits may overflow, so try float32")
+    scored_bytes = score.tokens * meta[f"{split}_bytes"] / meta[f"{split}_tokens"]
+    return {
+        "loss": round(score.loss, 6),
+        "perplexity": round(math.exp(score.loss), 6),
+        "bits_per_byte": round(score.nats / math.log(2) / scored_bytes, 6),
+        "tokens": score.tokens,
+        "bytes": round(scored_bytes),
+    }
+
+
+def load_matching_tokenizer(models_dir: Path, tokens_dir: Path) -> Tokenizer:
+    """The model's tokenizer, refused unless it is the one the token files were made with."""
+    tokenizer = load_tokenizer(models_dir / TOKENIZER)
+    tokens_tokenizer = tokens_dir / "tokenizer.json"
+    if load_tokenizer(tokens_tokenizer).fingerprint != tokenizer.fingerprint:
+        raise GptlabError(f"{tokens_tokenizer}: not the tokenizer the model in {models_dir} was "
+                          f"trained with; rerun the train stage")
+    return tokenizer
+
+
+def read_meta(tokens_dir: Path, keys: list[str]) -> dict[str, int]:
+    """The token counts and byte sizes that the tokenize stage wrote to meta.json."""
+    path = tokens_dir / "meta.json"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GptlabError(f"{path}: not found (run the tokenize stage first)") from None
+    except (OSError, ValueError) as error:
+        raise GptlabError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(meta, dict):
+        raise GptlabError(f"{path}: expected a JSON object (rerun the tokenize stage)")
+    bad = [key for key in keys if not (isinstance(meta.get(key), int) and meta[key] > 0)]
+    if bad:
+        raise GptlabError(f"{path}: missing or not a positive count: {', '.join(bad)} (rerun "
+                          f"the tokenize stage)")
+    return {key: meta[key] for key in keys}
+
+
+def open_split(tokens_dir: Path, split: str, tokenizer: Tokenizer,
+               meta: dict[str, int]) -> np.ndarray:
+    """A split's tokens, checked against the tokenizer and against the count in meta.json."""
+    path = tokens_dir / f"{split}.bin"
+    tokens = open_tokens(path, tokenizer)
+    if len(tokens) != meta[f"{split}_tokens"]:
+        raise GptlabError(f"{path}: holds {len(tokens)} tokens but {tokens_dir / 'meta.json'} "
+                          f"says {meta[f'{split}_tokens']} (rerun the tokenize stage)")
+    if len(tokens) < 2:
+        raise GptlabError(f"{path}: {len(tokens)} token(s); scoring needs at least two")
+    return tokens
