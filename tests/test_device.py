@@ -65,7 +65,7 @@ def test_cpu_device_is_always_available():
 ])
 def test_unavailable_device_names_the_parameter(name):
     # A one-line error pointing at the params key, not a crash at the first .to(device).
-    with pytest.raises(GptlabError, match=rf"^train\.device: {name} .*train\.device: auto"):
+    with pytest.raises(GptlabError, match=rf"^train\.device: {name} .*use auto instead"):
         pick_device(name, "train.device")
 
 

@@ -1,14 +1,31 @@
-"""The `gptlab` command: small tools around the pipeline (the stages themselves run from DVC)."""
+"""The `gptlab` command: small tools around the pipeline (the stages themselves run from DVC).
+
+`sample` and `chat` take their defaults from the sample section of ./params.yaml when there is
+a valid one, else from BUILTIN_SAMPLE; every option overrides its key.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from pydantic import ValidationError
 
 from gptlab import __version__
-from gptlab.errors import run_main
-from gptlab.params import PARAMS_FILE, load_params
+from gptlab.errors import GptlabError, run_main
+from gptlab.params import PARAMS_FILE, SampleParams, load_params
 from gptlab.tokens import read_header
+
+# The project's params.yaml sampling settings, one sample of a newline prompt.
+BUILTIN_SAMPLE = SampleParams(device="auto", prompts=["\n"], num_samples=1, max_new_tokens=500,
+                              temperature=0.8, top_k=200, top_p=1.0, greedy=False, seed=1337)
+SAMPLING_DEFAULTS = ("Defaults come from the sample section of ./params.yaml if there is a "
+                     "valid one, else: one sample of 500 tokens after a newline, temperature "
+                     "0.8, top_k 200, seed 1337.")
+SAMPLE_SEPARATOR = "-" * 15
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -19,6 +36,15 @@ def main(argv: list[str] | None = None) -> None:
     check.add_argument("file", nargs="?", default=PARAMS_FILE)
     tokens = commands.add_parser("tokens", help="describe a token file from its header")
     tokens.add_argument("file")
+    sample = commands.add_parser("sample", help="continue prompts with a trained model",
+                                 description=SAMPLING_DEFAULTS)
+    sample.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT",
+                        help="text to continue (repeat for several; default: params.yaml's)")
+    sample.add_argument("--num-samples", type=int, metavar="N")
+    add_sampling_options(sample)
+    chat = commands.add_parser("chat", help="continue each line typed, until EOF or /quit",
+                               description=SAMPLING_DEFAULTS)
+    add_sampling_options(chat)
     args = parser.parse_args(argv)
     run_main(lambda: COMMANDS[args.command](args))
 
@@ -35,4 +61,99 @@ def show_tokens(args: argparse.Namespace) -> None:
                       "format_version": header.version}, indent=2))
 
 
-COMMANDS = {"params": show_params, "tokens": show_tokens}
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", type=Path, default=Path("models"),
+                        help="folder written by the train stage (default: models)")
+    parser.add_argument("--max-new-tokens", type=int, metavar="N")
+    parser.add_argument("--temperature", type=float, metavar="T")
+    parser.add_argument("--top-k", type=int, metavar="K")
+    parser.add_argument("--top-p", type=float, metavar="P")
+    parser.add_argument("--greedy", action=argparse.BooleanOptionalAction)
+    parser.add_argument("--seed", type=int, metavar="S")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+
+
+def sampling_params(args: argparse.Namespace) -> SampleParams:
+    """The default sampling settings with the options given, validated as params.yaml is."""
+    given = {key: value for key in SampleParams.model_fields
+             if (value := getattr(args, key, None)) is not None}
+    try:
+        params = SampleParams.model_validate({**default_sampling().model_dump(), **given})
+    except ValidationError as error:
+        raise GptlabError("; ".join(
+            f"{option_name(str(detail['loc'][0]))}: {detail['msg'].removeprefix('Value error, ')}"
+            for detail in error.errors())) from None
+    problems = params.cross_field_problems()
+    if problems:
+        raise GptlabError("; ".join(f"{option_name(key)}: {problem}" for key, problem in problems))
+    return params
+
+
+def default_sampling() -> SampleParams:
+    """The sample section of ./params.yaml if there is a valid one, else BUILTIN_SAMPLE."""
+    if not Path(PARAMS_FILE).is_file():
+        return BUILTIN_SAMPLE
+    try:
+        return load_params().sample
+    except GptlabError as error:
+        print(f"note: {error}; using the built-in sampling defaults", file=sys.stderr)
+        return BUILTIN_SAMPLE
+
+
+def option_name(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def run_sample(args: argparse.Namespace) -> None:
+    # Imported here: torch takes over a second to load, which `params` and `tokens` need not.
+    from gptlab.device import pick_device
+    from gptlab.generate import load_for_sampling, sample_all
+
+    params = sampling_params(args)
+    published = load_for_sampling(args.models, pick_device(params.device, "--device"))
+    prompts_name = "--prompt" if args.prompts else "sample.prompts"
+    for result in sample_all(published, params, prompts_name):
+        for continuation in result.continuations:
+            print(result.prompt + continuation)
+            print(SAMPLE_SEPARATOR)
+
+
+def run_chat(args: argparse.Namespace) -> None:
+    import torch
+
+    from gptlab.device import pick_device
+    from gptlab.generate import encode_prompt, load_for_sampling, sample_prompt
+
+    params = sampling_params(args).model_copy(update={"num_samples": 1})
+    published = load_for_sampling(args.models, pick_device(params.device, "--device"))
+    # One generator for the session: the same lines typed again give the same replies.
+    generator = torch.Generator(published.device).manual_seed(params.seed)
+    for line in typed_lines(interactive=sys.stdin.isatty()):
+        try:
+            ids = encode_prompt(published.tokenizer, line, "input")
+        except GptlabError as error:  # a typo should not end the session
+            print(f"error: {error}", file=sys.stderr)
+            continue
+        result = sample_prompt(published, line, ids, params, generator)
+        print(result.continuations[0], flush=True)
+
+
+def typed_lines(interactive: bool) -> Iterator[str]:
+    """Lines from stdin, without their newline, until EOF or /quit; blank lines are skipped."""
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            return
+        if line.strip() == "/quit":
+            return
+        if line:
+            yield line
+
+
+COMMANDS = {"params": show_params, "tokens": show_tokens, "sample": run_sample,
+            "chat": run_chat}
+
+
+if __name__ == "__main__":
+    main()

@@ -49,7 +49,7 @@ def pick_device(name: str, param: str) -> torch.device:
                  "mps": torch.backends.mps.is_available()}
     if not available[name]:
         raise GptlabError(f"{param}: {name} was asked for but this PyTorch "
-                          f"({torch.__version__}) cannot use it here; set {param}: auto")
+                          f"({torch.__version__}) cannot use it here; use auto instead")
     return torch.device(name)
 
 

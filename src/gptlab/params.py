@@ -147,7 +147,7 @@ class SampleParams(Section):
     @classmethod
     def _some_prompts(cls, value: list[str]) -> list[str]:
         if not value:
-            raise ValueError("expected at least one prompt (an empty string starts from nothing)")
+            raise ValueError("expected at least one prompt")
         return value
 
     @field_validator("top_k")

@@ -1,0 +1,271 @@
+"""Text generation: continue a prompt with a trained model, several samples as one batch.
+
+`generate` runs the prompt through the model's KV cache once, then feeds one token per step,
+so each new token costs one cached step instead of a pass over the whole context (nanoGPT
+recomputes its full window for every token). Past block_size tokens the window slides in
+jumps: the cache is refilled from the last block_size // 2 tokens, so every token is predicted
+from between block_size // 2 and block_size tokens of context.
+
+`sample_prompts` is the sample stage: the published model on each prompt of params.sample,
+rendered as Markdown, with the generation speed as metrics.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gptlab.checkpoint import TOKENIZER, load_published
+from gptlab.device import device_name, pick_device
+from gptlab.errors import GptlabError
+from gptlab.params import SampleParams
+from gptlab.tokenizers import Tokenizer, load_tokenizer
+
+
+@torch.inference_mode()
+def generate(
+    model: nn.Module,
+    prompt_ids: list[int],
+    *,
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float,
+    greedy: bool,
+    eot_id: int | None,
+    generator: torch.Generator,
+) -> list[list[int]]:
+    """`num_samples` continuations of one prompt, generated as one batch through the KV cache.
+
+    A prompt longer than block_size is cropped to its last block_size tokens; an empty one
+    starts from the end-of-text token (GPT-2's way to start from nothing), and is an error
+    when the tokenizer has none. Each continuation excludes the prompt and stops before its
+    first `eot_id` (when not None); the batch stops once every sample has stopped, or after
+    max_new_tokens.
+
+    When the cache is full it is refilled from the last block_size // 2 tokens of each sample
+    and generation goes on one token at a time: positions restart at 0 in the refilled cache,
+    which is right for learned and rotary positions alike since the window is encoded afresh.
+    The same generator state gives the same tokens.
+    """
+    model.eval()
+    prompt = start_ids(prompt_ids, eot_id)[-model.config.block_size :]
+    device = next(model.parameters()).device
+    # Finished samples keep generating (their tail is discarded) so that the batch stays one
+    # rectangle that can slide its window all at once.
+    tokens = torch.empty(num_samples, len(prompt) + max_new_tokens, dtype=torch.long,
+                         device=device)
+    tokens[:, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
+    pick = functools.partial(next_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                             greedy=greedy, generator=generator)
+    filled = fill_continuations(model, tokens, len(prompt), pick, eot_id)
+    rows = tokens[:, len(prompt) : len(prompt) + filled].tolist()
+    return [cut_at_eot(row, eot_id) for row in rows]
+
+
+def start_ids(prompt_ids: list[int], eot_id: int | None) -> list[int]:
+    """The prompt, or the end-of-text token when the prompt is empty."""
+    if prompt_ids:
+        return list(prompt_ids)
+    if eot_id is None:
+        raise GptlabError('empty prompt, and this tokenizer has no end-of-text token to start '
+                          'from; give at least one character, such as "\\n"')
+    return [eot_id]
+
+
+def fill_continuations(model: nn.Module, tokens: Tensor, prompt_length: int,
+                       pick: Callable[[Tensor], Tensor], eot_id: int | None) -> int:
+    """Write new tokens into tokens[:, prompt_length:] in place; return how many columns."""
+    cache = model.new_cache(tokens.size(0))
+    refill_length = max(1, cache.capacity // 2)  # a block_size of 1 still keeps one token
+    finished = torch.zeros(tokens.size(0), dtype=torch.bool, device=tokens.device)
+    window = tokens[:, :prompt_length]
+    for position in range(prompt_length, tokens.size(1)):
+        if cache.length == cache.capacity:
+            cache.reset()
+            window = tokens[:, position - refill_length : position]
+        logits, _ = model(window, cache=cache)
+        new = pick(logits[:, -1])
+        tokens[:, position] = new
+        if eot_id is not None:
+            finished |= new == eot_id
+            # The loop's only host sync, paid only when there is an eot to stop at.
+            if finished.all():
+                return position + 1 - prompt_length
+        window = tokens[:, position : position + 1]
+    return tokens.size(1) - prompt_length
+
+
+def next_tokens(logits: Tensor, *, temperature: float, top_k: int | None, top_p: float,
+                greedy: bool, generator: torch.Generator) -> Tensor:
+    """One token id per row of logits (batch, vocab): the argmax, or a draw from the filters."""
+    if greedy:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    # Filters that would keep every token are skipped: top_p's sort costs more than the draw.
+    if top_k is not None and top_k < logits.size(-1):
+        logits = keep_top_k(logits, top_k)
+    if top_p < 1.0:
+        logits = keep_top_p(logits, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    # What torch.multinomial does for one sample (the same draws from the same generator),
+    # without its checks of the probabilities, which double the cost of sampling on CPU.
+    exponential = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / exponential).argmax(dim=-1)
+
+
+def keep_top_k(logits: Tensor, k: int) -> Tensor:
+    """Logits with all but the k largest of each row set to -inf (ties at the k-th all stay)."""
+    kth_largest = torch.topk(logits, k, dim=-1).values[:, -1:]
+    return logits.masked_fill(logits < kth_largest, float("-inf"))
+
+
+def keep_top_p(logits: Tensor, top_p: float) -> Tensor:
+    """Logits outside the nucleus set to -inf: the most likely tokens whose probability first
+    reaches top_p together, so the most likely token always stays."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    sorted_probs = torch.softmax(sorted_logits, dim=-1)
+    # A token is dropped when the more likely tokens before it already reach top_p.
+    drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def cut_at_eot(ids: list[int], eot_id: int | None) -> list[int]:
+    """The ids before the first end-of-text token."""
+    return ids[: ids.index(eot_id)] if eot_id in ids else ids
+
+
+@dataclass(frozen=True)
+class Published:
+    """A models/ folder loaded for sampling: the model, its tokenizer and its config.json."""
+
+    model: nn.Module
+    tokenizer: Tokenizer
+    config: dict[str, Any]
+    device: torch.device
+
+
+def load_for_sampling(models_dir: Path, device: torch.device) -> Published:
+    """The published model on `device`, with the tokenizer it was trained on."""
+    model, config = load_published(models_dir, device)
+    tokenizer = load_tokenizer(models_dir / TOKENIZER)
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise GptlabError(f"{models_dir / TOKENIZER}: {tokenizer.vocab_size} tokens, but the "
+                          f"model was trained on {model.config.vocab_size}")
+    return Published(model, tokenizer, config, device)
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str, where: str) -> list[int]:
+    """Token ids of a prompt; a problem is reported as being at `where`."""
+    try:
+        ids = tokenizer.encode(prompt).tolist()
+        start_ids(ids, tokenizer.eot_id)  # an empty prompt fails here, named, not in generate
+    except GptlabError as error:
+        raise GptlabError(f"{where}: {error}") from None
+    return ids
+
+
+@dataclass(frozen=True)
+class PromptSamples:
+    prompt: str
+    continuations: list[str]  # decoded, without the prompt
+    new_tokens: int
+    seconds: float  # spent in generate alone
+
+
+def sample_prompt(published: Published, prompt: str, prompt_ids: list[int],
+                  params: SampleParams, generator: torch.Generator) -> PromptSamples:
+    """params.num_samples continuations of one encoded prompt, timed."""
+    started = time.perf_counter()
+    continuations = generate(
+        published.model, prompt_ids, num_samples=params.num_samples,
+        max_new_tokens=params.max_new_tokens, temperature=params.temperature,
+        top_k=params.top_k, top_p=params.top_p, greedy=params.greedy,
+        eot_id=published.tokenizer.eot_id, generator=generator,
+    )
+    seconds = time.perf_counter() - started
+    return PromptSamples(prompt, [published.tokenizer.decode(ids) for ids in continuations],
+                         sum(map(len, continuations)), seconds)
+
+
+def sample_all(published: Published, params: SampleParams,
+               prompts_name: str = "sample.prompts") -> list[PromptSamples]:
+    """Every prompt of params continued; each starts from the seed, so its samples do not
+    depend on the prompts before it. A bad prompt is named as prompts_name[index]."""
+    # All prompts are encoded first, so a bad one fails before any time is spent generating.
+    encoded = [encode_prompt(published.tokenizer, prompt, f"{prompts_name}[{index}]")
+               for index, prompt in enumerate(params.prompts)]
+    return [
+        sample_prompt(published, prompt, ids, params,
+                      torch.Generator(published.device).manual_seed(params.seed))
+        for prompt, ids in zip(params.prompts, encoded, strict=True)
+    ]
+
+
+def sample_prompts(models_dir: Path, params: SampleParams) -> tuple[str, dict[str, Any]]:
+    """The sample stage: Markdown of every prompt's samples, and the generation metrics."""
+    published = load_for_sampling(models_dir, pick_device(params.device, "sample.device"))
+    results = sample_all(published, params)
+    new_tokens = sum(result.new_tokens for result in results)
+    seconds = sum(result.seconds for result in results)
+    metrics = {
+        "tokens_per_sec": round(new_tokens / seconds, 1),
+        "generated_tokens": new_tokens,
+        "samples": len(params.prompts) * params.num_samples,
+        "device": device_name(published.device),
+    }
+    return samples_markdown(published, params, results), metrics
+
+
+def samples_markdown(published: Published, params: SampleParams,
+                     results: list[PromptSamples]) -> str:
+    """The samples page: model, settings, then each prompt's samples in code blocks."""
+    lines = ["# Samples", "", f"- model: {model_summary(published)}",
+             f"- sampling: {sampling_summary(params)}", ""]
+    for number, result in enumerate(results, start=1):
+        # JSON quoting shows a prompt's newlines and spaces that a code block would hide.
+        lines += [f"## Prompt {number}: `{json.dumps(result.prompt, ensure_ascii=False)}`", ""]
+        for sample, continuation in enumerate(result.continuations, start=1):
+            lines += [f"### Sample {sample}", "", fenced(result.prompt + continuation), ""]
+    return "\n".join(lines)
+
+
+def model_summary(published: Published) -> str:
+    m = published.config["model"]
+    if m["arch"] == "bigram":
+        shape = "bigram"
+    else:
+        shape = (f"gpt, {m['n_layer']} layers, {m['n_head']} heads, {m['n_embd']} wide, "
+                 f"{m['pos']} positions, {m['norm']}, {m['mlp']}")
+    training = published.config["training"]
+    trained = f"{training['step']} steps" + (
+        f", val loss {training['val_loss']:.4f}" if training["val_loss"] is not None else "")
+    return (f"{shape}, block {m['block_size']}, {published.model.num_params():,} parameters, "
+            f"{published.tokenizer.kind} tokenizer ({published.tokenizer.vocab_size} tokens), "
+            f"trained {trained}")
+
+
+def sampling_summary(params: SampleParams) -> str:
+    how = ("greedy" if params.greedy else
+           f"temperature {params.temperature}, top_k {params.top_k}, top_p {params.top_p}")
+    return (f"{how}, seed {params.seed}, max_new_tokens {params.max_new_tokens}, "
+            f"{params.num_samples} per prompt")
+
+
+def fenced(text: str) -> str:
+    """A Markdown code block holding text verbatim, its fence longer than any run of backticks
+    inside."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}text\n{text}\n{fence}"
