@@ -16,7 +16,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from gptlab.clean import Document, drop_near_duplicates, fold_words, split_documents, split_tail
+from gptlab.generate import generate, load_for_sampling
 from gptlab.params import load_params
 from gptlab.tokenizers import BPETokenizer, CharTokenizer, TiktokenTokenizer, Tokenizer
 from gptlab.tokens import encode_file, encode_splits
@@ -37,6 +40,7 @@ def main() -> None:
     bench_tokenizers(corpus)
     bench_dedupe(corpus)
     bench_training(corpus)
+    bench_sampling(Path("models"))
     bench_dvc_overhead()
 
 
@@ -98,6 +102,25 @@ def bench_training(corpus: Path) -> None:
             print(f"  dtype {dtype:8s} -> {metrics['dtype']:9s} {metrics['tokens_per_sec']:9,.0f} "
                   f"tokens/s  val loss {metrics['final_val_loss']:.4f}  "
                   f"wall {metrics['wall_seconds']:.0f} s  on {metrics['device']}")
+
+
+def bench_sampling(models_dir: Path) -> None:
+    """Generation speed of the trained model for 500 new tokens, one sample and a batch of 3."""
+    print(f"\nsample (500 new tokens, {models_dir})")
+    if not (models_dir / "model.safetensors").exists():
+        print("  skipped: no trained model (run `make repro` first)")
+        return
+    published = load_for_sampling(models_dir, "cpu")
+    prompt = published.tokenizer.encode("\n").tolist()
+    for batch in (1, 3):
+        seconds = min(
+            _timed(lambda b=batch: generate(
+                published.model, prompt, num_samples=b, max_new_tokens=500, temperature=0.8,
+                top_k=200, top_p=1.0, greedy=False, eot_id=None,
+                generator=torch.Generator().manual_seed(0)))[0]
+            for _ in range(3)
+        )
+        print(f"  batch {batch}: {batch * 500 / seconds:8,.0f} tokens/s (best of 3)")
 
 
 def bench_dvc_overhead() -> None:
