@@ -8,7 +8,7 @@ STAMP := $(VENV)/.gptlab-installed
 # Stage commands run `python`: make it the virtual environment's.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro test lint bench clean-venv
+.PHONY: setup repro test lint bench plots clean-venv
 
 setup: $(STAMP)
 
@@ -31,6 +31,17 @@ lint: setup
 
 bench: repro
 	$(BIN)/python -m gptlab.bench
+
+# Loss curves of the workspace and of experiments, e.g. `make plots REVS="exp-a exp-b"`, as an
+# HTML page in dvc_plots/ that renders offline (the plotting libraries inlined from npm).
+PLOTS_TEMPLATE := .gptlab/plots-template.html
+REVS ?=
+plots: setup $(PLOTS_TEMPLATE)
+	$(BIN)/dvc plots diff --html-template $(PLOTS_TEMPLATE) $(REVS)
+
+$(PLOTS_TEMPLATE):
+	$(MAKE) setup
+	$(BIN)/gptlab plots-template $@
 
 clean-venv:
 	rm -rf $(VENV)

@@ -96,81 +96,96 @@ PLAYS = {
     "lear.txt": "Meantime we shall express our darker purpose. Give me the map there.\n",
     "tempest.txt": "Boatswain! Here, master: what cheer? Good, speak to the mariners.\n",
 }
+ALL_STAGES = {"download", "clean", "tokenize", "train", "evaluate", "sample", "plot"}
+TINY_SAMPLE = {"num_samples": 2, "max_new_tokens": 40, "prompts": ["\n"]}
+
+
+def ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '(\w+)'", output))
+
+
+def change_params(project: Path, overrides: dict) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    write_params(project, with_overrides(params, overrides))
 
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, default_params):
-    """A project repo whose tokenize stage has run once on a small local corpus."""
+    """A project repo on a small local corpus (one play twice) whose pipeline has run once."""
     project = make_project(tmp_path_factory.mktemp("e2e"))
     corpus = project / "corpus"
     corpus.mkdir()
     for index, (name, line) in enumerate(PLAYS.items()):
         (corpus / name).write_text(f"{name.upper()}\n\n" + line * (40 + 10 * index))
-    params = with_overrides(default_params, {
+    shutil.copy(corpus / "hamlet.txt", corpus / "hamlet_again.txt")  # work for the deduper
+    write_params(project, with_overrides(default_params, {
         "data": {"source": "local", "spec": "corpus", "sha256": None, "include": ["*.txt"]},
         "clean.min_chars": 100,
         **{f"model.{key}": value for key, value in TINY_MODEL.items()},
         **{f"train.{key}": value for key, value in TINY_TRAIN.items()},
-    })
-    write_params(project, params)
+        **{f"sample.{key}": value for key, value in TINY_SAMPLE.items()},
+    }))
     git(project, "init", "-q")
-    git(project, "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
-    git(project, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
-    first_run = dvc(project, "repro", "tokenize")
+    commit(project, "init")
+    first_run = dvc(project, "repro")
     return project, first_run
 
 
-def test_repro_runs_every_data_stage_and_writes_outputs(pipeline):
+def commit(project: Path, message: str) -> None:
+    git(project, "add", "-A")
+    git(project, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message)
+
+
+def test_repro_runs_every_stage_and_writes_every_output(pipeline):
     project, first_run = pipeline
-    for stage in ("download", "clean", "tokenize"):
-        assert f"Running stage '{stage}'" in first_run
-    manifest = yaml.safe_load((project / "data/raw/manifest.json").read_text())
-    assert manifest["file_count"] == len(PLAYS)
-    clean = yaml.safe_load((project / "metrics/clean.json").read_text())
-    assert clean["docs_in"] == len(PLAYS) and clean["val_docs"] >= 1
-    tokens = yaml.safe_load((project / "metrics/tokenize.json").read_text())
+    assert ran_stages(first_run) == ALL_STAGES
+    manifest = json.loads((project / "data/raw/manifest.json").read_text())
+    assert manifest["file_count"] == len(PLAYS) + 1
+    clean = json.loads((project / "metrics/clean.json").read_text())
+    assert clean["docs_exact_duplicates"] == 1 and clean["val_docs"] >= 1
+    tokens = json.loads((project / "metrics/tokenize.json").read_text())
     assert tokens["train_tokens"] == clean["train_chars"]  # char-level: one token per character
-    for name in ("train.bin", "val.bin", "tokenizer.json", "meta.json"):
-        assert (project / "data/tokens" / name).is_file()
+    train = json.loads((project / "metrics/train.json").read_text())
+    evaluation = json.loads((project / "metrics/eval.json").read_text())
+    assert evaluation["tokens"] == tokens["val_tokens"] - 1  # every val token but the first
+    assert evaluation["val_loss"] == pytest.approx(train["final_val_loss"], abs=0.3)
+    sample = json.loads((project / "metrics/sample.json").read_text())
+    assert sample["generated_tokens"] == 2 * 40 and sample["tokens_per_sec"] > 0
+    assert (project / "samples/samples.md").read_text().count("```") >= 4
+    log = (project / "plots/train_log.csv").read_text().splitlines()
+    assert log[0] == "step,tokens,train_loss,val_loss,lr,grad_norm,tokens_per_sec"
+    for figure in ("loss.png", "lr.png", "throughput.png"):
+        assert (project / "plots" / figure).read_bytes().startswith(b"\x89PNG")
 
 
 def test_second_repro_does_nothing(pipeline):
     project, _ = pipeline
-    second = dvc(project, "repro", "tokenize")
-    assert "Running stage" not in second
-    assert "up to date" in dvc(project, "status", "tokenize")
+    assert ran_stages(dvc(project, "repro")) == set()
+    assert "up to date" in dvc(project, "status")
 
 
-def test_repro_train_runs_only_train_and_writes_model_log_metrics(pipeline):
+@pytest.mark.parametrize(("overrides", "expected"), [
+    ({"sample.temperature": 0.5}, {"sample"}),
+    ({"model.n_layer": 1}, {"train", "evaluate", "sample", "plot"}),
+    ({"tokenizer.kind": "bpe", "tokenizer.vocab_size": 300},
+     {"tokenize", "train", "evaluate", "sample", "plot"}),
+    ({"clean.dedupe": "none"}, {"clean", "tokenize", "train", "evaluate", "sample", "plot"}),
+])
+def test_a_param_change_reruns_exactly_the_stages_that_depend_on_it(pipeline, overrides,
+                                                                     expected):
     project, _ = pipeline
-    run = dvc(project, "repro", "train")
-    assert "Running stage 'train'" in run
-    assert not any(f"Running stage '{s}'" in run for s in ("download", "clean", "tokenize"))
-    metrics = json.loads((project / "metrics/train.json").read_text())
-    assert metrics["final_val_loss"] > 0 and metrics["dtype"] == "float32"
-    assert (project / "models/model.safetensors").is_file()
-    log = (project / "plots/train_log.csv").read_text().splitlines()
-    assert log[0] == "step,tokens,train_loss,val_loss,lr,grad_norm,tokens_per_sec"
-    assert "Running stage" not in dvc(project, "repro", "train")
+    change_params(project, overrides)
+    assert ran_stages(dvc(project, "repro")) == expected
 
 
-def test_model_param_change_reruns_train_only(pipeline):
+def test_experiments_show_metrics_and_plots_diff_has_the_loss_curve(pipeline):
     project, _ = pipeline
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    write_params(project, with_overrides(params, {"model.n_layer": 1}))
-    rerun = dvc(project, "repro", "train")
-    assert "Running stage 'train'" in rerun and "Running stage 'tokenize'" not in rerun
-    config = json.loads((project / "models/config.json").read_text())
-    assert config["model"]["n_layer"] == 1
-
-
-def test_tokenizer_change_reruns_tokenize_only(pipeline):
-    project, _ = pipeline
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["tokenizer"] = {**params["tokenizer"], "kind": "bpe", "vocab_size": 300}
-    write_params(project, params)
-    rerun = dvc(project, "repro", "tokenize")
-    assert "Running stage 'tokenize'" in rerun
-    assert "Running stage 'download'" not in rerun and "Running stage 'clean'" not in rerun
-    meta = yaml.safe_load((project / "data/tokens/meta.json").read_text())
-    assert meta["kind"] == "bpe" and meta["vocab_size"] == 300
+    commit(project, "baseline")
+    dvc(project, "exp", "run", "-S", "model.n_layer=2", "-n", "two-layers")
+    table = dvc(project, "exp", "show", "--csv")
+    header = table.splitlines()[0].split(",")
+    assert "val_loss" in header and "model.n_layer" in header
+    assert "two-layers" in table
+    diff = json.loads(dvc(project, "plots", "diff", "two-layers", "--json"))
+    curves = json.dumps(diff)
+    assert "train_loss" in curves and "val_loss" in curves

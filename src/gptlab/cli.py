@@ -45,8 +45,17 @@ def main(argv: list[str] | None = None) -> None:
     chat = commands.add_parser("chat", help="continue each line typed, until EOF or /quit",
                                description=SAMPLING_DEFAULTS)
     add_sampling_options(chat)
+    template = commands.add_parser(
+        "plots-template", help="build the offline HTML template for `dvc plots --html-template`")
+    template.add_argument("file", nargs="?", default=".gptlab/plots-template.html")
     args = parser.parse_args(argv)
     run_main(lambda: COMMANDS[args.command](args))
+
+
+def build_plots_template(args: argparse.Namespace) -> None:
+    from gptlab.plots import build_offline_template  # matplotlib is slow to import
+
+    print(f"wrote {build_offline_template(Path(args.file))}")
 
 
 def show_params(args: argparse.Namespace) -> None:
@@ -152,7 +161,7 @@ def typed_lines(interactive: bool) -> Iterator[str]:
 
 
 COMMANDS = {"params": show_params, "tokens": show_tokens, "sample": run_sample,
-            "chat": run_chat}
+            "chat": run_chat, "plots-template": build_plots_template}
 
 
 if __name__ == "__main__":

