@@ -307,3 +307,11 @@ def test_compiled_training_matches_eager_closely(tmp_path, tokens_dir):
     assert compiled["final_val_loss"] == pytest.approx(eager["final_val_loss"], abs=1e-3)
     weights = load_file(tmp_path / "compiled" / "models" / "model.safetensors")
     assert not any(name.startswith("_orig_mod") for name in weights)  # the plain module is saved
+
+
+def test_rerunning_a_finished_run_resumes_its_end_and_reports_the_same(tmp_path, tokens_dir):
+    paths = paths_in(tmp_path, tokens_dir)
+    first = train(run_params(), paths)
+    again = train(run_params(), paths)  # DVC reruns the stage when only code or outputs changed
+    for key in ("final_train_loss", "final_val_loss", "best_val_loss"):
+        assert again[key] == first[key]

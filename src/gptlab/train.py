@@ -114,10 +114,20 @@ class RunParams:
 
 
 def run_key(params: RunParams, tokens_meta: dict[str, Any]) -> str:
-    """Hash of everything a run's result depends on: a changed param starts a fresh run."""
+    """Hash of everything a run's result depends on: a changed param, token file or gptlab
+    source file starts a fresh run (a checkpoint of other code must not be resumed)."""
     depends_on = {"seed": params.seed, "model": params.model.model_dump(),
-                  "train": params.train.model_dump(), "tokens": tokens_meta}
+                  "train": params.train.model_dump(), "tokens": tokens_meta,
+                  "code": code_fingerprint()}
     return hashlib.sha256(json.dumps(depends_on, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def code_fingerprint() -> str:
+    """Hash of the gptlab package's source files."""
+    digest = hashlib.sha256()
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(source.name.encode() + source.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def train(params: RunParams, paths: TrainPaths = TrainPaths()) -> dict[str, Any]:
@@ -227,6 +237,8 @@ class TrainingSession:
                     raise KeyboardInterrupt
                 clock = time.perf_counter()
         progress.close()
+        if not self.last_eval:  # resumed a run that had already finished: score it again
+            self.last_eval = self.evaluate()
 
     def optimizer_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Accumulate gradients over micro-batches, clip, and update; return loss and norm."""
