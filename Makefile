@@ -39,8 +39,7 @@ REVS ?=
 plots: setup $(PLOTS_TEMPLATE)
 	$(BIN)/dvc plots diff --html-template $(PLOTS_TEMPLATE) $(REVS)
 
-$(PLOTS_TEMPLATE):
-	$(MAKE) setup
+$(PLOTS_TEMPLATE): $(STAMP)
 	$(BIN)/gptlab plots-template $@
 
 clean-venv:

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import shutil
 import subprocess
+import tarfile
+from pathlib import Path
 
 import matplotlib.image
 import pytest
+import yaml
 from conftest import ROOT, one_error_line, run_stage, write_params
+from dvc_render.html import render_html
+from dvc_render.vega import VegaRenderer
+from test_pipeline import dvc, git
 
 from gptlab.errors import GptlabError
 from gptlab.params import load_params
-from gptlab.plots import make_figures, read_log
+from gptlab.plots import VEGA_PACKAGES, build_offline_template, make_figures, read_log
 from gptlab.train import LOG_COLUMNS
 
 PLOT_PARAMS = load_params(ROOT / "params.yaml").plot
@@ -89,27 +97,108 @@ def test_stage_writes_figures_and_refuses_a_missing_log_in_one_line(tmp_path, pa
     assert all((tmp_path / "plots" / name).is_file() for name in FIGURES)
 
 
+DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+@pytest.fixture(scope="module")
+def plots_repo(tmp_path_factory) -> Path:
+    """A git repo with the project's dvc.yaml and plot templates, a log and its figures."""
+    if not DVC_YAML.get("plots"):
+        pytest.skip("dvc.yaml has no top-level plots: section")
+    repo = tmp_path_factory.mktemp("dvc-plots")
+    write_log(repo / "plots" / "train_log.csv")
+    make_figures(repo / "plots" / "train_log.csv", repo / "plots", PLOT_PARAMS)
+    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    git(repo, "init", "-q")
+    dvc(repo, "init", "-q")
+    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")  # analytics off
+    if (ROOT / ".dvc" / "plots").is_dir():
+        shutil.copytree(ROOT / ".dvc" / "plots", repo / ".dvc" / "plots")
+    git(repo, "add", "-A")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "plots")
+    return repo
+
+
+def test_dvc_plots_draw_the_loss_curves_and_each_figure_once(plots_repo):
+    shown = json.loads(dvc(plots_repo, "plots", "show", "--json"))["data"]
+    images = sorted(name for name, entries in shown.items() if entries[0]["type"] == "image")
+    assert images == [f"plots/{name}" for name in FIGURES]
+    assert all(len(shown[name]) == 1 for name in images)  # not also under a stage's plots:
+    curves = [entries for entries in shown.values() if entries[0]["type"] == "vega"]
+    assert len(curves) == 1 and len(curves[0]) == 1
+    points = curves[0][0]["content"]["data"]["values"]
+    assert {point["field"] for point in points} == {"train_loss", "val_loss"}
+    assert {point["step"] for point in points} == {str(step) for step in range(0, 41, 2)}
+    # DVC passes CSV cells on as strings, empty ones too, and vega draws '' as a loss of 0:
+    # the template must drop them (val_loss is empty outside evaluations).
+    assert any(point[point["field"]] == "" for point in points)
+    assert "!== ''" in json.dumps(curves[0][0]["content"].get("transform"))
+    diff = json.loads(dvc(plots_repo, "plots", "diff", "HEAD", "--json"))["data"]
+    assert diff.keys() == shown.keys()
+    assert all(len(diff[name]) == 2 for name in images)  # workspace and HEAD, once each
+
+
+def fake_npm(folder: Path, sources: dict[str, str]) -> None:
+    """An `npm` on PATH whose `npm pack NAME@VERSION` yields a package of the given code."""
+    packages = folder / "packages"
+    packages.mkdir()
+    for name, code in sources.items():
+        archive = packages / f"{name}-{VEGA_PACKAGES[name]}.tgz"
+        with tarfile.open(archive, "w:gz") as tar:
+            data = code.encode()
+            member = tarfile.TarInfo(f"package/build/{name}.min.js")
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    npm = folder / "bin" / "npm"
+    npm.parent.mkdir()
+    npm.write_text(f'#!/bin/sh\nname=$(echo "$2" | tr @ -).tgz\n'
+                   f'cp "{packages}/$name" . && echo "$name"\n')
+    npm.chmod(0o755)
+
+
+def test_offline_template_inlines_the_packages_dvc_would_load_from_the_cdn(tmp_path,
+                                                                            monkeypatch):
+    cdn = re.findall(r"cdn\.jsdelivr\.net/npm/([\w-]+)@([\d.]+)", VegaRenderer.SCRIPTS)
+    assert dict(cdn) == VEGA_PACKAGES  # the versions DVC's own page asks for
+    sources = {name: f"var {name.replace('-', '_')} = '</script>';" for name in VEGA_PACKAGES}
+    fake_npm(tmp_path, sources)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")
+    template = build_offline_template(tmp_path / "out" / "template.html").read_text()
+    for name in VEGA_PACKAGES:
+        assert f"var {name.replace('-', '_')} = '<\\/script>';" in template
+    page = tmp_path / "page" / "index.html"
+    renderer = VegaRenderer([{"step": "1", "loss": "2.0"}], "loss", x="step", y="loss")
+    render_html([renderer], page, html_template=tmp_path / "out" / "template.html")
+    html = page.read_text()
+    assert "vegaEmbed(" in html and "<script src" not in html  # DVC added no CDN tags
+
+
+def test_offline_template_names_npm_when_it_fails(tmp_path, monkeypatch):
+    npm = tmp_path / "npm"
+    npm.write_text("#!/bin/sh\necho 'npm error 404 Not Found' >&2\nexit 1\n")
+    npm.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    with pytest.raises(GptlabError, match=r"npm pack vega@[\d.]+ failed: npm error 404"):
+        build_offline_template(tmp_path / "template.html")
+    assert not (tmp_path / "template.html").exists()
+
+
 @pytest.mark.skipif(not CHROMIUM or not TEMPLATE.exists(),
-                    reason="needs chromium and `make plots` to have built the template")
-def test_offline_template_renders_a_vega_lite_chart_without_network(tmp_path):
-    spec = {"$schema": "https://vega.github.io/schema/vega-lite/v5.json",
-            "data": {"values": [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}]},
-            "mark": "line", "encoding": {"x": {"field": "step", "type": "quantitative"},
-                                          "y": {"field": "loss", "type": "quantitative"}}}
-    # The element DVC puts in place of {plot_divs} (dvc_render's VegaRenderer.DIV).
-    div = (f'<div id="plot"><script type="text/javascript">var spec = {json.dumps(spec)};'
-           f"vegaEmbed('#plot', spec);</script></div>")
-    page = tmp_path / "index.html"
-    page.write_text(TEMPLATE.read_text().replace("{plot_divs}", div)
-                    .replace("{refresh_tag}", ""))
+                    reason="needs chromium and the template `make plots` builds")
+def test_dvc_plots_page_renders_offline_with_the_template(plots_repo, tmp_path):
+    out = tmp_path / "dvc_plots"
+    dvc(plots_repo, "plots", "show", "--html-template", str(TEMPLATE), "-o", str(out))
     dom = subprocess.run(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         # No host name resolves: a library the page still expected from a CDN would not load.
+         "--host-resolver-rules=MAP * ~NOTFOUND",
          f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom",
-         page.as_uri()],
+         (out / "index.html").as_uri()],
         capture_output=True, text=True, timeout=120,
     ).stdout
-    assert "<svg" in dom or "<canvas" in dom  # vega-embed drew the chart from inlined code
+    # The inlined libraries contain "<svg" and "<img" themselves: look outside the scripts.
+    drawn = re.sub(r"<script\b.*?</script>", "", dom, flags=re.DOTALL)
+    assert drawn.count("<canvas") == 1  # vega-embed drew the loss curves
+    assert drawn.count("<img") == len(FIGURES)
