@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from gptlab.clean import Document, drop_near_duplicates, fold_words, split_documents, split_tail
+from gptlab.device import cpu_model_name
 from gptlab.generate import generate, load_for_sampling
 from gptlab.params import load_params
 from gptlab.tokenizers import BPETokenizer, CharTokenizer, TiktokenTokenizer, Tokenizer
@@ -34,8 +35,8 @@ def main() -> None:
     if not corpus.exists():
         sys.exit(f"error: no corpus to measure: neither {SHARED_CORPUS} nor {PROJECT_CORPUS} "
                  f"exists (run `make repro` first)")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"Python {platform.python_version()}")
+    print(f"machine: {cpu_model_name()}, {os.cpu_count()} cores, Python "
+          f"{platform.python_version()}, torch {torch.__version__}")
     print(f"corpus: {corpus} ({corpus.stat().st_size / 1e6:.2f} MB)\n")
     bench_tokenizers(corpus)
     bench_dedupe(corpus)
