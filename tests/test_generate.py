@@ -291,3 +291,14 @@ def test_cli_chat_continues_each_line_until_quit(tmp_path, models_dir):
     assert result.returncode == 0, result.stderr
     # Two replies (the blank line is skipped, /quit ends), each 15 characters and a newline.
     assert len(result.stdout) == 2 * (15 + 1)
+
+
+def test_generation_runs_on_one_cpu_thread_and_restores_the_setting():
+    model = build_model(GPTConfig(vocab_size=11, n_layer=1, n_head=2, n_embd=16, block_size=8))
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    generate(model, [1, 2], num_samples=1, max_new_tokens=3, temperature=1.0, top_k=None,
+             top_p=1.0, greedy=True, eot_id=None, generator=torch.Generator().manual_seed(0))
+    assert set(seen) == {1}
+    assert torch.get_num_threads() == before
