@@ -8,7 +8,7 @@ STAMP := $(VENV)/.gptlab-installed
 # Stage commands run `python`: make it the virtual environment's.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro test lint bench plots clean-venv
+.PHONY: setup repro test lint bench plots check-fresh clean-venv
 
 setup: $(STAMP)
 
@@ -41,6 +41,10 @@ plots: setup $(PLOTS_TEMPLATE)
 
 $(PLOTS_TEMPLATE): $(STAMP)
 	$(BIN)/gptlab plots-template $@
+
+# Clone the committed HEAD into a temporary folder and run the README's two commands there.
+check-fresh: setup
+	GPTLAB_SLOW=1 $(BIN)/python -m pytest -q tests/test_fresh.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -52,3 +52,15 @@ def test_sha256_file_matches_hashlib_across_chunks(tmp_path):
     path = tmp_path / "blob"
     path.write_bytes(data)
     assert sha256_file(path) == hashlib.sha256(data).hexdigest()
+
+
+def test_leftovers_of_a_killed_write_are_removed_by_the_next_one(tmp_path):
+    target = tmp_path / "tokens"
+    (tmp_path / ".tokens.abc123.tmp").mkdir()  # what SIGKILL leaves: no finally ran
+    (tmp_path / ".tokens.abc123.tmp" / "train.bin").write_bytes(b"half")
+    (tmp_path / ".meta.json.x1.tmp").write_text("{")
+    (tmp_path / ".other.x.tmp").write_text("not ours")
+    with atomic_dir(target) as staging:
+        (staging / "train.bin").write_bytes(b"whole")
+    write_json(tmp_path / "meta.json", {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.x.tmp", "meta.json", "tokens"]

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT, one_error_line, run_stage, write_params
 from conftest import VERSE as SHARED_VERSE
-from conftest import one_error_line, run_stage, write_params
 
 from gptlab.errors import GptlabError
 from gptlab.tokenizers import CharTokenizer, TiktokenTokenizer, Tokenizer, load_tokenizer
@@ -387,3 +391,43 @@ def test_tokenize_stage_without_clean_text(tmp_path: Path, params_for) -> None:
     write_params(tmp_path, params_for({"tokenizer.kind": "char"}))
     assert "data/clean/train.txt" in one_error_line(run_stage("tokenize_text.py", tmp_path))
     assert not (tmp_path / "data" / "tokens").exists()
+
+
+def test_tokenize_killed_mid_write_then_rerun_gives_the_uninterrupted_outputs(tmp_path,
+                                                                            params_for):
+    """SIGKILL while the token files are being written, as a user's kill or a crash would."""
+    params = params_for({"tokenizer.kind": "bpe", "tokenizer.vocab_size": 300})
+    big = SHARED_VERSE * 3000  # a few MB: the encoding takes long enough to be interrupted
+    folders = {name: tmp_path / name for name in ("whole", "killed")}
+    for folder in folders.values():
+        (folder / "data" / "clean").mkdir(parents=True)
+        (folder / "data" / "clean" / "train.txt").write_text(big, encoding="utf-8")
+        (folder / "data" / "clean" / "val.txt").write_text(VAL_TEXT, encoding="utf-8")
+        write_params(folder, params)
+    assert run_stage("tokenize_text.py", folders["whole"]).returncode == 0
+
+    killed = folders["killed"]
+    process = subprocess.Popen([sys.executable, str(ROOT / "stages" / "tokenize_text.py")],
+                               cwd=killed, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(killed.glob("data/.tokens.*.tmp/*.bin")):  # the first token file is open
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.002)
+    process.kill()
+    assert process.wait() == -signal.SIGKILL
+    assert not (killed / "data" / "tokens").exists()  # nothing half-written is in place
+
+    assert run_stage("tokenize_text.py", killed).returncode == 0
+    for name in ("train.bin", "val.bin", "tokenizer.json", "meta.json"):
+        assert ((killed / "data" / "tokens" / name).read_bytes()
+                == (folders["whole"] / "data" / "tokens" / name).read_bytes())
+    assert sorted(p.name for p in (killed / "data").iterdir()) == ["clean", "tokens"]
+
+
+def test_a_single_line_of_many_megabytes_streams_and_round_trips(tmp_path):
+    line = ("abcdefghij" * 600_000) + "\n"  # 6 MB without a line break inside
+    (tmp_path / "train.txt").write_text(line, encoding="utf-8")
+    tokenizer = CharTokenizer(line)
+    stats = encode_file(tokenizer, tmp_path / "train.txt", tmp_path / "train.bin")
+    assert stats.tokens == len(line)
+    assert tokenizer.decode(open_tokens(tmp_path / "train.bin", tokenizer)) == line
