@@ -866,3 +866,11 @@ def test_clean_stage_refuses_invalid_utf8_in_one_line(tmp_path: Path, params_for
     assert "texts/ophelia.txt" in line and "byte offset 3" in line
     assert not (tmp_path / "data" / "clean").exists()
     assert not (tmp_path / "metrics" / "clean.json").exists()
+
+
+def test_clean_stage_refuses_an_empty_corpus_in_one_line(tmp_path: Path, params_for) -> None:
+    write_raw(tmp_path / "data" / "raw", {"empty.txt": "", "blank.txt": "\n\n"})
+    write_params(tmp_path, params_for())
+    line = one_error_line(run_stage("clean.py", tmp_path))
+    assert "clean.min_chars=500" in line and "2 read" in line
+    assert not (tmp_path / "data" / "clean").exists()

@@ -76,7 +76,8 @@ def clean_corpus(raw_dir: Path, params: CleanParams) -> CleanResult:
     short = sorted(d.name for d in cleaned if len(d.text) < params.min_chars)
     if not kept:
         raise GptlabError(f"{raw_dir}: no document has clean.min_chars={params.min_chars} "
-                          f"characters after cleaning ({len(raw)} read)")
+                          f"characters after cleaning ({len(raw)} read); lower clean.min_chars "
+                          f"or check data.spec and data.include")
     exact: list[Cluster] = []
     near: list[Cluster] = []
     if params.dedupe in ("exact", "near"):
