@@ -111,7 +111,7 @@ def bench_sampling(models_dir: Path) -> None:
     if not (models_dir / "model.safetensors").exists():
         print("  skipped: no trained model (run `make repro` first)")
         return
-    published = load_for_sampling(models_dir, "cpu")
+    published = load_for_sampling(models_dir, torch.device("cpu"))
     prompt = published.tokenizer.encode("\n").tolist()
     for batch in (1, 3):
         seconds = min(
