@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -315,3 +316,15 @@ def test_rerunning_a_finished_run_resumes_its_end_and_reports_the_same(tmp_path,
     again = train(run_params(), paths)  # DVC reruns the stage when only code or outputs changed
     for key in ("final_train_loss", "final_val_loss", "best_val_loss"):
         assert again[key] == first[key]
+
+
+@pytest.mark.parametrize("content", [None, "{broken", '{"train_tokens": 0}'])
+def test_a_missing_or_damaged_meta_json_is_named(tmp_path, tokens_dir, content):
+    broken = tmp_path / "tokens"
+    shutil.copytree(tokens_dir, broken)
+    meta = broken / "meta.json"
+    meta.unlink()
+    if content is not None:
+        meta.write_text(content)
+    with pytest.raises(GptlabError, match=rf"{re.escape(str(meta))}: "):
+        train(run_params(), paths_in(tmp_path, broken))

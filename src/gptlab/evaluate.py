@@ -15,7 +15,6 @@ by how far the sample's bytes per token stray from the split's, small for an eve
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -35,7 +34,7 @@ from gptlab.device import autocast, device_name, pick_device, pick_dtype
 from gptlab.errors import GptlabError
 from gptlab.params import EvalParams
 from gptlab.tokenizers import Tokenizer, load_tokenizer
-from gptlab.tokens import open_tokens
+from gptlab.tokens import open_tokens, read_meta
 
 
 @dataclass(frozen=True)
@@ -147,7 +146,7 @@ def metric_name(split: str, key: str) -> str:
     return f"{split}_{key}" if split == "train" or key == "loss" else key
 
 
-def split_metrics(score: SplitScore, meta: dict[str, int], split: str) -> dict[str, Any]:
+def split_metrics(score: SplitScore, meta: dict[str, Any], split: str) -> dict[str, Any]:
     """Loss, perplexity and bits per byte of one split's score, rounded for the metrics file."""
     if not math.isfinite(score.nats):
         raise GptlabError(f"eval: the {split} loss is {score.nats}; with eval.dtype float16 the "
@@ -172,26 +171,8 @@ def load_matching_tokenizer(models_dir: Path, tokens_dir: Path) -> Tokenizer:
     return tokenizer
 
 
-def read_meta(tokens_dir: Path, keys: list[str]) -> dict[str, int]:
-    """The token counts and byte sizes that the tokenize stage wrote to meta.json."""
-    path = tokens_dir / "meta.json"
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise GptlabError(f"{path}: not found (run the tokenize stage first)") from None
-    except (OSError, ValueError) as error:
-        raise GptlabError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(meta, dict):
-        raise GptlabError(f"{path}: expected a JSON object (rerun the tokenize stage)")
-    bad = [key for key in keys if not (isinstance(meta.get(key), int) and meta[key] > 0)]
-    if bad:
-        raise GptlabError(f"{path}: missing or not a positive count: {', '.join(bad)} (rerun "
-                          f"the tokenize stage)")
-    return {key: meta[key] for key in keys}
-
-
 def open_split(tokens_dir: Path, split: str, tokenizer: Tokenizer,
-               meta: dict[str, int]) -> np.ndarray:
+               meta: dict[str, Any]) -> np.ndarray:
     """A split's tokens, checked against the tokenizer and against the count in meta.json."""
     path = tokens_dir / f"{split}.bin"
     tokens = open_tokens(path, tokenizer)

@@ -9,6 +9,7 @@ tokenizer, instead of training on garbage.
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import sys
@@ -16,6 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -92,6 +94,24 @@ def encode_splits(tokenizer: Tokenizer, texts: dict[str, Path], out_dir: Path
            for split, s in stats.items() for field in ("tokens", "chars", "bytes")},
     })
     return stats
+
+
+def read_meta(tokens_dir: Path, required: list[str]) -> dict[str, Any]:
+    """meta.json of a token folder, refused unless each `required` key is a positive count."""
+    path = tokens_dir / "meta.json"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GptlabError(f"{path}: not found (run the tokenize stage first)") from None
+    except (OSError, ValueError) as error:
+        raise GptlabError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(meta, dict):
+        raise GptlabError(f"{path}: expected a JSON object (rerun the tokenize stage)")
+    bad = [key for key in required if not (isinstance(meta.get(key), int) and meta[key] > 0)]
+    if bad:
+        raise GptlabError(f"{path}: missing or not a positive count: {', '.join(bad)} (rerun "
+                          f"the tokenize stage)")
+    return meta
 
 
 def _batches(chunks: Iterator[str], size: int) -> Iterator[list[str]]:

@@ -48,7 +48,7 @@ from gptlab.io import atomic_path
 from gptlab.model import GPTConfig, build_model
 from gptlab.params import ModelParams, TrainParams
 from gptlab.tokenizers import load_tokenizer
-from gptlab.tokens import open_tokens
+from gptlab.tokens import open_tokens, read_meta
 
 LOG_COLUMNS = ("step", "tokens", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_sec")
 
@@ -136,7 +136,7 @@ def train(params: RunParams, paths: TrainPaths = TrainPaths()) -> dict[str, Any]
     device = pick_device(t.device, "train.device")
     dtype = pick_dtype(t.dtype, device, "train.dtype")
     tokenizer = load_tokenizer(paths.tokens_dir / "tokenizer.json")
-    meta = json.loads((paths.tokens_dir / "meta.json").read_text(encoding="utf-8"))
+    meta = read_meta(paths.tokens_dir, ["train_tokens", "val_tokens"])
     splits = {name: open_tokens(paths.tokens_dir / f"{name}.bin", tokenizer)
               for name in ("train", "val")}
     for name, tokens in splits.items():
