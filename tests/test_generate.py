@@ -16,7 +16,7 @@ from test_train import make_corpus, paths_in, run_params, write_tokens
 from torch import nn
 
 from gptlab.errors import GptlabError
-from gptlab.generate import encode_prompt, generate, next_tokens
+from gptlab.generate import code_span, encode_prompt, fenced, generate, next_tokens
 from gptlab.model import Bigram, GPTConfig, build_model
 from gptlab.tokenizers import CharTokenizer
 from gptlab.train import train
@@ -302,3 +302,10 @@ def test_generation_runs_on_one_cpu_thread_and_restores_the_setting():
              top_p=1.0, greedy=True, eot_id=None, generator=torch.Generator().manual_seed(0))
     assert set(seen) == {1}
     assert torch.get_num_threads() == before
+
+
+def test_markdown_code_survives_backticks_in_the_text():
+    assert code_span('"plain"') == '`"plain"`'
+    assert code_span("a `b` c") == "`` a `b` c ``"
+    block = fenced("x\n```\ny")
+    assert block.startswith("````text\n") and block.endswith("\n````")

@@ -253,7 +253,8 @@ def samples_markdown(published: Published, params: SampleParams,
              f"- sampling: {sampling_summary(params)}", ""]
     for number, result in enumerate(results, start=1):
         # JSON quoting shows a prompt's newlines and spaces that a code block would hide.
-        lines += [f"## Prompt {number}: `{json.dumps(result.prompt, ensure_ascii=False)}`", ""]
+        lines += [f"## Prompt {number}: {code_span(json.dumps(result.prompt, ensure_ascii=False))}",
+                  ""]
         for sample, continuation in enumerate(result.continuations, start=1):
             lines += [f"### Sample {sample}", "", fenced(result.prompt + continuation), ""]
     return "\n".join(lines)
@@ -282,8 +283,18 @@ def sampling_summary(params: SampleParams) -> str:
 
 
 def fenced(text: str) -> str:
-    """A Markdown code block holding text verbatim, its fence longer than any run of backticks
-    inside."""
-    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
-    fence = "`" * max(3, longest + 1)
+    """A Markdown code block holding text verbatim."""
+    fence = backtick_fence(text, shortest=3)
     return f"{fence}text\n{text}\n{fence}"
+
+
+def code_span(text: str) -> str:
+    """Inline Markdown code holding text verbatim, even text with backticks in it."""
+    fence = backtick_fence(text, shortest=1)
+    return f"{fence} {text} {fence}" if "`" in text else f"{fence}{text}{fence}"
+
+
+def backtick_fence(text: str, shortest: int) -> str:
+    """A run of backticks longer than any inside text, so the text cannot close it early."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    return "`" * max(shortest, longest + 1)
