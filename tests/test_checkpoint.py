@@ -260,25 +260,18 @@ def test_loading_a_malicious_pickle_runs_no_code(dump, tmp_path, tokenizer_file,
 # --- loading a mismatched or incomplete folder -------------------------------------------------
 
 
-def test_missing_config_is_not_found(tokenizer_file, models_dir):
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+def test_a_missing_file_is_not_found(tokenizer_file, models_dir, name):
     publish(tiny_config(), tokenizer_file, models_dir)
-    config = models_dir / "config.json"
-    config.unlink()
-    with pytest.raises(GptlabError, match=file_error(config, "not found")):
+    missing = models_dir / name
+    missing.unlink()
+    with pytest.raises(GptlabError, match=file_error(missing, "not found")):
         load_published(models_dir)
 
 
 def test_missing_models_folder_is_not_found(tmp_path):
     with pytest.raises(GptlabError, match="not found"):
         load_published(tmp_path / "models")
-
-
-def test_missing_weights_are_not_found(tokenizer_file, models_dir):
-    publish(tiny_config(), tokenizer_file, models_dir)
-    weights = models_dir / "model.safetensors"
-    weights.unlink()
-    with pytest.raises(GptlabError, match=file_error(weights, "not found")):
-        load_published(models_dir)
 
 
 @pytest.mark.parametrize("text", ["{not json", "", "[1, 2]", '"model"', '{"format": 1}'],
