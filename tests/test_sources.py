@@ -24,14 +24,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import one_error_line, run_stage, write_params
+from conftest import ROOT, one_error_line, run_stage, write_params
 
 from gptlab import sources
 from gptlab.errors import GptlabError
-from gptlab.params import DataParams
+from gptlab.params import DataParams, load_params
 
 # ---------------------------------------------------------------------------------------------
 # helpers
+
+PROJECT_HF = load_params(ROOT / "params.yaml").data.hf
 
 
 def sha256_of(data: bytes) -> str:
@@ -40,7 +42,8 @@ def sha256_of(data: bytes) -> str:
 
 def data_params(source: str, spec: str | Path, sha256: str | None = None,
                 include: Iterable[str] = ("*.txt",)) -> DataParams:
-    return DataParams(source=source, spec=str(spec), sha256=sha256, include=list(include))
+    return DataParams(source=source, spec=str(spec), sha256=sha256, include=list(include),
+                      hf=PROJECT_HF)
 
 
 def tree(root: Path) -> set[str]:

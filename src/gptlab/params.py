@@ -31,11 +31,19 @@ class Section(BaseModel):
         return []
 
 
+class HfParams(Section):
+    revision: str = Field(min_length=1)
+    text_column: str = Field(min_length=1)
+    max_documents: int | None = Field(ge=1)
+    max_bytes: int | None = Field(ge=1)
+
+
 class DataParams(Section):
-    source: Literal["pip", "url", "local"]
+    source: Literal["pip", "url", "local", "hf"]
     spec: str = Field(min_length=1)
     sha256: str | None
     include: list[str]
+    hf: HfParams
 
     @field_validator("sha256")
     @classmethod
@@ -54,6 +62,9 @@ class DataParams(Section):
     def cross_field_problems(self) -> list[tuple[str, str]]:
         if self.source in ("pip", "url") and self.sha256 is None:
             return [("sha256", f"required when source is {self.source!r}")]
+        if self.source == "hf" and self.sha256 is not None:
+            return [("sha256", "must be null for source 'hf': each parquet shard is checked "
+                               "against the sha256 the Hub lists for it")]
         return []
 
 
@@ -74,6 +85,7 @@ class TokenizerParams(Section):
     kind: Literal["char", "bpe", "tiktoken"]
     vocab_size: int = Field(ge=260, le=1 << 31)
     encoding: str = Field(min_length=1)
+    shard_tokens: int = Field(ge=1)
 
 
 class ModelParams(Section):
@@ -102,6 +114,8 @@ class TrainParams(Section):
     device: Literal["auto", "cpu", "cuda", "mps"]
     dtype: Literal["auto", "float32", "bfloat16", "float16"]
     compile: bool
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"]
+    nproc: int = Field(ge=1)
     batch_size: int = Field(ge=1)
     grad_accum: int = Field(ge=1)
     max_iters: int = Field(ge=1)
@@ -121,6 +135,10 @@ class TrainParams(Section):
     def cross_field_problems(self) -> list[tuple[str, str]]:
         if self.min_lr > self.lr:
             return [("min_lr", f"{self.min_lr} is above train.lr={self.lr}")]
+        if self.grad_accum % self.nproc:
+            return [("grad_accum", f"{self.grad_accum} is not divisible by train.nproc="
+                                   f"{self.nproc}: each process does grad_accum / nproc "
+                                   f"micro-batches")]
         return []
 
 
