@@ -1,8 +1,9 @@
-"""Tests of gptlab.sources: pip, url and local sources, archive safety, and the download stage.
+"""Tests of gptlab.sources: pip, url, hf and local sources, archive safety, the download stage.
 
 Everything runs against real components built by the tests themselves: a hand-made sdist that
-pip downloads from a local folder, a loopback HTTP server in a thread, and crafted archives.
-Nothing here touches the internet.
+pip downloads from a local folder, a loopback HTTP server in a thread (which also plays the
+Hugging Face Hub, serving parquet files written here), and crafted archives. Nothing here
+touches the internet.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import ROOT, one_error_line, run_stage, write_params
 
@@ -104,6 +107,7 @@ TEXTS = {"pkg/texts/a.txt": b"alpha\n", "pkg/texts/b.txt": b"beta\n", "pkg/other
 class SeenRequest:
     path: str
     range: str | None
+    authorization: str | None = None
 
 
 # A route answers one request; `attempt` counts the requests to its path so far (from 1).
@@ -131,7 +135,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         with self.server.lock:
-            self.server.requests.append(SeenRequest(self.path, self.headers.get("Range")))
+            self.server.requests.append(SeenRequest(self.path, self.headers.get("Range"),
+                                                    self.headers.get("Authorization")))
             attempt = len(self.server.hits(self.path))
         route = self.server.routes.get(self.path)
         if route is None:
@@ -420,6 +425,322 @@ def test_url_archive_is_unpacked_with_include(tmp_path, server, name, build):
 
 
 # ---------------------------------------------------------------------------------------------
+# hf: the Hugging Face Hub played by the loopback server
+
+HF_NAME = "acme/webtext"
+HF_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+HF_API = f"/api/datasets/{HF_NAME}"
+SHARDS = [f"data/train-0000{k}-of-00003.parquet" for k in range(3)]
+
+
+def doc(i: int) -> str:
+    # Non-ASCII text and a newline: each document must still come out as one JSON line.
+    return f"doc {i}: café ☕ naïve\nthe second line of doc {i}"
+
+
+DOCS = [doc(i) for i in range(18)]
+HF_TEXTS: dict[str, list[str | None]] = {
+    SHARDS[0]: DOCS[0:6],
+    SHARDS[1]: DOCS[6:12],
+    SHARDS[2]: DOCS[12:18],
+    "extra/test-00000-of-00001.parquet": ["held out"],
+}
+
+
+def parquet_bytes(texts: list[str | None]) -> bytes:
+    """A parquet file with an `id` and a `text` column, in row groups of 3 rows."""
+    table = pa.table({"id": pa.array(range(len(texts)), pa.int64()),
+                      "text": pa.array(texts, pa.string())})
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, row_group_size=3)
+    return buffer.getvalue()
+
+
+def hf_files(texts: dict[str, list[str | None]] = HF_TEXTS) -> dict[str, bytes]:
+    return {path: parquet_bytes(rows) for path, rows in texts.items()}
+
+
+def json_route(body: object, next_path: str | None = None, link_base: str | None = None,
+               ) -> Route:
+    """Serve `body` as JSON; with `next_path`, name the next page in a Link header as the Hub
+    does: an absolute URL on its own host, or on `link_base` (a mirror passing on the Hub's)."""
+
+    def respond(handler: BaseHTTPRequestHandler, attempt: int) -> None:
+        data = json.dumps(body).encode()
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        if next_path:
+            base = link_base or f"http://{handler.headers['Host']}"
+            handler.send_header("Link", f'<{base}{next_path}>; rel="next"')
+        handler.end_headers()
+        handler.wfile.write(data)
+
+    return respond
+
+
+def hub_error(code: int, error_code: str) -> Route:
+    """An error answer carrying the Hub's X-Error-Code header."""
+
+    def respond(handler: BaseHTTPRequestHandler, attempt: int) -> None:
+        handler.send_response(code)
+        handler.send_header("X-Error-Code", error_code)
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    return respond
+
+
+def redirect_route(path: str) -> Route:
+    def respond(handler: BaseHTTPRequestHandler, attempt: int) -> None:
+        handler.send_response(302)
+        handler.send_header("Location", f"http://{handler.headers['Host']}{path}")
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    return respond
+
+
+def resolve_path(path: str, revision: str = HF_COMMIT) -> str:
+    return f"/datasets/{HF_NAME}/resolve/{revision}/{path}"
+
+
+def tree_entries(files: dict[str, bytes]) -> list[dict]:
+    """The recursive tree listing, in the shape of the Hub's /tree answer: folders, small
+    files kept in git (a sha1 oid only), and LFS files with their sha256 as `lfs.oid`."""
+    folders = sorted({str(PurePosixPath(p).parent) for p in files} - {"."})
+    entries = [{"type": "directory", "oid": "d" * 40, "size": 0, "path": f} for f in folders]
+    entries += [{"type": "file", "oid": "e" * 40, "size": 120, "path": name}
+                for name in (".gitattributes", "README.md")]
+    entries += [{"type": "file", "oid": "f" * 40, "size": len(body), "path": path,
+                 "lfs": {"oid": sha256_of(body), "size": len(body), "pointerSize": 134}}
+                for path, body in files.items()]
+    return entries[::-1]  # not in path order: sorting is the client's job
+
+
+def serve_dataset(server: LoopbackServer, files: dict[str, bytes] | None = None,
+                  page_size: int = 1000, link_base: str | None = None) -> list[str]:
+    """Route the Hub endpoints for HF_NAME at HF_COMMIT; return the tree pages' paths."""
+    files = hf_files() if files is None else files
+    for revision in ("main", HF_COMMIT):
+        server.routes[f"{HF_API}/revision/{revision}"] = json_route(
+            {"id": HF_NAME, "private": False, "sha": HF_COMMIT})
+    entries = tree_entries(files)
+    pages = [entries[i:i + page_size] for i in range(0, len(entries), page_size)]
+    first = f"{HF_API}/tree/{HF_COMMIT}?recursive=true"
+    paths = [first] + [f"{first}&cursor={n}" for n in range(1, len(pages))]
+    for n, page in enumerate(pages):
+        following = paths[n + 1] if n + 1 < len(pages) else None
+        server.routes[paths[n]] = json_route(page, following, link_base)
+    for path, body in files.items():
+        # LFS files resolve to a redirect, as on the Hub, which sends them on to its CDN.
+        server.routes[resolve_path(path)] = redirect_route(f"/cdn/{sha256_of(body)}")
+        server.routes[f"/cdn/{sha256_of(body)}"] = file_route(body)
+    return paths
+
+
+@pytest.fixture
+def hub(server, monkeypatch) -> LoopbackServer:
+    monkeypatch.setenv("HF_ENDPOINT", server.url(""))
+    monkeypatch.delenv("HF_TOKEN", raising=False)  # a developer's own token must not leak in
+    return server
+
+
+def hf_params(include: Iterable[str] = ("data/*.parquet",), **hf) -> DataParams:
+    return DataParams(source="hf", spec=HF_NAME, sha256=None, include=list(include),
+                      hf=PROJECT_HF.model_copy(update=hf))
+
+
+def fetch_hf(tmp_path: Path, params: DataParams) -> tuple[dict, Path]:
+    dest = tmp_path / "dest"
+    dest.mkdir(exist_ok=True)
+    return sources.fetch(params, dest, tmp_path / "cache"), dest
+
+
+def jsonl_texts(path: Path) -> list[str]:
+    """The documents of a JSON-lines file, checking each line is exactly {"text": str}."""
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert all(set(r) == {"text"} and isinstance(r["text"], str) for r in records)
+    return [r["text"] for r in records]
+
+
+def all_texts(dest: Path) -> list[str]:
+    return [text for path in sorted(dest.rglob("*.jsonl")) for text in jsonl_texts(path)]
+
+
+def downloads(server: LoopbackServer) -> list[str]:
+    return [r.path for r in server.requests if "/resolve/" in r.path or "/cdn/" in r.path]
+
+
+def test_hf_streams_every_document_in_order(tmp_path, hub):
+    serve_dataset(hub)
+    manifest, dest = fetch_hf(tmp_path, hf_params())
+    jsonl = [PurePosixPath(p).with_suffix(".jsonl").as_posix() for p in SHARDS]
+    assert sorted(files_under(dest)) == jsonl  # subfolders kept, the held-out file left out
+    assert all_texts(dest) == DOCS
+    raw = (dest / jsonl[0]).read_text(encoding="utf-8")
+    assert "café ☕" in raw and raw.count("\n") == 6  # UTF-8 as is, one line per document
+    files = hf_files()
+    assert manifest["shards"] == [{"path": p, "sha256": sha256_of(files[p])} for p in SHARDS]
+    assert manifest["documents"] == 18 and manifest["skipped_null"] == 0
+    assert manifest["text_bytes"] == sum(len(d.encode()) for d in DOCS)
+    assert manifest["capped"] is False
+    assert manifest["file_count"] == 3 and [f["path"] for f in manifest["files"]] == jsonl
+
+
+def test_hf_revision_is_resolved_to_a_commit(tmp_path, hub):
+    serve_dataset(hub)
+    manifest, _ = fetch_hf(tmp_path, hf_params(revision="main"))
+    assert manifest["revision"] == "main" and manifest["commit"] == HF_COMMIT
+    # Every file comes from the resolved commit, never from a branch that may move meanwhile.
+    assert [p for p in downloads(hub) if "/resolve/" in p] == [resolve_path(p) for p in SHARDS]
+
+
+@pytest.mark.parametrize(("include", "expected"), [
+    (["test-*.parquet"], ["extra/test-00000-of-00001.jsonl"]),
+    (["*-00001-of-*.parquet", "*-00002-of-*.parquet"],
+     ["data/train-00001-of-00003.jsonl", "data/train-00002-of-00003.jsonl"]),
+])
+def test_hf_include_picks_the_shards(tmp_path, hub, include, expected):
+    serve_dataset(hub)
+    manifest, dest = fetch_hf(tmp_path, hf_params(include))
+    assert sorted(files_under(dest)) == expected
+    kept = [PurePosixPath(p).with_suffix(".parquet").as_posix() for p in expected]
+    assert [s["path"] for s in manifest["shards"]] == kept
+    assert [p for p in downloads(hub) if "/resolve/" in p] == [resolve_path(p) for p in kept]
+
+
+@pytest.mark.parametrize(("cap", "shards_used", "capped"), [
+    (6, 1, True),  # the cap falls on a shard's end: the next shard is not even fetched
+    (8, 2, True),  # mid-shard
+    (18, 3, False),  # exactly everything: nothing was left out
+])
+def test_hf_max_documents(tmp_path, hub, cap, shards_used, capped):
+    serve_dataset(hub)
+    manifest, dest = fetch_hf(tmp_path, hf_params(max_documents=cap))
+    assert all_texts(dest) == DOCS[:cap]
+    assert manifest["documents"] == cap and manifest["capped"] is capped
+    assert [s["path"] for s in manifest["shards"]] == SHARDS[:shards_used]
+    for unused in SHARDS[shards_used:]:
+        assert resolve_path(unused) not in downloads(hub)
+    assert len([p for p in downloads(hub) if "/cdn/" in p]) == shards_used
+
+
+def test_hf_max_bytes_stops_once_reached(tmp_path, hub):
+    serve_dataset(hub)
+    sizes = [len(d.encode()) for d in DOCS]
+    cap = sum(sizes[:8]) - 1  # reached by the 8th document, which is kept whole
+    manifest, dest = fetch_hf(tmp_path, hf_params(max_bytes=cap))
+    assert all_texts(dest) == DOCS[:8]
+    assert manifest["text_bytes"] == sum(sizes[:8]) and manifest["capped"] is True
+    assert resolve_path(SHARDS[2]) not in downloads(hub)
+
+
+@pytest.mark.parametrize("link_base", [None, "https://huggingface.co"],
+                         ids=["hub", "mirror-passing-on-hub-links"])
+def test_hf_tree_pages_are_followed(tmp_path, hub, link_base):
+    pages = serve_dataset(hub, page_size=2, link_base=link_base)
+    assert len(pages) >= 4
+    manifest, dest = fetch_hf(tmp_path, hf_params(["*.parquet"]))
+    assert [len(hub.hits(page)) for page in pages] == [1] * len(pages)
+    assert [s["path"] for s in manifest["shards"]] == sorted(HF_TEXTS)
+    assert all_texts(dest) == [*DOCS, "held out"]  # data/ sorts before extra/
+
+
+def test_hf_shard_differing_from_its_listed_sha256_is_refused(tmp_path, hub):
+    files = hf_files()
+    serve_dataset(hub, files)
+    listed = sha256_of(files[SHARDS[0]])
+    served = parquet_bytes(["forged"])
+    hub.routes[f"/cdn/{listed}"] = file_route(served)
+    with pytest.raises(GptlabError) as excinfo:
+        fetch_hf(tmp_path, hf_params())
+    message = str(excinfo.value)
+    assert message.startswith(f"{SHARDS[0]}:") and listed in message
+    assert sha256_of(served) in message
+    assert not any((tmp_path / "dest").iterdir())
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]  # nothing cached
+    assert resolve_path(SHARDS[1]) not in downloads(hub)
+
+
+def test_hf_missing_text_column_names_the_param(tmp_path, hub):
+    serve_dataset(hub)
+    with pytest.raises(GptlabError) as excinfo:
+        fetch_hf(tmp_path, hf_params(text_column="content"))
+    assert str(excinfo.value) == (f"data.hf.text_column: no column 'content' in {SHARDS[0]} "
+                                  f"(columns: id, text)")
+    assert files_under(tmp_path / "dest") == {}  # no half-written file
+
+
+def test_hf_null_rows_are_skipped_and_counted(tmp_path, hub):
+    serve_dataset(hub, hf_files({"data/a.parquet": ["one", None, "two", None, None, "three"]}))
+    manifest, dest = fetch_hf(tmp_path, hf_params())
+    assert all_texts(dest) == ["one", "two", "three"]
+    assert manifest["documents"] == 3 and manifest["skipped_null"] == 3
+
+
+def test_hf_column_without_any_text_is_refused(tmp_path, hub):
+    serve_dataset(hub, hf_files({"data/a.parquet": [None, None]}))
+    with pytest.raises(GptlabError, match=r"^data\.hf\.text_column: no text .*2 null"):
+        fetch_hf(tmp_path, hf_params())
+
+
+def test_hf_damaged_parquet_names_the_shard(tmp_path, hub):
+    serve_dataset(hub, {"data/a.parquet": b"this is not parquet\n" * 10})
+    with pytest.raises(GptlabError, match=r"^data/a\.parquet: not a parquet file \("):
+        fetch_hf(tmp_path, hf_params())
+
+
+def test_hf_include_matching_nothing_lists_what_is_there(tmp_path, hub):
+    serve_dataset(hub)
+    with pytest.raises(GptlabError) as excinfo:
+        fetch_hf(tmp_path, hf_params(["*.csv"]))
+    assert str(excinfo.value).startswith(
+        f"data.include: no parquet file of {HF_NAME}@{HF_COMMIT} matches ['*.csv'] "
+        f"(found: {SHARDS[0]}, {SHARDS[1]}, {SHARDS[2]}, extra/")
+    assert downloads(hub) == []
+
+
+@pytest.mark.parametrize("code", [401, 404])  # anonymous callers get 401, not to reveal
+def test_hf_unknown_dataset_names_data_spec(tmp_path, hub, code):  # private datasets
+    hub.routes["/api/datasets/acme/nothing/revision/main"] = hub_error(code, "RepoNotFound")
+    params = hf_params().model_copy(update={"spec": "acme/nothing"})
+    with pytest.raises(GptlabError) as excinfo:
+        fetch_hf(tmp_path, params)
+    message = str(excinfo.value)
+    assert message.startswith("data.spec:") and "acme/nothing" in message
+    assert ("HF_TOKEN" in message) is (code == 401)
+    assert len(hub.requests) == 1  # a 4xx is not retried
+
+
+def test_hf_unknown_revision_names_data_hf_revision(tmp_path, hub):
+    serve_dataset(hub)
+    hub.routes[f"{HF_API}/revision/v9"] = hub_error(404, "RevisionNotFound")
+    with pytest.raises(GptlabError, match=r"^data\.hf\.revision: .*'v9'"):
+        fetch_hf(tmp_path, hf_params(revision="v9"))
+
+
+def test_hf_token_goes_to_the_hub_but_not_to_its_cdn(tmp_path, hub, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    serve_dataset(hub)
+    fetch_hf(tmp_path, hf_params(max_documents=1))
+    to_hub = [r for r in hub.requests if "/cdn/" not in r.path]
+    to_cdn = [r for r in hub.requests if "/cdn/" in r.path]
+    assert to_hub and all(r.authorization == "Bearer hf_secret" for r in to_hub)
+    assert to_cdn and all(r.authorization is None for r in to_cdn)
+
+
+def test_hf_rerun_uses_the_download_cache(tmp_path, hub):
+    serve_dataset(hub)
+    first, _ = fetch_hf(tmp_path, hf_params())
+    shutil.rmtree(tmp_path / "dest")
+    fetched = len(downloads(hub))
+    second, _ = fetch_hf(tmp_path, hf_params())
+    assert second == first
+    assert len(downloads(hub)) == fetched  # the listing is asked again, the shards are not
+
+
+# ---------------------------------------------------------------------------------------------
 # archive safety
 
 
@@ -682,4 +1003,38 @@ def test_stage_failure_keeps_previous_raw_data(tmp_path, corpus, params_for):
     result = run_stage("download.py", tmp_path)
     assert result.returncode == 1 and "data.spec" in result.stderr
     assert files_under(raw) == before
+    assert_no_staging_left(tmp_path)
+
+
+def hf_overrides(**hf) -> dict:
+    return {"data.source": "hf", "data.spec": HF_NAME, "data.sha256": None,
+            "data.include": ["data/*.parquet"],
+            **{f"data.hf.{key}": value for key, value in hf.items()}}
+
+
+def test_stage_hf_writes_jsonl_and_manifest(tmp_path, hub, params_for):
+    serve_dataset(hub)
+    write_params(tmp_path, params_for(hf_overrides(max_documents=8)))
+    result = run_stage("download.py", tmp_path, env={"HF_ENDPOINT": hub.url("")})
+    assert result.returncode == 0, result.stderr
+    raw = tmp_path / "data" / "raw"
+    # The clean stage's contract: *.jsonl files of {"text": str} lines.
+    assert sorted(p.relative_to(raw).as_posix() for p in raw.rglob("*.jsonl")) == [
+        "data/train-00000-of-00003.jsonl", "data/train-00001-of-00003.jsonl"]
+    assert all_texts(raw) == DOCS[:8]
+    manifest = json.loads((raw / "manifest.json").read_text())
+    assert manifest["source"] == "hf" and manifest["commit"] == HF_COMMIT
+    assert manifest["documents"] == 8 and manifest["capped"] is True
+    assert manifest["file_count"] == 2
+    assert resolve_path(SHARDS[2]) not in downloads(hub)
+    assert_no_staging_left(tmp_path)
+
+
+def test_stage_hf_unknown_revision_is_one_error_line(tmp_path, hub, params_for):
+    serve_dataset(hub)
+    hub.routes[f"{HF_API}/revision/v9"] = hub_error(404, "RevisionNotFound")
+    write_params(tmp_path, params_for(hf_overrides(revision="v9")))
+    result = run_stage("download.py", tmp_path, env={"HF_ENDPOINT": hub.url("")})
+    assert one_error_line(result).startswith("error: data.hf.revision:")
+    assert not (tmp_path / "data" / "raw").exists()
     assert_no_staging_left(tmp_path)
