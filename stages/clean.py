@@ -14,13 +14,13 @@ METRICS = Path("metrics/clean.json")
 
 def main() -> None:
     params = load_params()
-    result = clean_corpus(RAW_DIR, params.clean)
+    # The corpus is streamed into the staging folder, which replaces data/clean only once
+    # every file in it is complete.
     with atomic_dir(CLEAN_DIR) as staging:
-        (staging / "train.txt").write_text(result.train_text, encoding="utf-8")
-        (staging / "val.txt").write_text(result.val_text, encoding="utf-8")
+        result = clean_corpus(RAW_DIR, params.clean, staging)
         write_json(staging / "report.json", result.report)
     write_json(METRICS, result.metrics)
-    print(f"{len(result.report['near_duplicates'])} works found in several editions "
+    print(f"{result.metrics['near_clusters']} works found in several editions "
           f"(kept and dropped documents: {CLEAN_DIR / 'report.json'})")
     print(", ".join(f"{key}={value}" for key, value in result.metrics.items()))
 
