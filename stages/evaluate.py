@@ -1,4 +1,4 @@
-"""evaluate stage: score models/ on every token of data/tokens/val.bin into metrics/eval.json."""
+"""evaluate stage: score models/ on every token of data/tokens/val_*.bin into metrics/eval.json."""
 
 from pathlib import Path
 

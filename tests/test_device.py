@@ -218,6 +218,58 @@ def test_real_device_names_find_their_entry(name, fragment):
     assert peak_entry(name) == fragment
 
 
+@pytest.mark.parametrize(("name", "fragment"), [
+    # Hopper variants: the bare "H100" of the SXM part must not swallow NVL or PCIe.
+    ("NVIDIA H100 NVL", "H100 NVL"),
+    ("NVIDIA H200 NVL", "H200 NVL"),
+    ("NVIDIA GH200 480GB", "GH200"),
+    ("NVIDIA H800", None),
+    ("NVIDIA H20", None),
+    # GeForce RTX 40: a Ti or SUPER is another card than the plain one.
+    ("NVIDIA GeForce RTX 4080 SUPER", "RTX 4080 SUPER"),
+    ("NVIDIA GeForce RTX 4080", "RTX 4080"),
+    ("NVIDIA GeForce RTX 4070 Ti SUPER", "RTX 4070 Ti SUPER"),
+    ("NVIDIA GeForce RTX 4070 Ti", "RTX 4070 Ti"),
+    ("NVIDIA GeForce RTX 4070 SUPER", "RTX 4070 SUPER"),
+    ("NVIDIA GeForce RTX 4070", "RTX 4070"),
+    ("NVIDIA GeForce RTX 4060 Ti", "RTX 4060 Ti"),
+    ("NVIDIA GeForce RTX 4060", "RTX 4060"),
+    # GeForce RTX 30.
+    ("NVIDIA GeForce RTX 3090 Ti", "RTX 3090 Ti"),
+    ("NVIDIA GeForce RTX 3080 Ti", "RTX 3080 Ti"),
+    ("NVIDIA GeForce RTX 3080", "RTX 3080"),
+    ("NVIDIA GeForce RTX 3070 Ti", "RTX 3070 Ti"),
+    ("NVIDIA GeForce RTX 3070", "RTX 3070"),
+    ("NVIDIA GeForce RTX 3060 Ti", "RTX 3060 Ti"),
+    ("NVIDIA GeForce RTX 3060", "RTX 3060"),
+    ("NVIDIA GeForce RTX 3050", None),
+    # Laptop chips carry desktop names but not desktop clocks.
+    ("NVIDIA GeForce RTX 4090 Laptop GPU", None),
+    ("NVIDIA GeForce RTX 3080 Ti Laptop GPU", None),
+])
+def test_more_device_names_find_their_entry(name, fragment):
+    assert peak_entry(name) == fragment
+
+
+@pytest.mark.parametrize(("name", "bf16_tflops"), [
+    ("NVIDIA H100 80GB HBM3", 989),  # how torch names the SXM part
+    ("NVIDIA H100 NVL", 835),
+    ("NVIDIA H100 PCIe", 756),
+    ("NVIDIA H200", 989),
+])
+def test_h100_variants_get_their_own_peak(name, bf16_tflops):
+    assert dict(PEAK_FLOPS)[peak_entry(name)][torch.bfloat16] == bf16_tflops * 1e12
+
+
+def test_geforce_tf32_peak_is_half_the_bf16_peak():
+    # On GeForce Ampere and Ada, bf16 with fp32 accumulation runs at twice the TF32 rate; a
+    # typo in either figure breaks the ratio.
+    for fragment, peaks in PEAK_FLOPS:
+        if fragment.startswith("RTX "):
+            assert peaks[torch.float32] == pytest.approx(peaks[torch.bfloat16] / 2, rel=0.01), \
+                fragment
+
+
 def test_l40_does_not_borrow_the_l4_peak():
     # Unknown (MFU null) would be acceptable; another GPU's figure is not.
     assert peak_entry("NVIDIA L40") in (None, "L40")

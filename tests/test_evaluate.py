@@ -96,7 +96,7 @@ def trained(tmp_path_factory) -> Path:
 def test_scores_every_token_but_the_first_once(arch, length, batch_size):
     model = random_model(arch)
     tokens = np.random.default_rng(length).integers(0, 11, length).astype(np.uint16)
-    score = evaluate_tokens(model, tokens, BLOCK, batch_size, CPU, torch.float32)
+    score = evaluate_tokens(model, [tokens], BLOCK, batch_size, CPU, torch.float32)
     assert score.tokens == length - 1
     assert score.nats == pytest.approx(reference_nats(model, tokens), rel=1e-5)
     assert score.loss == pytest.approx(score.nats / (length - 1))
@@ -105,7 +105,7 @@ def test_scores_every_token_but_the_first_once(arch, length, batch_size):
 def test_score_does_not_depend_on_batch_size():
     model = random_model("gpt")
     tokens = np.random.default_rng(0).integers(0, 11, 10 * BLOCK + 3).astype(np.uint16)
-    scores = [evaluate_tokens(model, tokens, BLOCK, batch_size, CPU, torch.float32).nats
+    scores = [evaluate_tokens(model, [tokens], BLOCK, batch_size, CPU, torch.float32).nats
               for batch_size in (1, 4, 64)]
     assert scores == pytest.approx([scores[0]] * 3, rel=1e-6)
 
@@ -113,32 +113,32 @@ def test_score_does_not_depend_on_batch_size():
 def test_mixed_precision_scores_close_to_float32():
     model = random_model("gpt")
     tokens = np.random.default_rng(0).integers(0, 11, 10 * BLOCK + 3).astype(np.uint16)
-    exact, mixed = (evaluate_tokens(model, tokens, BLOCK, 4, CPU, dtype).nats
+    exact, mixed = (evaluate_tokens(model, [tokens], BLOCK, 4, CPU, dtype).nats
                     for dtype in (torch.float32, torch.bfloat16))
     assert mixed == pytest.approx(exact, rel=1e-2)
 
 
 def test_train_sample_is_evenly_spread_whole_windows():
     tokens = np.arange(10_000)
-    sample = train_sample(tokens, 1000, 15)
+    sample = train_sample([tokens], 1000, 15)
     assert sample.shape == (1000 // 16, 16)
     assert (sample == sample[:, :1] + np.arange(16)).all()  # each row is consecutive tokens
     assert sample[0, 0] == 0 and sample[-1, -1] == 9999  # from the start to the end
     gaps = np.diff(sample[:, 0])
     assert gaps.min() >= 16 and gaps.max() - gaps.min() <= 1  # no overlap, even spacing
-    assert np.array_equal(sample, train_sample(tokens, 1000, 15))
+    assert np.array_equal(sample, train_sample([tokens], 1000, 15))
 
 
 def test_train_sample_never_overlaps_however_many_tokens_are_asked_for():
-    sample = train_sample(np.arange(100), 10**6, 15)
+    sample = train_sample([np.arange(100)], 10**6, 15)
     assert sample.shape == (6, 16) and len(np.unique(sample)) == sample.size
-    assert np.array_equal(train_sample(np.arange(5), 100, 15), np.arange(5)[None])
+    assert np.array_equal(train_sample([np.arange(5)], 100, 15), np.arange(5)[None])
 
 
 def test_metrics_of_ascii_char_tokens(untrained):
     metrics = evaluate_in(untrained)
     assert set(metrics) == VAL_KEYS
-    val_tokens = read_header(untrained / "data" / "tokens" / "val.bin").count
+    val_tokens = read_header(untrained / "data" / "tokens" / "val_000000.bin").count
     assert metrics["tokens"] == metrics["bytes"] == val_tokens - 1
     assert metrics["bits_per_byte"] == pytest.approx(metrics["val_loss"] / math.log(2), rel=1e-5)
     assert metrics["perplexity"] == pytest.approx(math.exp(metrics["val_loss"]), rel=1e-5)
@@ -185,7 +185,7 @@ def miscount_val_tokens_in_meta(project: Path) -> None:
 
 def encode_val_with_another_tokenizer(project: Path) -> None:
     tokenizer = CharTokenizer(make_corpus(3000) + "Z")
-    encode_file(tokenizer, project / "val.txt", project / "data" / "tokens" / "val.bin")
+    encode_file(tokenizer, project / "val.txt", project / "data" / "tokens", "val", 10**6)
 
 
 @pytest.mark.parametrize(("damage", "message"), [
@@ -194,11 +194,11 @@ def encode_val_with_another_tokenizer(project: Path) -> None:
      r"models/model\.safetensors: not a safetensors"),
     (lambda p: (p / "data" / "tokens" / "meta.json").unlink(), r"meta\.json: not found"),
     (write_meta_without_val_bytes, r"meta\.json: missing .*val_bytes"),
-    (miscount_val_tokens_in_meta, r"val\.bin: holds \d+ tokens but .*meta\.json says"),
-    (lambda p: (p / "data" / "tokens" / "val.bin").unlink(), r"val\.bin: not found"),
-    (lambda p: (p / "data" / "tokens" / "val.bin").write_bytes(b"hello"),
-     r"val\.bin: not a gptlab token file"),
-    (encode_val_with_another_tokenizer, r"val\.bin: written by another tokenizer"),
+    (miscount_val_tokens_in_meta, r"val_\*\.bin: the shards hold \d+ tokens but .*meta\.json says"),
+    (lambda p: (p / "data" / "tokens" / "val_000000.bin").unlink(), r"val_000000\.bin: not found"),
+    (lambda p: (p / "data" / "tokens" / "val_000000.bin").write_bytes(b"hello"),
+     r"val_000000\.bin: not a gptlab token file"),
+    (encode_val_with_another_tokenizer, r"val_000000\.bin: written by another tokenizer"),
 ])
 def test_bad_inputs_name_the_file(untrained, tmp_path, damage, message):
     project = tmp_path / "project"

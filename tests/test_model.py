@@ -51,6 +51,19 @@ def test_padded_vocab_size_is_next_multiple_of_64(vocab_size):
     assert vocab_size <= padded < vocab_size + 64
 
 
+@pytest.mark.parametrize("vocab_size", [1, 63, 64, 65, 50257])
+def test_pad_vocab_off_keeps_the_true_vocabulary_size(vocab_size):
+    assert tiny_config(vocab_size=vocab_size, pad_vocab=False).padded_vocab_size == vocab_size
+
+
+def test_config_without_pad_vocab_pads_as_before_the_field_existed():
+    # config.json files written before pad_vocab existed hold every other field; their weights
+    # have padded tables, so loading them must pad.
+    fields = dict(vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32, block_size=BLOCK)
+    assert GPTConfig(**fields).pad_vocab is True
+    assert GPTConfig(**fields).padded_vocab_size == 128
+
+
 @pytest.mark.parametrize(
     ("overrides", "field"),
     [
@@ -182,6 +195,23 @@ def test_swiglu_matches_gelu_mlp_size():
     swiglu_params = 3 * swiglu_hidden_size(n_embd) * n_embd
     assert swiglu_hidden_size(n_embd) % 64 == 0
     assert abs(swiglu_params - gelu_params) / gelu_params < 0.05
+
+
+@pytest.mark.parametrize("tie_weights", [True, False])
+def test_unpadded_model_has_exactly_vocab_size_rows(tie_weights):
+    model = tiny_model(pad_vocab=False, tie_weights=tie_weights)
+    assert model.lm_head.weight.shape == (VOCAB, 32)
+    assert model.tok_emb.weight.shape == (VOCAB, 32)
+    logits, loss = model(random_tokens(2, BLOCK), random_tokens(2, BLOCK, seed=2))
+    assert logits.shape == (2, BLOCK, VOCAB)
+    assert torch.isfinite(loss)
+
+
+def test_padding_changes_only_the_table_sizes():
+    padded, unpadded = tiny_model(seed=3), tiny_model(seed=3, pad_vocab=False)
+    extra = (padded.config.padded_vocab_size - VOCAB) * 32  # tied: one table of padding rows
+    assert padded.num_params() - unpadded.num_params() == extra
+    assert padded.flops_per_token() - unpadded.flops_per_token() == 6 * extra
 
 
 # --- weights and initialisation ---------------------------------------------------------------

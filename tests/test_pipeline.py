@@ -119,7 +119,8 @@ def pipeline(tmp_path_factory, default_params):
         (corpus / name).write_text(f"{name.upper()}\n\n" + line * (40 + 10 * index))
     shutil.copy(corpus / "hamlet.txt", corpus / "hamlet_again.txt")  # work for the deduper
     write_params(project, with_overrides(default_params, {
-        "data": {"source": "local", "spec": "corpus", "sha256": None, "include": ["*.txt"]},
+        "data.source": "local", "data.spec": "corpus", "data.sha256": None,
+        "data.include": ["*.txt"],
         "clean.min_chars": 100,
         **{f"model.{key}": value for key, value in TINY_MODEL.items()},
         **{f"train.{key}": value for key, value in TINY_TRAIN.items()},

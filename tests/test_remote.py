@@ -40,7 +40,8 @@ def shared(tmp_path_factory, default_params):
     for index, (name, line) in enumerate(PLAYS.items()):
         (corpus / name).write_text(f"{name.upper()}\n\n" + line * (40 + 10 * index))
     write_params(project, with_overrides(default_params, {
-        "data": {"source": "local", "spec": "corpus", "sha256": None, "include": ["*.txt"]},
+        "data.source": "local", "data.spec": "corpus", "data.sha256": None,
+        "data.include": ["*.txt"],
         "clean.min_chars": 100,
         **{f"model.{key}": value for key, value in TINY_MODEL.items()},
         **{f"train.{key}": value for key, value in TINY_TRAIN.items()},
@@ -71,10 +72,10 @@ def test_the_clone_starts_without_outputs_or_download_cache(shared):
 
 def test_pull_brings_back_every_output_byte_for_byte(shared):
     project, clone, _, _, _ = shared
-    for name in ("data/tokens/train.bin", "models/model.safetensors", "plots/train_log.csv"):
+    for name in ("data/tokens/train_000000.bin", "models/model.safetensors", "plots/train_log.csv"):
         assert (clone / name).is_file(), name
     original = digests(project, CACHED + IN_GIT)
-    assert "models/model.safetensors" in original and "data/tokens/train.bin" in original
+    assert "models/model.safetensors" in original and "data/tokens/train_000000.bin" in original
     assert digests(clone, CACHED + IN_GIT) == original
 
 

@@ -22,6 +22,7 @@ import torch
 from conftest import ROOT, one_error_line, with_overrides, write_params
 from safetensors.torch import load_file
 
+from gptlab.checkpoint import RESUME_FORMAT
 from gptlab.errors import GptlabError
 from gptlab.model import GPTConfig, build_model
 from gptlab.params import load_params
@@ -64,7 +65,7 @@ def make_corpus(length: int = 60_000) -> str:
     return "\n".join(text[i : i + 60] for i in range(0, len(text), 60))[:length]
 
 
-def write_tokens(folder: Path, text: str) -> Path:
+def write_tokens(folder: Path, text: str, shard_tokens: int = 10**6) -> Path:
     """A data/tokens folder as the tokenize stage writes it, for a char tokenizer."""
     tokens_dir = folder / "data" / "tokens"
     tokens_dir.mkdir(parents=True)
@@ -72,7 +73,7 @@ def write_tokens(folder: Path, text: str) -> Path:
     for name, part in (("train", text[:cut]), ("val", text[cut:])):
         (folder / f"{name}.txt").write_text(part)
     texts = {name: folder / f"{name}.txt" for name in ("train", "val")}
-    encode_splits(CharTokenizer(text), texts, tokens_dir)
+    encode_splits(CharTokenizer(text), texts, tokens_dir, shard_tokens)
     return tokens_dir
 
 
@@ -117,13 +118,13 @@ def test_optimizer_decays_matrices_only():
 
 def test_random_windows_are_shifted_pairs_replayable_from_saved_state():
     tokens = np.arange(1000, dtype=np.uint16)
-    windows = RandomWindows(tokens, block_size=8, batch_size=4, seed=7)
+    windows = RandomWindows([tokens], block_size=8, batch_size=4, seed=7)
     inputs, targets = windows.next(torch.device("cpu"))
     assert inputs.shape == targets.shape == (4, 8) and inputs.dtype == torch.int64
     assert torch.equal(targets, inputs + 1)  # on arange, the target is the next token
     saved = windows.rng.bit_generator.state
     expected = windows.next(torch.device("cpu"))
-    replay = RandomWindows(tokens, block_size=8, batch_size=4, seed=999)
+    replay = RandomWindows([tokens], block_size=8, batch_size=4, seed=999)
     replay.rng.bit_generator.state = saved
     assert all(torch.equal(a, b) for a, b in zip(replay.next(torch.device("cpu")), expected,
                                                  strict=True))
@@ -144,7 +145,7 @@ def test_training_writes_weights_log_and_metrics(tmp_path, tokens_dir):
     metrics = train(run_params(), paths)
     assert set(metrics) == {"final_train_loss", "final_val_loss", "best_val_loss",
                             "tokens_per_sec", "mfu", "peak_memory_mb", "params", "wall_seconds",
-                            "device", "dtype", "torch_version", "tokenizer"}
+                            "device", "processes", "dtype", "torch_version", "tokenizer"}
     assert metrics["mfu"] is None  # no known peak on CPU
     assert metrics["dtype"] == "float32" and metrics["tokens_per_sec"] > 0
     assert metrics["best_val_loss"] <= metrics["final_val_loss"] + 1e-9
@@ -293,7 +294,8 @@ def test_a_checkpoint_from_an_older_gptlab_is_ignored_not_fatal(tmp_path, tokens
     paths = paths_in(tmp_path, tokens_dir)
     first = train(run_params(), paths)
     (state_json,) = paths.runs_dir.glob("*/checkpoint/state.json")
-    state_json.write_text(state_json.read_text().replace('"format": 2', '"format": 1'))
+    state_json.write_text(state_json.read_text().replace(f'"format": {RESUME_FORMAT}',
+                                                         '"format": 1'))
     again = train(run_params(), paths)
     assert "starting afresh" in capsys.readouterr().err
     assert again["final_val_loss"] == first["final_val_loss"]  # a full rerun, same result

@@ -26,7 +26,7 @@ from gptlab.model import GPTConfig, build_model
 
 CHECKPOINT_FORMAT = 1
 # Version of the resume state's layout; a run finding an older one starts afresh.
-RESUME_FORMAT = 2
+RESUME_FORMAT = 3
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
@@ -91,6 +91,8 @@ class ResumeState:
     # The unfinished log interval: steps taken and their summed loss.
     interval_steps: int = 0
     interval_loss_sum: float = 0.0
+    # Under DDP, the batch and dropout generators of ranks 1, 2, ... (rank 0's are above).
+    other_ranks: list[dict[str, Any]] = field(default_factory=list)
 
 
 def save_resume(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -15,23 +15,57 @@ from pathlib import Path
 import torch
 
 from gptlab.errors import GptlabError
+from gptlab.io import peak_rss_mb
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def tensor_core_peaks(half: float, tf32: float) -> dict[torch.dtype, float]:
+    """Peak FLOP/s of a GPU whose bf16 and fp16 tensor cores run at the same rate."""
+    return {torch.bfloat16: half, torch.float16: half, torch.float32: tf32}
+
 
 # Dense peak FLOP/s by device-name fragment, most specific first (vendor datasheets, no
 # sparsity; float32 means TF32 tensor cores, which training enables on CUDA). Used for MFU; a
 # device missing here reports mfu: null rather than a guess.
+#
+# GeForce figures are NVIDIA's "FP16/BF16 tensor with FP32 accumulate" (the accumulation
+# PyTorch's matmuls use), half the "FP16 accumulate" figure often quoted. On GeForce Ampere and
+# Ada it is twice the shader FP32 rate at boost clock (cores x 2 x clock) and TF32 equals that
+# rate; the cards not in NVIDIA's whitepapers (marked "derived") were computed so.
 PEAK_FLOPS: list[tuple[str, dict[torch.dtype, float]]] = [
-    ("H200", {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 494e12}),
-    ("H100 PCIe", {torch.bfloat16: 756e12, torch.float16: 756e12, torch.float32: 378e12}),
-    ("H100", {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 494e12}),
-    ("A100", {torch.bfloat16: 312e12, torch.float16: 312e12, torch.float32: 156e12}),
-    ("L40S", {torch.bfloat16: 362e12, torch.float16: 362e12, torch.float32: 183e12}),
-    ("L40", {torch.bfloat16: 181e12, torch.float16: 181e12, torch.float32: 90.5e12}),
-    ("L4", {torch.bfloat16: 121e12, torch.float16: 121e12, torch.float32: 60e12}),
-    ("A10", {torch.bfloat16: 125e12, torch.float16: 125e12, torch.float32: 62.5e12}),
-    ("RTX 4090", {torch.bfloat16: 165e12, torch.float16: 165e12, torch.float32: 82.6e12}),
-    ("RTX 3090", {torch.bfloat16: 71e12, torch.float16: 71e12, torch.float32: 35.6e12}),
+    # Hopper. torch names the SXM part "NVIDIA H100 80GB HBM3", so a bare "H100" is SXM.
+    ("GH200", tensor_core_peaks(989e12, 494e12)),
+    ("H200 NVL", tensor_core_peaks(835e12, 418e12)),
+    ("H200", tensor_core_peaks(989e12, 494e12)),
+    ("H100 NVL", tensor_core_peaks(835e12, 418e12)),
+    ("H100 PCIe", tensor_core_peaks(756e12, 378e12)),
+    ("H100", tensor_core_peaks(989e12, 494e12)),
+    ("A100", tensor_core_peaks(312e12, 156e12)),
+    ("L40S", tensor_core_peaks(362e12, 183e12)),
+    ("L40", tensor_core_peaks(181e12, 90.5e12)),
+    ("L4", tensor_core_peaks(121e12, 60e12)),
+    ("A10", tensor_core_peaks(125e12, 62.5e12)),
+    # GeForce RTX 40 (Ada); 4090 and 4080 from the Ada whitepaper.
+    ("RTX 4090", tensor_core_peaks(165e12, 82.6e12)),
+    ("RTX 4080 SUPER", tensor_core_peaks(104e12, 52.2e12)),  # derived
+    ("RTX 4080", tensor_core_peaks(97.5e12, 48.7e12)),
+    ("RTX 4070 Ti SUPER", tensor_core_peaks(88.2e12, 44.1e12)),  # derived
+    ("RTX 4070 Ti", tensor_core_peaks(80.2e12, 40.1e12)),  # derived
+    ("RTX 4070 SUPER", tensor_core_peaks(71.0e12, 35.5e12)),  # derived
+    ("RTX 4070", tensor_core_peaks(58.3e12, 29.1e12)),  # derived
+    ("RTX 4060 Ti", tensor_core_peaks(44.1e12, 22.1e12)),  # derived
+    ("RTX 4060", tensor_core_peaks(30.2e12, 15.1e12)),  # derived
+    # GeForce RTX 30 (Ampere); 3090, 3080 (10 GB) and 3070 from the GA102 whitepaper.
+    ("RTX 3090 Ti", tensor_core_peaks(80e12, 40e12)),  # derived
+    ("RTX 3090", tensor_core_peaks(71e12, 35.6e12)),
+    ("RTX 3080 Ti", tensor_core_peaks(68.2e12, 34.1e12)),  # derived
+    ("RTX 3080", tensor_core_peaks(59.5e12, 29.8e12)),
+    ("RTX 3070 Ti", tensor_core_peaks(43.5e12, 21.7e12)),  # derived
+    ("RTX 3070", tensor_core_peaks(40.6e12, 20.3e12)),
+    ("RTX 3060 Ti", tensor_core_peaks(32.4e12, 16.2e12)),  # derived
+    ("RTX 3060", tensor_core_peaks(25.5e12, 12.7e12)),  # derived
+    # No bf16 before Ampere.
     ("V100", {torch.float16: 125e12, torch.float32: 15.7e12}),
     ("T4", {torch.float16: 65e12, torch.float32: 8.1e12}),
 ]
@@ -111,6 +145,10 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
 
 def peak_entry(name: str) -> str | None:
     """The PEAK_FLOPS entry for a device name, matching whole words ("L4" is not "L40")."""
+    if "Laptop" in name:
+        # Laptop parts share the desktop names ("RTX 4090 Laptop GPU") but not their chips or
+        # clocks: an MFU of null is better than one against a desktop card's peak.
+        return None
     for fragment, _ in PEAK_FLOPS:
         if re.search(rf"(?<![A-Za-z0-9]){re.escape(fragment)}(?![A-Za-z0-9])", name):
             return fragment
@@ -121,8 +159,4 @@ def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this run: allocated on the GPU, or the process's resident size on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    # ru_maxrss is in kilobytes on Linux and bytes on macOS.
-    scale = 2**20 if platform.system() == "Darwin" else 2**10
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+    return peak_rss_mb()

@@ -15,6 +15,7 @@ by how far the sample's bytes per token stray from the split's, small for an eve
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 import time
@@ -34,7 +35,7 @@ from gptlab.device import autocast, device_name, pick_device, pick_dtype
 from gptlab.errors import GptlabError
 from gptlab.params import EvalParams
 from gptlab.tokenizers import Tokenizer, load_tokenizer
-from gptlab.tokens import open_tokens, read_meta
+from gptlab.tokens import open_split, read_meta
 
 
 @dataclass(frozen=True)
@@ -48,12 +49,14 @@ class SplitScore:
         return self.nats / self.tokens
 
 
-def evaluate_tokens(model: nn.Module, tokens: np.ndarray, block_size: int, batch_size: int,
-                    device: torch.device, dtype: torch.dtype) -> SplitScore:
-    """Score every token of `tokens` but the first, each once, given the ones before it in its
-    window; leaves the model in eval mode."""
-    return _score(model, _split_batches(tokens, block_size, batch_size), len(tokens) - 1,
-                  device, dtype, "evaluate")
+def evaluate_tokens(model: nn.Module, shards: list[np.ndarray], block_size: int,
+                    batch_size: int, device: torch.device, dtype: torch.dtype) -> SplitScore:
+    """Score every token of each shard but its first, each once, given the ones before it in
+    its window; leaves the model in eval mode."""
+    batches = itertools.chain.from_iterable(
+        _split_batches(shard, block_size, batch_size) for shard in shards)
+    total = sum(max(0, len(shard) - 1) for shard in shards)
+    return _score(model, batches, total, device, dtype, "evaluate")
 
 
 def evaluate_windows(model: nn.Module, windows: np.ndarray, batch_size: int,
@@ -79,14 +82,24 @@ def _split_batches(tokens: np.ndarray, block_size: int, batch_size: int) -> Iter
         yield tokens[starts[-1] :][None]
 
 
-def train_sample(tokens: np.ndarray, n_tokens: int, block_size: int) -> np.ndarray:
-    """About `n_tokens` of a split as rows of block_size + 1 tokens, spread evenly from its start
+def train_sample(shards: list[np.ndarray], n_tokens: int, block_size: int) -> np.ndarray:
+    """About `n_tokens` of a split's shards, each giving its share by size, as rows of
+    block_size + 1 tokens: see `shard_sample`. Shards shorter than a row (a split's short last
+    one) are left out, unless no shard is longer: then the sample is one shorter row."""
+    usable = [s for s in shards if len(s) > block_size] or [max(shards, key=len)]
+    total = sum(len(shard) for shard in usable)
+    length = min(block_size + 1, len(usable[0]))
+    return np.concatenate([shard_sample(shard, round(n_tokens * len(shard) / total), length)
+                           for shard in usable])
+
+
+def shard_sample(tokens: np.ndarray, n_tokens: int, length: int) -> np.ndarray:
+    """About `n_tokens` of a token file as rows of `length` tokens, spread evenly from its start
     to its end: the same sample on every run, with no seed to keep.
 
-    The windows never overlap, so no token is scored twice; asking for more tokens than the split
-    holds gives as many windows as fit. A split shorter than one window is one shorter window.
+    The windows never overlap, so no token is scored twice; asking for more tokens than the file
+    holds gives as many windows as fit.
     """
-    length = min(block_size + 1, len(tokens))
     count = min(max(1, n_tokens // length), len(tokens) // length)
     starts = np.linspace(0, len(tokens) - length, count).round().astype(np.int64)
     return tokens[starts[:, None] + np.arange(length)]
@@ -122,9 +135,12 @@ def evaluate_model(models_dir: Path, tokens_dir: Path, params: EvalParams) -> di
     tokenizer = load_matching_tokenizer(models_dir, tokens_dir)
     splits = ["val", "train"] if params.train_split else ["val"]
     meta = read_meta(tokens_dir, [f"{split}_{key}" for split in splits
-                                  for key in ("tokens", "bytes")])
+                                  for key in ("tokens", "bytes", "shards")])
     # Every input is opened and checked before the first, possibly long, forward pass.
     tokens = {split: open_split(tokens_dir, split, tokenizer, meta) for split in splits}
+    if sum(len(shard) for shard in tokens["val"]) < 2:
+        raise GptlabError(f"{tokens_dir}: the val split has fewer than two tokens; scoring "
+                          f"needs at least two")
     block_size = config["model"]["block_size"]
 
     scores = {"val": evaluate_tokens(model, tokens["val"], block_size, params.batch_size,
@@ -169,16 +185,3 @@ def load_matching_tokenizer(models_dir: Path, tokens_dir: Path) -> Tokenizer:
         raise GptlabError(f"{tokens_tokenizer}: not the tokenizer the model in {models_dir} was "
                           f"trained with; rerun the train stage")
     return tokenizer
-
-
-def open_split(tokens_dir: Path, split: str, tokenizer: Tokenizer,
-               meta: dict[str, Any]) -> np.ndarray:
-    """A split's tokens, checked against the tokenizer and against the count in meta.json."""
-    path = tokens_dir / f"{split}.bin"
-    tokens = open_tokens(path, tokenizer)
-    if len(tokens) != meta[f"{split}_tokens"]:
-        raise GptlabError(f"{path}: holds {len(tokens)} tokens but {tokens_dir / 'meta.json'} "
-                          f"says {meta[f'{split}_tokens']} (rerun the tokenize stage)")
-    if len(tokens) < 2:
-        raise GptlabError(f"{path}: {len(tokens)} token(s); scoring needs at least two")
-    return tokens

@@ -1,4 +1,5 @@
-"""Atomic file output and hashing: the one place where gptlab writes results to disk.
+"""Atomic file output, hashing and the process's peak memory: the one place where gptlab writes
+results to disk.
 
 Every output is written to a temporary name in its destination folder and renamed into place
 only when complete, so a killed stage never leaves a half-written file behind.
@@ -11,6 +12,8 @@ import glob
 import hashlib
 import json
 import os
+import platform
+import resource
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -101,3 +104,18 @@ def _current_umask() -> int:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB.
+
+    Linux's VmHWM belongs to the running program alone; getrusage's ru_maxrss survives fork and
+    exec, so a child started by a large process would report its parent's peak.
+    """
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    # ru_maxrss is in kilobytes on Linux and bytes on macOS.
+    scale = 2**20 if platform.system() == "Darwin" else 2**10
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale

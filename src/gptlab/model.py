@@ -10,7 +10,7 @@ smallest possible baseline, and both share one interface:
     logits, _ = model(idx, cache=cache)
 
 Logits always have exactly `vocab_size` columns: the embedding tables are padded to a multiple
-of 64 for speed, but the padding ids are never scored or sampled.
+of 64 for speed (unless `pad_vocab` is off), but the padding ids are never scored or sampled.
 """
 
 from __future__ import annotations
@@ -48,6 +48,9 @@ class GPTConfig:
     pos: str = "learned"
     norm: str = "layernorm"
     mlp: str = "gelu"
+    # Off only to measure what the padding buys (`make bench`); configs saved before this
+    # field existed load with the default, which is what they were trained with.
+    pad_vocab: bool = True
 
     def __post_init__(self) -> None:
         # Full validation lives in the params loader; these are only the mistakes that would
@@ -69,6 +72,8 @@ class GPTConfig:
     @property
     def padded_vocab_size(self) -> int:
         # A multiple of 64 keeps the embedding and lm-head matmuls on fast kernel tile sizes.
+        if not self.pad_vocab:
+            return self.vocab_size
         return math.ceil(self.vocab_size / 64) * 64
 
 

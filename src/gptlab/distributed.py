@@ -1,0 +1,114 @@
+"""Data-parallel training over several processes: PyTorch DDP started by torchrun.
+
+torchrun starts one process per GPU (or per CPU worker, with the gloo backend) and tells each
+its place through environment variables. A plain `python stages/train.py` is a world of one,
+where every function here is a no-op, so the training loop has a single code path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+# A rank that stops answering (killed, out of memory) fails the others after this long,
+# instead of leaving them waiting forever in a collective.
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    local_rank: int = 0  # the process's index on its own machine: which GPU it drives
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes logs, metrics and checkpoints."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def world_from_env() -> World:
+    """This process's place, as torchrun describes it (a world of one without torchrun)."""
+    return World(rank=int(os.environ.get("RANK", 0)),
+                 local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+                 size=int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ
+
+
+def relaunch_under_torchrun(nproc: int, script: str) -> int:
+    """Run `script` again as `nproc` processes on this machine; return torchrun's exit code.
+
+    For several machines, users start torchrun themselves (see the README) and the script,
+    finding itself under torchrun, trains instead of relaunching.
+    """
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", script]
+    print(f"train.nproc={nproc}: {' '.join(command[1:])}", file=sys.stderr)
+    return subprocess.run(command).returncode
+
+
+def device_for_rank(device: torch.device, world: World) -> torch.device:
+    """Each process drives its own GPU; CPU processes share the CPU."""
+    if device.type == "cuda" and world.distributed:
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+@contextlib.contextmanager
+def process_group(world: World, device: torch.device) -> Iterator[None]:
+    """Join the other processes for the duration of the block: NCCL on GPUs, gloo on CPU."""
+    if not world.distributed:
+        yield
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, rank=world.rank, world_size=world.size,
+                            timeout=COLLECTIVE_TIMEOUT,
+                            device_id=device if device.type == "cuda" else None)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def mean_over_ranks(value: torch.Tensor, world: World) -> torch.Tensor:
+    """The mean of `value` over all processes (itself in a world of one)."""
+    if not world.distributed:
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value / world.size
+
+
+def any_rank(flag: bool, world: World, device: torch.device) -> bool:
+    """Whether `flag` is set on any process: every process then takes the same branch."""
+    if not world.distributed:
+        return flag
+    value = torch.tensor(int(flag), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def gather_to_all(obj: Any, world: World) -> list[Any]:
+    """Every process's `obj`, in rank order, on every process (small objects only)."""
+    if not world.distributed:
+        return [obj]
+    gathered: list[Any] = [None] * world.size
+    dist.all_gather_object(gathered, obj)
+    return gathered

@@ -1,0 +1,219 @@
+"""Tests of gptlab.bench's GPU speed ladder, run on the CPU with a tiny model.
+
+Timings are never asserted (see the module's docstring): only that each row measured what it
+names, at the batch it reports, and that the figures agree with each other. There is no GPU
+here, so running out of memory is simulated by a step function that raises it above a size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from itertools import pairwise
+from typing import Any
+
+import pytest
+import torch
+
+from gptlab import bench
+from gptlab.bench import (
+    GPT2_SHAPE,
+    RUNGS,
+    LadderRow,
+    Settings,
+    flops_per_token,
+    format_row,
+    ladder,
+    largest_fitting,
+    speed_ladder,
+    train_step,
+)
+from gptlab.model import GPTConfig, build_model
+
+CPU = torch.device("cpu")
+# Vocabulary 100 pads to 128, so the padded-vocab row changes the tables.
+TINY = GPTConfig(vocab_size=100, n_layer=2, n_head=2, n_embd=32, block_size=16)
+# Compiling takes about a minute even for a tiny model: the tests leave it out.
+CHEAP_ROWS = ladder(compile=False)
+
+
+def switched_on(settings: Settings) -> set[str]:
+    return {name for name, value in dataclasses.asdict(settings).items() if value}
+
+
+def run_ladder(**overrides: Any) -> list[LadderRow]:
+    arguments = dict(device=CPU, shape=TINY, steps=2, max_batch=4, rows=CHEAP_ROWS, warmup=1)
+    return speed_ladder(**(arguments | overrides))
+
+
+# --- the rows ----------------------------------------------------------------------------------
+
+
+def test_each_row_adds_exactly_one_setting_to_the_previous_row():
+    rows = ladder()
+    assert [row.name for row in rows] == [name for name, _ in RUNGS]
+    assert switched_on(rows[0].settings) == set()
+    for previous, row in pairwise(rows):
+        added = switched_on(row.settings) - switched_on(previous.settings)
+        assert switched_on(previous.settings) < switched_on(row.settings), row.name
+        assert len(added) == 1, row.name
+    assert switched_on(rows[-1].settings) == {field.name for field in dataclasses.fields(Settings)}
+
+
+def test_ladder_without_compile_compiles_in_no_row():
+    assert "+ torch.compile" not in [row.name for row in CHEAP_ROWS]
+    assert not any(row.settings.compile for row in CHEAP_ROWS)
+    assert len(CHEAP_ROWS) == len(RUNGS) - 1
+    for previous, row in pairwise(CHEAP_ROWS):
+        assert switched_on(previous.settings) < switched_on(row.settings), row.name
+
+
+def test_gpt2_shape_is_gpt2_small_with_its_true_vocabulary():
+    model_shape = (GPT2_SHAPE.n_layer, GPT2_SHAPE.n_head, GPT2_SHAPE.n_embd, GPT2_SHAPE.block_size)
+    assert model_shape == (12, 12, 768, 1024)
+    assert GPT2_SHAPE.vocab_size == 50257
+    assert dataclasses.replace(GPT2_SHAPE, pad_vocab=True).padded_vocab_size == 50304
+
+
+# --- measuring ---------------------------------------------------------------------------------
+
+
+def test_every_row_reports_consistent_figures_on_cpu():
+    rows = run_ladder()
+    assert [row.name for row in rows] == [rung.name for rung in CHEAP_ROWS]
+    for row, rung in zip(rows, CHEAP_ROWS, strict=True):
+        assert row.settings == rung.settings
+        assert row.batch_size == 4  # nothing runs out of memory: the cap is taken
+        assert row.ms_per_step > 0
+        tokens_per_step = row.batch_size * TINY.block_size
+        assert row.tokens_per_sec == pytest.approx(tokens_per_step / (row.ms_per_step / 1000))
+        assert row.mfu is None  # no peak FLOP/s for a CPU
+
+
+def test_each_row_runs_with_what_it_names_and_restores_the_backends():
+    seen: list[dict[str, Any]] = []
+    tf32_before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+    def recording_step(model, forward, optimizer, inputs, targets, dtype):
+        seen.append({
+            "tf32": torch.backends.cuda.matmul.allow_tf32,
+            "cudnn_tf32": torch.backends.cudnn.allow_tf32,
+            "dtype": dtype,
+            "flash": torch.backends.cuda.flash_sdp_enabled(),
+            "math": torch.backends.cuda.math_sdp_enabled(),
+            "vocab_rows": model.lm_head.weight.shape[0],
+            "fused": optimizer.defaults["fused"],
+            "foreach": optimizer.defaults["foreach"],
+            "decay": [group["weight_decay"] for group in optimizer.param_groups],
+        })
+        train_step(model, forward, optimizer, inputs, targets, dtype)
+
+    # One warmup and one timed step per row: the first record of each pair is enough.
+    run_ladder(steps=1, step_fn=recording_step)
+    records = seen[::2]
+    assert len(records) == len(CHEAP_ROWS)
+    for record, rung in zip(records, CHEAP_ROWS, strict=True):
+        s = rung.settings
+        assert record["tf32"] is s.tf32 and record["cudnn_tf32"] is s.tf32, rung.name
+        assert record["dtype"] == (torch.bfloat16 if s.bf16 else torch.float32), rung.name
+        # Exactly one attention kernel allowed: the row cannot measure another.
+        assert (record["flash"], record["math"]) == (s.flash, not s.flash), rung.name
+        assert record["vocab_rows"] == (128 if s.pad_vocab else TINY.vocab_size), rung.name
+        assert bool(record["fused"]) is s.fused_adamw, rung.name
+        assert not (record["foreach"] and s.fused_adamw), rung.name
+        # Training's parameter groups either way: matrices decay, the rest does not.
+        assert record["decay"] == [bench.GPT2_OPTIMIZER["weight_decay"], 0.0], rung.name
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == tf32_before
+
+
+def test_each_row_times_the_asked_number_of_steps_after_warmup():
+    calls: list[int] = []
+
+    def counting_step(model, forward, optimizer, inputs, targets, dtype):
+        calls.append(inputs.size(0))
+        train_step(model, forward, optimizer, inputs, targets, dtype)
+
+    run_ladder(rows=CHEAP_ROWS[:1], steps=3, warmup=2, step_fn=counting_step)
+    assert calls == [4] * 5
+
+
+def test_mfu_is_model_flops_over_the_peak(monkeypatch):
+    monkeypatch.setattr(bench, "peak_flops", lambda device, dtype: 1e12)
+    for row in run_ladder(rows=CHEAP_ROWS[-2:]):
+        config = dataclasses.replace(TINY, pad_vocab=row.settings.pad_vocab)
+        expected = flops_per_token(config) * row.tokens_per_sec / 1e12
+        assert row.mfu == pytest.approx(expected)
+
+
+def test_flops_per_token_matches_a_real_model():
+    for pad in (False, True):
+        config = dataclasses.replace(TINY, pad_vocab=pad)
+        assert flops_per_token(config) == build_model(config).flops_per_token()
+
+
+# --- the largest micro-batch that fits ---------------------------------------------------------
+
+
+def fits_up_to(limit: int, tried: list[int]):
+    def attempt(batch: int) -> str:
+        tried.append(batch)
+        if batch > limit:
+            raise torch.OutOfMemoryError(f"simulated: {batch} does not fit")
+        return f"ran {batch}"
+
+    return attempt
+
+
+def test_largest_fitting_halves_until_a_batch_fits():
+    tried: list[int] = []
+    assert largest_fitting(fits_up_to(10, tried), 64) == (8, "ran 8")
+    assert tried == [64, 32, 16, 8]
+
+
+def test_largest_fitting_takes_the_cap_when_it_fits():
+    tried: list[int] = []
+    assert largest_fitting(fits_up_to(64, tried), 64) == (64, "ran 64")
+    assert tried == [64]
+
+
+def test_largest_fitting_raises_when_not_even_one_fits():
+    tried: list[int] = []
+    with pytest.raises(torch.OutOfMemoryError):
+        largest_fitting(fits_up_to(0, tried), 8)
+    assert tried == [8, 4, 2, 1]
+
+
+def test_largest_fitting_does_not_swallow_other_errors():
+    def broken(batch: int) -> None:
+        raise RuntimeError("a bug, not a full GPU")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        largest_fitting(broken, 8)
+
+
+def test_rows_use_a_smaller_batch_when_the_cap_runs_out_of_memory():
+    def step_that_fits_two(model, forward, optimizer, inputs, targets, dtype):
+        if inputs.size(0) > 2:
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+        train_step(model, forward, optimizer, inputs, targets, dtype)
+
+    rows = run_ladder(rows=CHEAP_ROWS[:2], max_batch=8, step_fn=step_that_fits_two)
+    for row in rows:
+        assert row.batch_size == 2
+        assert row.tokens_per_sec == pytest.approx(2 * TINY.block_size / (row.ms_per_step / 1000))
+
+
+# --- printing ----------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the ladder runs where there is CUDA")
+def test_gpu_section_is_one_line_without_cuda(capsys):
+    bench.bench_gpu()
+    assert capsys.readouterr().out.strip() == "gpu: skipped (no CUDA device)"
+
+
+def test_row_format_shows_gain_over_the_previous_row():
+    first = LadderRow("fp32", Settings(), 8, 100.0, 1000.0, None)
+    second = LadderRow("+ TF32", Settings(tf32=True), 8, 50.0, 2000.0, 0.4567)
+    assert format_row(first, None).split() == ["fp32", "8", "100.0", "1,000", "n/a"]
+    assert format_row(second, first).split() == ["+", "TF32", "8", "50.0", "2,000", "45.7%",
+                                                 "2.00x"]
