@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -60,7 +61,15 @@ def relaunch_under_torchrun(nproc: int, script: str) -> int:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", script]
     print(f"train.nproc={nproc}: {' '.join(command[1:])}", file=sys.stderr)
-    return subprocess.run(command).returncode
+    # torchrun forwards Ctrl-C and SIGTERM to its workers, which checkpoint and stop; this
+    # process must outlive them rather than leave them running on, orphaned.
+    previous = {signum: signal.signal(signum, signal.SIG_IGN)
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return subprocess.run(command).returncode
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def device_for_rank(device: torch.device, world: World) -> torch.device:

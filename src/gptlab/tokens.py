@@ -21,6 +21,8 @@ import struct
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -186,14 +188,19 @@ def _encoded_ranges(tokenizer: Tokenizer, text_path: Path, ranges: list[tuple[in
     # spawn, not fork: a forked child of a process that has run the tokenizers' thread pools
     # can deadlock, and a fresh interpreter's resident size is the worker's own.
     context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, _start_worker, (tokenizer.to_json(), str(text_path))) as pool:
-        in_flight: collections.deque = collections.deque()
-        for task in tasks:
-            in_flight.append(pool.apply_async(_encode_range, (task,)))
-            if len(in_flight) > workers:  # every worker busy, one result waiting: no more
-                yield in_flight.popleft().get()
-        while in_flight:
-            yield in_flight.popleft().get()
+    try:
+        with ProcessPoolExecutor(workers, context, _start_worker,
+                                 (tokenizer.to_json(), str(text_path))) as pool:
+            in_flight: collections.deque = collections.deque()
+            for task in tasks:
+                in_flight.append(pool.submit(_encode_range, task))
+                if len(in_flight) > workers:  # every worker busy, one result waiting: no more
+                    yield in_flight.popleft().result()
+            while in_flight:
+                yield in_flight.popleft().result()
+    except BrokenProcessPool:  # a worker killed (out of memory, say): fail, never wait forever
+        raise GptlabError(f"{text_path}: a tokenizer worker process died (out of memory?); "
+                          f"rerun the tokenize stage") from None
 
 
 _worker: dict[str, Any] = {}

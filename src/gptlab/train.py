@@ -239,10 +239,12 @@ def _train(params: RunParams, paths: TrainPaths, world: World,
     return session.metrics(tokenizer_kind=tokenizer.kind)
 
 
-def rank_state(batches: RandomWindows, device: torch.device) -> dict[str, Any]:
+def rank_state(batches: RandomWindows, device: torch.device,
+               interval_loss_sum: float) -> dict[str, Any]:
     """What a process other than rank 0 needs to continue its own streams after a resume."""
     state = {"batch_rng": batches.rng.bit_generator.state,
-             "torch_rng": torch.get_rng_state().tolist()}
+             "torch_rng": torch.get_rng_state().tolist(),
+             "interval_loss_sum": interval_loss_sum}
     if device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(device).tolist()
     return state
@@ -260,6 +262,7 @@ def restore_rank_state(state: ResumeState, world: World, batches: RandomWindows,
                           f"run has {world.size}; delete .gptlab/runs to start afresh")
     mine = state.other_ranks[world.rank - 1]
     batches.rng.bit_generator.state = mine["batch_rng"]
+    state.interval_loss_sum = mine["interval_loss_sum"]
     torch.set_rng_state(torch.tensor(mine["torch_rng"], dtype=torch.uint8))
     if "cuda_rng" in mine:
         torch.cuda.set_rng_state(torch.tensor(mine["cuda_rng"], dtype=torch.uint8), device)
@@ -413,7 +416,8 @@ class TrainingSession:
 
     def save_checkpoint(self) -> None:
         """Rank 0 writes the checkpoint, with every other process's streams gathered in."""
-        ranks = gather_to_all(rank_state(self.batches, self.device), self.world)
+        ranks = gather_to_all(rank_state(self.batches, self.device,
+                                         self.state.interval_loss_sum), self.world)
         self.state.batch_rng = ranks[0]["batch_rng"]
         self.state.other_ranks = ranks[1:]
         self.state.scaler = self.scaler.state_dict() if self.scaler.is_enabled() else {}
@@ -434,7 +438,8 @@ class TrainingSession:
     def metrics(self, tokenizer_kind: str) -> dict[str, Any]:
         rates = [row["tokens_per_sec"] for row in self.state.log if "tokens_per_sec" in row]
         tokens_per_sec = statistics.median(rates) if rates else None
-        peak = peak_flops(self.device, self.dtype)
+        # tokens_per_sec counts every process's tokens: the peak is that of all their devices.
+        peak = (peak_flops(self.device, self.dtype) or 0) * self.world.size
         mfu = (self.model.flops_per_token() * tokens_per_sec / peak
                if peak and tokens_per_sec else None)
         return {
@@ -481,7 +486,7 @@ def sigint_as_stop_request() -> Iterator[StopRequest]:
     """Turn Ctrl-C (or SIGTERM, as torchrun and batch schedulers send) into a request the loop
     honours after the current step (under DDP, at the next log interval), with a checkpoint.
 
-    Stopping mid-step would save half-accumulated gradients; a second signal stops at once.
+    Stopping mid-step would save half-accumulated gradients; a second Ctrl-C stops at once.
     """
     stop = StopRequest()
     if threading.current_thread() is not threading.main_thread():
@@ -489,7 +494,9 @@ def sigint_as_stop_request() -> Iterator[StopRequest]:
         return
 
     def on_sigint(signum: int, frame: Any) -> None:
-        if stop.requested:
+        # Only a second Ctrl-C aborts: a scheduler's SIGTERM often arrives twice (once to the
+        # job, once forwarded by torchrun), and must still end with a checkpoint.
+        if stop.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         stop.requested = True
         tqdm.write("interrupted: saving a checkpoint after this step (Ctrl-C again to abort)",
