@@ -63,24 +63,24 @@ def kill_processes_in(folder: Path) -> None:
             pass  # gone already, or not ours
 
 
-@pytest.fixture(scope="module")
-def single(tmp_path_factory, tokens_dir, default_params) -> Path:
-    folder = project(tmp_path_factory.mktemp("single"), tokens_dir,
-                     lambda o: with_overrides(default_params, o), nproc=1)
+def trained(folder: Path, tokens_dir: Path, default_params, nproc: int) -> Path:
+    """The train stage run to its end in `folder` with `nproc` processes; its output checked."""
+    project(folder, tokens_dir, lambda o: with_overrides(default_params, o), nproc=nproc)
     result = run_stage("train.py", folder)
     assert result.returncode == 0, result.stderr
+    assert ("--nproc_per_node=2" in result.stderr) == (nproc == 2)
+    assert result.stdout.count("final_val_loss=") == 1  # rank 0 alone reports
     return folder
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, tokens_dir, default_params) -> Path:
+    return trained(tmp_path_factory.mktemp("single"), tokens_dir, default_params, nproc=1)
 
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory, tokens_dir, default_params) -> Path:
-    folder = project(tmp_path_factory.mktemp("ddp"), tokens_dir,
-                     lambda o: with_overrides(default_params, o), nproc=2)
-    result = run_stage("train.py", folder)
-    assert result.returncode == 0, result.stderr
-    assert "torch.distributed.run --standalone --nproc_per_node=2" in result.stderr
-    assert result.stdout.count("final_val_loss=") == 1  # rank 0 alone reports
-    return folder
+    return trained(tmp_path_factory.mktemp("ddp"), tokens_dir, default_params, nproc=2)
 
 
 def test_two_processes_follow_the_single_process_loss_curve(single, two_processes):
