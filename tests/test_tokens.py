@@ -9,6 +9,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -510,6 +511,33 @@ def test_a_worker_error_names_the_file_and_leaves_no_shard(tmp_path, monkeypatch
     with pytest.raises(GptlabError, match=r"train\.txt: character 'Z'"):
         encode_file(CharTokenizer(VERSE), tmp_path / "train.txt", tmp_path, "train", 500, 2)
     assert folder_names(tmp_path) == ["train.txt"]
+
+
+def kill_a_pool_worker(deadline: float) -> None:
+    """SIGKILL the first spawned worker process of this test process, as the OOM killer would."""
+    while time.monotonic() < deadline:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                command = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                continue
+            if parent == os.getpid() and b"spawn_main" in command:
+                os.kill(int(pid), signal.SIGKILL)
+                return
+        time.sleep(0.01)
+
+
+def test_a_killed_worker_fails_the_encoding_instead_of_hanging(tmp_path, monkeypatch):
+    monkeypatch.setattr(tokens_module, "RANGE_BYTES", 1 << 16)
+    (tmp_path / "train.txt").write_text(LONG_TEXT * 2, encoding="utf-8")
+    killer = threading.Thread(target=kill_a_pool_worker, args=(time.monotonic() + 60,))
+    killer.start()
+    with pytest.raises(GptlabError, match=r"train\.txt: a tokenizer worker process died"):
+        encode_file(TiktokenTokenizer(OFFLINE_ENCODING), tmp_path / "train.txt", tmp_path,
+                    "train", 50_000, workers=2)
+    killer.join()
+    assert folder_names(tmp_path) == ["train.txt"]  # no shard, no scratch file left
 
 
 def test_open_split_checks_the_shards_against_meta(tmp_path):

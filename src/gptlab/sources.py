@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import itertools
 import json
 import os
 import re
@@ -28,7 +29,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -44,6 +45,7 @@ URL_ATTEMPTS = 4
 COPY_CHUNK_BYTES = 1 << 20
 # 4xx answers other than these will not change on a retry.
 RETRYABLE_HTTP_CODES = {408, 425, 429}
+T = TypeVar("T")
 # The Hub's own address; HF_ENDPOINT (the variable huggingface_hub reads) points at a mirror.
 HF_DEFAULT_ENDPOINT = "https://huggingface.co"
 COMMIT_PATTERN = re.compile(r"^[0-9a-f]{40}$")
@@ -167,30 +169,45 @@ def fetch_url(url: str, sha256: str, cache: Path = DOWNLOAD_CACHE,
         return Artifact(cached, sha256)
     partial = cache / f"{sha256}.part"
     partial.parent.mkdir(parents=True, exist_ok=True)
-    for attempt in range(1, attempts + 1):
+
+    def download() -> None:
         try:
             _download_once(url, partial, timeout, headers or {})
-            break
         except urllib.error.HTTPError as error:
-            if error.code == 416 and partial.exists():
-                break  # killed after the last byte: the partial file is whole; the hash decides
-            if error.code < 500 and error.code not in RETRYABLE_HTTP_CODES:
-                problem = f"HTTP {error.code} {error.reason} from {url}"
-                raise DownloadRefused(f"data.spec: {problem}", error.code) from None
-            problem = f"HTTP {error.code} {error.reason}"
-        except (urllib.error.URLError, HTTPException, OSError) as error:
-            problem = str(getattr(error, "reason", error)) or type(error).__name__
-        if attempt == attempts:
-            raise GptlabError(f"data.spec: download of {url} failed after {attempts} attempts: "
-                              f"{problem}")
-        print(f"download interrupted ({problem}); retrying", file=sys.stderr)
-        time.sleep(0.5 * attempt)
+            if error.code != 416 or not partial.exists():
+                raise
+            # 416: killed after the last byte, so the partial file is whole; the hash decides
+
+    try:
+        _retrying(download, f"download of {url}", attempts)
+    except urllib.error.HTTPError as error:
+        raise DownloadRefused(f"data.spec: HTTP {error.code} {error.reason} from {url}",
+                              error.code) from None
     named = partial.with_name(_url_file_name(url))
     os.replace(partial, named)
     try:
         return _store_verified(named, sha256, cache)
     finally:
         named.unlink(missing_ok=True)
+
+
+def _retrying(request: Callable[[], T], what: str, attempts: int) -> T:
+    """request() until it succeeds, retrying what a retry may change (5xx, 408/425/429, a
+    dropped connection) up to `attempts` times. Any other HTTP error is raised as it is: only
+    the caller knows which param it points at."""
+    for attempt in itertools.count(1):
+        try:
+            return request()
+        except urllib.error.HTTPError as error:
+            if error.code < 500 and error.code not in RETRYABLE_HTTP_CODES:
+                raise
+            problem = f"HTTP {error.code} {error.reason}"
+        except (urllib.error.URLError, HTTPException, OSError) as error:
+            problem = str(getattr(error, "reason", error)) or type(error).__name__
+        if attempt == attempts:
+            raise GptlabError(f"data.spec: {what} failed after {attempts} attempts: {problem}")
+        print(f"{what} interrupted ({problem}); retrying", file=sys.stderr)
+        time.sleep(0.5 * attempt)
 
 
 def _download_once(url: str, partial: Path, timeout: float, headers: Mapping[str, str]) -> None:
@@ -400,23 +417,12 @@ def _hub_json(url: str, hub: Hub) -> tuple[Any, str | None]:
     An HTTP error that a retry will not change is raised as it is: only the caller knows
     which param a 404 points at.
     """
-    for attempt in range(1, URL_ATTEMPTS + 1):
-        try:
-            with urllib.request.urlopen(_request(url, hub.auth),
-                                        timeout=URL_TIMEOUT_SECONDS) as response:
-                body, link = response.read(), response.headers.get("Link")
-            break
-        except urllib.error.HTTPError as error:
-            if error.code < 500 and error.code not in RETRYABLE_HTTP_CODES:
-                raise
-            problem = f"HTTP {error.code} {error.reason}"
-        except (urllib.error.URLError, HTTPException, OSError) as error:
-            problem = str(getattr(error, "reason", error)) or type(error).__name__
-        if attempt == URL_ATTEMPTS:
-            raise GptlabError(f"data.spec: {url} failed after {URL_ATTEMPTS} attempts: "
-                              f"{problem}")
-        print(f"Hub request failed ({problem}); retrying", file=sys.stderr)
-        time.sleep(0.5 * attempt)
+    def get() -> tuple[bytes, str | None]:
+        with urllib.request.urlopen(_request(url, hub.auth),
+                                    timeout=URL_TIMEOUT_SECONDS) as response:
+            return response.read(), response.headers.get("Link")
+
+    body, link = _retrying(get, f"Hub request {url}", URL_ATTEMPTS)
     try:
         return json.loads(body), _next_page(link, url, hub.endpoint)
     except ValueError:

@@ -320,8 +320,8 @@ class TrainingSession:
                 progress.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{rate:,.0f}")
                 loss_sum.zero_()
                 state.interval_steps, step_seconds, clock = 0, 0.0, time.perf_counter()
-            stopping = (any_rank(stop.requested, self.world, self.device)
-                        if at_log or not self.world.distributed else False)
+            stopping = ((at_log or not self.world.distributed)
+                        and any_rank(stop.requested, self.world, self.device))
             evaluate = step % t.eval_interval == 0 or step == t.max_iters
             checkpoint = step % t.checkpoint_interval == 0 or step == t.max_iters or stopping
             if evaluate or checkpoint:
