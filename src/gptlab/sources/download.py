@@ -1,0 +1,133 @@
+"""The url source, and the HTTP machinery the Hugging Face source shares: downloads that
+resume with a Range request, retries of what a retry may change, requests whose headers stay
+off a redirect."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
+from http.client import HTTPException
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, TypeVar
+
+from tqdm import tqdm
+
+from gptlab.errors import GptlabError
+from gptlab.sources.cache import DOWNLOAD_CACHE, Artifact, cached, store_verified
+
+URL_TIMEOUT_SECONDS = 30.0
+URL_ATTEMPTS = 4
+COPY_CHUNK_BYTES = 1 << 20
+# 4xx answers other than these will not change on a retry.
+RETRYABLE_HTTP_CODES = {408, 425, 429}
+T = TypeVar("T")
+
+
+class DownloadRefused(GptlabError):
+    """An HTTP answer a retry will not change (401, 404...); `code` lets a caller explain it."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def fetch_url(url: str, sha256: str, cache: Path = DOWNLOAD_CACHE,
+              timeout: float = URL_TIMEOUT_SECONDS, attempts: int = URL_ATTEMPTS,
+              headers: Mapping[str, str] | None = None) -> Artifact:
+    """Stream `url` into the cache with resume and retries, verified against `sha256`.
+
+    `headers` (a token, say) go to `url` only, never to a host it redirects to: the Hub sends
+    file downloads on to a CDN, which must not see the token.
+    """
+    if urllib.parse.urlparse(url).scheme not in ("http", "https"):
+        raise GptlabError(f"data.spec: {url!r} is not an http(s) URL")
+    hit = cached(cache, sha256)
+    if hit:
+        return Artifact(hit, sha256)
+    partial = cache / f"{sha256}.part"
+    partial.parent.mkdir(parents=True, exist_ok=True)
+
+    def download() -> None:
+        try:
+            _download_once(url, partial, timeout, headers or {})
+        except urllib.error.HTTPError as error:
+            if error.code != 416 or not partial.exists():
+                raise
+            # 416: killed after the last byte, so the partial file is whole; the hash decides
+
+    try:
+        retrying(download, f"download of {url}", attempts)
+    except urllib.error.HTTPError as error:
+        raise DownloadRefused(f"data.spec: HTTP {error.code} {error.reason} from {url}",
+                              error.code) from None
+    named = partial.with_name(_url_file_name(url))
+    os.replace(partial, named)
+    try:
+        return store_verified(named, sha256, cache)
+    finally:
+        named.unlink(missing_ok=True)
+
+
+def retrying(request: Callable[[], T], what: str, attempts: int) -> T:
+    """request() until it succeeds, retrying what a retry may change (5xx, 408/425/429, a
+    dropped connection) up to `attempts` times. Any other HTTP error is raised as it is: only
+    the caller knows which param it points at."""
+    for attempt in itertools.count(1):
+        try:
+            return request()
+        except urllib.error.HTTPError as error:
+            if error.code < 500 and error.code not in RETRYABLE_HTTP_CODES:
+                raise
+            problem = f"HTTP {error.code} {error.reason}"
+        except (urllib.error.URLError, HTTPException, OSError) as error:
+            problem = str(getattr(error, "reason", error)) or type(error).__name__
+        if attempt == attempts:
+            raise GptlabError(f"data.spec: {what} failed after {attempts} attempts: {problem}")
+        print(f"{what} interrupted ({problem}); retrying", file=sys.stderr)
+        time.sleep(0.5 * attempt)
+
+
+def _download_once(url: str, partial: Path, timeout: float, headers: Mapping[str, str]) -> None:
+    """Append the rest of `url` to `partial`, asking the server to resume where it stopped."""
+    have = partial.stat().st_size if partial.exists() else 0
+    request = build_request(url, headers)
+    if have:
+        request.add_header("Range", f"bytes={have}-")
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        if have and response.status != 206:
+            have = 0  # the server ignored the range: start over
+        length = response.headers.get("Content-Length")
+        total = have + int(length) if length is not None else None
+        with open(partial, "ab" if have else "wb") as out, tqdm(
+            total=total, initial=have, unit="B", unit_scale=True, desc=_url_file_name(url),
+            disable=None, file=sys.stderr,
+        ) as progress:
+            for chunk in _read_chunks(response):
+                out.write(chunk)
+                progress.update(len(chunk))
+    if total is not None and partial.stat().st_size < total:
+        raise HTTPException(f"connection closed after {partial.stat().st_size} of {total} bytes")
+
+
+def build_request(url: str, headers: Mapping[str, str]) -> urllib.request.Request:
+    """A GET of `url` whose `headers` urllib will not copy onto a redirect."""
+    request = urllib.request.Request(url, headers={"User-Agent": "gptlab"})
+    for key, value in headers.items():
+        request.add_unredirected_header(key, value)
+    return request
+
+
+def _read_chunks(stream: BinaryIO) -> Iterator[bytes]:
+    while chunk := stream.read(COPY_CHUNK_BYTES):
+        yield chunk
+
+
+def _url_file_name(url: str) -> str:
+    name = PurePosixPath(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name
+    return name if name and name not in (".", "..") else "download"
