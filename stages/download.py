@@ -8,12 +8,13 @@ from gptlab.params import load_params
 from gptlab.sources import fetch
 
 RAW_DIR = Path("data/raw")
+DOWNLOAD_CACHE = Path(".gptlab") / "downloads"
 
 
 def main() -> None:
     params = load_params()
     with atomic_dir(RAW_DIR) as staging:
-        manifest = fetch(params.data, staging)
+        manifest = fetch(params.data, staging, DOWNLOAD_CACHE)
         write_json(staging / "manifest.json", manifest)
     print(f"data/raw: {manifest['file_count']} files, {manifest['total_bytes']:,} bytes "
           f"from {params.data.source} {params.data.spec}")

@@ -874,24 +874,29 @@ def dest(tmp_path) -> Path:
     return folder
 
 
+def fetch_local(data: DataParams, dest: Path) -> dict:
+    # A local source never reads or writes the download cache, but fetch asks for one.
+    return sources.fetch(data, dest, dest.parent / "cache")
+
+
 def test_local_single_file_is_copied_with_its_name(corpus, dest):
     digest = sha256_of(b"# notes\n")
     # include does not apply to a single plain file: it is what was asked for.
-    manifest = sources.fetch(data_params("local", corpus / "notes.md", digest), dest)
+    manifest = fetch_local(data_params("local", corpus / "notes.md", digest), dest)
     assert files_under(dest) == {"notes.md": b"# notes\n"}
     assert manifest["artifact"] == "notes.md" and manifest["sha256"] == digest
 
 
 def test_local_single_file_sha256_mismatch(corpus, dest):
     with pytest.raises(GptlabError) as excinfo:
-        sources.fetch(data_params("local", corpus / "a.txt", "0" * 64), dest)
+        fetch_local(data_params("local", corpus / "a.txt", "0" * 64), dest)
     message = str(excinfo.value)
     assert message.startswith("data.sha256:") and sha256_of(b"alpha\n") in message
     assert not any(dest.iterdir())
 
 
 def test_local_folder_keeps_relative_paths_and_applies_include(corpus, dest):
-    manifest = sources.fetch(data_params("local", corpus), dest)
+    manifest = fetch_local(data_params("local", corpus), dest)
     assert files_under(dest) == {"a.txt": b"alpha\n", "sub/b.txt": b"beta\n"}
     assert manifest["artifact"] is None and manifest["sha256"] is None
     assert manifest["total_bytes"] == len(b"alpha\nbeta\n")
@@ -903,41 +908,41 @@ def test_local_folder_keeps_relative_paths_and_applies_include(corpus, dest):
 ])
 def test_local_glob(corpus, dest, pattern, expected):
     # Paths are relative to the glob's folder part, here the corpus folder.
-    sources.fetch(data_params("local", f"{corpus}/{pattern}", include=["*"]), dest)
+    fetch_local(data_params("local", f"{corpus}/{pattern}", include=["*"]), dest)
     assert files_under(dest) == expected
 
 
 def test_local_missing_path_names_data_spec(tmp_path, dest):
     with pytest.raises(GptlabError, match=r"data\.spec:.*no such file"):
-        sources.fetch(data_params("local", tmp_path / "nowhere"), dest)
+        fetch_local(data_params("local", tmp_path / "nowhere"), dest)
 
 
 def test_local_missing_file_with_sha256_names_data_spec(tmp_path, dest):
     with pytest.raises(GptlabError, match=r"data\.spec:"):
-        sources.fetch(data_params("local", tmp_path / "corpus.txt", "0" * 64), dest)
+        fetch_local(data_params("local", tmp_path / "corpus.txt", "0" * 64), dest)
 
 
 def test_local_glob_matching_nothing_names_data_spec(tmp_path, dest):
     with pytest.raises(GptlabError, match=r"data\.spec:"):
-        sources.fetch(data_params("local", f"{tmp_path}/nowhere/*.txt"), dest)
+        fetch_local(data_params("local", f"{tmp_path}/nowhere/*.txt"), dest)
 
 
 def test_local_folder_without_matches_names_data_include(corpus, dest):
     with pytest.raises(GptlabError, match=r"data\.include:.*\*\.csv"):
-        sources.fetch(data_params("local", corpus, include=["*.csv"]), dest)
+        fetch_local(data_params("local", corpus, include=["*.csv"]), dest)
     assert not any(dest.iterdir())
 
 
 def test_local_folder_with_sha256_is_refused(corpus, dest):
     with pytest.raises(GptlabError, match=r"data\.sha256:"):
-        sources.fetch(data_params("local", corpus, "0" * 64), dest)
+        fetch_local(data_params("local", corpus, "0" * 64), dest)
 
 
 def test_local_archive_file_is_unpacked(tmp_path, dest):
     archive = tmp_path / "texts.tar.gz"
     archive.write_bytes(tar_bytes(TEXTS))
     digest = sha256_of(archive.read_bytes())
-    manifest = sources.fetch(data_params("local", archive, digest, ["texts/*.txt"]), dest)
+    manifest = fetch_local(data_params("local", archive, digest, ["texts/*.txt"]), dest)
     assert files_under(dest) == {"texts/a.txt": b"alpha\n", "texts/b.txt": b"beta\n"}
     assert manifest["artifact"] == "texts.tar.gz" and manifest["sha256"] == digest
 

@@ -2,8 +2,8 @@
 
 Every downloaded artifact is checked against a pinned sha256 (for a Hugging Face dataset, the
 sha256 the Hub lists for each parquet shard at a resolved commit) and kept in a download cache
-keyed by that hash (`.gptlab/downloads/`), so a rerun never fetches the same bytes twice and a
-killed download resumes where it stopped.
+keyed by that hash (the folder the caller names; the download stage's is `.gptlab/downloads/`),
+so a rerun never fetches the same bytes twice and a killed download resumes where it stopped.
 
 One module per source kind (`pip`, `download` for url, `local`, `hf`), with what they share in
 `cache` (the sha256-keyed download cache), `download` (HTTP with retries and resume) and
@@ -17,13 +17,12 @@ from pathlib import Path
 from gptlab.io import sha256_file
 from gptlab.params import DataParams
 from gptlab.sources.archives import place_artifact
-from gptlab.sources.cache import DOWNLOAD_CACHE
 from gptlab.sources.download import fetch_url
 from gptlab.sources.local import place_local
 from gptlab.sources.pip import fetch_pip
 
 
-def fetch(data: DataParams, dest: Path, cache: Path = DOWNLOAD_CACHE) -> dict:
+def fetch(data: DataParams, dest: Path, cache: Path) -> dict:
     """Fetch the source named by `data` into the empty folder `dest`; return its manifest."""
     if data.source == "hf":
         from gptlab.sources.hf import fetch_hf  # pyarrow is slow to import; only hf needs it

@@ -9,8 +9,6 @@ from pathlib import Path
 from gptlab.errors import GptlabError
 from gptlab.io import atomic_path, sha256_file
 
-DOWNLOAD_CACHE = Path(".gptlab") / "downloads"
-
 
 class ChecksumMismatch(GptlabError):
     """Downloaded bytes that are not the pinned ones; `digest` is the sha256 that arrived."""

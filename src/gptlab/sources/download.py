@@ -19,7 +19,7 @@ from typing import BinaryIO, TypeVar
 from tqdm import tqdm
 
 from gptlab.errors import GptlabError
-from gptlab.sources.cache import DOWNLOAD_CACHE, Artifact, cached, store_verified
+from gptlab.sources.cache import Artifact, cached, store_verified
 
 URL_TIMEOUT_SECONDS = 30.0
 URL_ATTEMPTS = 4
@@ -37,7 +37,7 @@ class DownloadRefused(GptlabError):
         self.code = code
 
 
-def fetch_url(url: str, sha256: str, cache: Path = DOWNLOAD_CACHE,
+def fetch_url(url: str, sha256: str, cache: Path,
               timeout: float = URL_TIMEOUT_SECONDS, attempts: int = URL_ATTEMPTS,
               headers: Mapping[str, str] | None = None) -> Artifact:
     """Stream `url` into the cache with resume and retries, verified against `sha256`.

@@ -23,7 +23,7 @@ from gptlab.io import atomic_path
 from gptlab.params import SHA256_PATTERN, DataParams
 from gptlab.sources import describe_files
 from gptlab.sources.archives import matches_include
-from gptlab.sources.cache import DOWNLOAD_CACHE, ChecksumMismatch
+from gptlab.sources.cache import ChecksumMismatch
 from gptlab.sources.download import (
     URL_ATTEMPTS,
     URL_TIMEOUT_SECONDS,
@@ -77,7 +77,7 @@ class Tally:
                 or (self.max_bytes is not None and self.text_bytes >= self.max_bytes))
 
 
-def fetch_hf(data: DataParams, dest: Path, cache: Path = DOWNLOAD_CACHE) -> dict:
+def fetch_hf(data: DataParams, dest: Path, cache: Path) -> dict:
     """Stream the parquet shards of dataset `data.spec` into `dest` as JSON lines.
 
     The revision is resolved to a commit first, so every shard comes from the same snapshot

@@ -8,10 +8,10 @@ import tempfile
 from pathlib import Path
 
 from gptlab.errors import GptlabError
-from gptlab.sources.cache import DOWNLOAD_CACHE, Artifact, cached, store_verified
+from gptlab.sources.cache import Artifact, cached, store_verified
 
 
-def fetch_pip(requirement: str, sha256: str, cache: Path = DOWNLOAD_CACHE) -> Artifact:
+def fetch_pip(requirement: str, sha256: str, cache: Path) -> Artifact:
     """Download the source distribution of `requirement` with pip, verified against `sha256`.
 
     pip reads its usual configuration (index URL, find-links, proxies), so this source works
