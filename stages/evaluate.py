@@ -1,4 +1,4 @@
-"""evaluate stage: score models/ on every token of data/tokens/val_*.bin into metrics/eval.json."""
+"""evaluate stage: score MODELS_DIR on every token of the validation shards in TOKENS_DIR."""
 
 from pathlib import Path
 
@@ -7,17 +7,13 @@ from gptlab.evaluate import evaluate_model
 from gptlab.io import write_json
 from gptlab.params import load_params
 
-MODELS_DIR = Path("models")
-TOKENS_DIR = Path("data/tokens")
-METRICS = Path("metrics/eval.json")
 
-
-def main() -> None:
+def main(models_dir: Path, tokens_dir: Path, metrics_json: Path) -> None:
     params = load_params()
-    metrics = evaluate_model(MODELS_DIR, TOKENS_DIR, params.eval)
-    write_json(METRICS, metrics)
+    metrics = evaluate_model(models_dir, tokens_dir, params.eval)
+    write_json(metrics_json, metrics)
     print(", ".join(f"{key}={value}" for key, value in metrics.items()))
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, "MODELS_DIR", "TOKENS_DIR", "METRICS_JSON")

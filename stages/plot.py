@@ -1,4 +1,4 @@
-"""plot stage: figures of the training run (loss, learning rate, throughput) into plots/."""
+"""plot stage: figures of the training run (loss, learning rate, throughput) into PLOTS_DIR."""
 
 from pathlib import Path
 
@@ -6,15 +6,12 @@ from gptlab.errors import run_main
 from gptlab.params import load_params
 from gptlab.plots import make_figures
 
-LOG = Path("plots/train_log.csv")
-PLOTS_DIR = Path("plots")
 
-
-def main() -> None:
+def main(log_csv: Path, plots_dir: Path) -> None:
     params = load_params()
-    for path in make_figures(LOG, PLOTS_DIR, params.plot):
+    for path in make_figures(log_csv, plots_dir, params.plot):
         print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, "LOG_CSV", "PLOTS_DIR")

@@ -1,4 +1,4 @@
-"""sample stage: continue each prompt of params.sample with the model in models/, into samples/."""
+"""sample stage: continue each prompt of params.sample with the model in MODELS_DIR."""
 
 from pathlib import Path
 
@@ -7,18 +7,14 @@ from gptlab.generate import sample_prompts
 from gptlab.io import write_json, write_text
 from gptlab.params import load_params
 
-MODELS_DIR = Path("models")
-SAMPLES = Path("samples/samples.md")
-METRICS = Path("metrics/sample.json")
 
-
-def main() -> None:
+def main(models_dir: Path, samples_md: Path, metrics_json: Path) -> None:
     params = load_params()
-    markdown, metrics = sample_prompts(MODELS_DIR, params.sample)
-    write_text(SAMPLES, markdown)
-    write_json(METRICS, metrics)
+    markdown, metrics = sample_prompts(models_dir, params.sample)
+    write_text(samples_md, markdown)
+    write_json(metrics_json, metrics)
     print(", ".join(f"{key}={value}" for key, value in metrics.items()))
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, "MODELS_DIR", "SAMPLES_MD", "METRICS_JSON")

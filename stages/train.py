@@ -1,4 +1,4 @@
-"""train stage: train the model on data/tokens/ into models/, with a per-step log and metrics.
+"""train stage: train the model on TOKENS_DIR into MODELS_DIR, with a per-step log and metrics.
 
 With train.nproc > 1 the stage starts itself again under torchrun, one process per GPU (or
 CPU worker); started by torchrun (as on several machines), it is one process of that run.
@@ -9,22 +9,21 @@ from pathlib import Path
 
 from gptlab.distributed import relaunch_under_torchrun, under_torchrun, world_from_env
 from gptlab.errors import run_main
-from gptlab.io import write_json
-from gptlab.params import load_params
-from gptlab.train import RunParams, train
-
-METRICS = Path("metrics/train.json")
+from gptlab.io import CACHE_DIR, write_json
+from gptlab.params import RunParams, load_params
+from gptlab.train import TrainPaths, train
 
 
-def main() -> None:
+def main(tokens_dir: Path, models_dir: Path, log_csv: Path, metrics_json: Path) -> None:
     params = load_params()
     if params.train.nproc > 1 and not under_torchrun():
-        sys.exit(relaunch_under_torchrun(params.train.nproc, __file__))
-    metrics = train(RunParams(params.seed, params.model, params.train))
+        sys.exit(relaunch_under_torchrun(params.train.nproc, sys.argv))
+    paths = TrainPaths(tokens_dir, models_dir, log_csv, CACHE_DIR / "runs")
+    metrics = train(RunParams(params.seed, params.model, params.train), paths)
     if world_from_env().is_main:
-        write_json(METRICS, metrics)
+        write_json(metrics_json, metrics)
         print(", ".join(f"{key}={value}" for key, value in metrics.items()))
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, "TOKENS_DIR", "MODELS_DIR", "LOG_CSV", "METRICS_JSON")

@@ -1,18 +1,30 @@
-"""Shared fixtures: the project's own params, stage runners, and the shared test corpus."""
+"""What several test modules share: the project's params, running stages and DVC, small
+corpora and token folders, tiny models, and one pipeline run that the pipeline, remote and
+plot tests all read (each test that changes a project works on its own copy)."""
 
 from __future__ import annotations
 
 import copy
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 
+from gptlab.encode import encode_splits
+from gptlab.params import ModelConfig, RunParams, load_params
+from gptlab.tokenizers import CharTokenizer
+from gptlab.train import TrainPaths
+
 ROOT = Path(__file__).resolve().parents[1]
+DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+PROJECT_PARAMS = load_params(ROOT / "params.yaml")
 # A well-known corpus kept beside the checkout for tests and benchmarks (not in git).
 TINYSHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -90,14 +102,19 @@ def write_params(folder: Path, params: dict[str, Any]) -> Path:
     return path
 
 
+def stage_command(stage: str) -> list[str]:
+    """The command dvc.yaml runs for `stage`, with this checkout's script and interpreter."""
+    _, script, *paths = DVC_YAML["stages"][stage]["cmd"].split()
+    return [sys.executable, str(ROOT / script), *paths]
+
+
 def run_stage(
-    script: str, cwd: Path, env: dict[str, str] | None = None
+    stage: str, cwd: Path, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    """Run a stage script of this checkout in `cwd`, as DVC would, capturing its output."""
-    return subprocess.run(
-        [sys.executable, str(ROOT / "stages" / script)],
-        cwd=cwd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600,
-    )
+    """Run a stage of this checkout in `cwd` as DVC would, with dvc.yaml's paths, capturing its
+    output."""
+    return subprocess.run(stage_command(stage), cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
 
 
 @pytest.fixture
@@ -113,3 +130,154 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     return lines[0]
+
+
+# --- tiny models and training runs -----------------------------------------------------------
+
+TINY_MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16}
+TINY_TRAIN = {"device": "cpu", "dtype": "float32", "batch_size": 4, "max_iters": 40,
+              "warmup_iters": 5, "eval_interval": 20, "eval_iters": 2, "log_interval": 5,
+              "checkpoint_interval": 20}
+
+
+def model_config(**fields: Any) -> ModelConfig:
+    """The project's model section with `fields` (vocab_size among them) replaced, validated."""
+    return ModelConfig(**{**PROJECT_PARAMS.model.model_dump(), **fields})
+
+
+def run_params(model: dict | None = None, train_overrides: dict | None = None,
+               seed: int = 1337) -> RunParams:
+    """The project's training params, shrunk to TINY_MODEL and TINY_TRAIN, then overridden."""
+    return RunParams(
+        seed,
+        PROJECT_PARAMS.model.model_copy(update={**TINY_MODEL, **(model or {})}),
+        PROJECT_PARAMS.train.model_copy(update={**TINY_TRAIN, **(train_overrides or {})}),
+    )
+
+
+def make_corpus(length: int = 60_000) -> str:
+    """Seeded pseudo-English: enough structure for the loss to fall within a few steps."""
+    words = ["the", "king", "is", "dead", "long", "live", "the", "queen", "my", "lord", "shall",
+             "we", "go", "to", "the", "tower", "where", "none", "may", "follow", "and", "all",
+             "is", "well", "that", "ends", "well"]
+    rng = np.random.default_rng(0)
+    text = " ".join(words[i] for i in rng.integers(0, len(words), length // 4))
+    return "\n".join(text[i : i + 60] for i in range(0, len(text), 60))[:length]
+
+
+def write_tokens(folder: Path, text: str, shard_tokens: int = 10**6) -> Path:
+    """A data/tokens folder as the tokenize stage writes it, for a char tokenizer."""
+    tokens_dir = folder / "data" / "tokens"
+    tokens_dir.mkdir(parents=True)
+    cut = int(len(text) * 0.9)
+    for name, part in (("train", text[:cut]), ("val", text[cut:])):
+        (folder / f"{name}.txt").write_text(part)
+    texts = {name: folder / f"{name}.txt" for name in ("train", "val")}
+    encode_splits(CharTokenizer(text), texts, tokens_dir, shard_tokens)
+    return tokens_dir
+
+
+def paths_in(folder: Path, tokens_dir: Path) -> TrainPaths:
+    """Where a training run in `folder` writes, reading `tokens_dir`."""
+    return TrainPaths(tokens_dir, folder / "models", folder / "train_log.csv", folder / "runs")
+
+
+# --- DVC projects ----------------------------------------------------------------------------
+
+# Everything the stages write: a copy of the project must not bring the checkout's outputs.
+STAGE_OUTPUTS = tuple(
+    next(iter(out)) if isinstance(out, dict) else out
+    for spec in DVC_YAML["stages"].values()
+    for out in spec.get("outs", []) + spec.get("metrics", [])
+)
+PLAYS = {
+    "hamlet.txt": "Who's there? Nay, answer me: stand, and unfold yourself.\n",
+    "macbeth.txt": "When shall we three meet again in thunder, lightning, or in rain?\n",
+    "lear.txt": "Meantime we shall express our darker purpose. Give me the map there.\n",
+    "tempest.txt": "Boatswain! Here, master: what cheer? Good, speak to the mariners.\n",
+}
+ALL_STAGES = set(DVC_YAML["stages"])
+TINY_SAMPLE = {"num_samples": 2, "max_new_tokens": 40, "prompts": ["\n"]}
+
+
+def make_project(folder: Path) -> Path:
+    """Copy the checkout's files (not its outputs or lock file) into `folder`/project."""
+    project = folder / "project"
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.split()
+    for name in listed:
+        source = ROOT / name
+        if name == "dvc.lock" or name.startswith(STAGE_OUTPUTS) or not source.is_file():
+            continue
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, project / name)
+    return project
+
+
+def git(project: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=project, check=True, capture_output=True)
+
+
+def commit(project: Path, message: str) -> None:
+    git(project, "add", "-A")
+    git(project, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message)
+
+
+def dvc_run(project: Path, *args: str) -> subprocess.CompletedProcess:
+    """`dvc ARGS` in `project`, with a PATH of this environment and the system only."""
+    bin_dir = str(Path(sys.executable).parent)
+    return subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=project, capture_output=True, text=True,
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(project.parent)}, timeout=600,
+    )
+
+
+def dvc(project: Path, *args: str) -> str:
+    """`dvc ARGS` in `project`, which must succeed; its standard output."""
+    result = dvc_run(project, *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '(\w+)'", output))
+
+
+def change_params(project: Path, overrides: dict) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    write_params(project, with_overrides(params, overrides))
+
+
+def copy_project(project: Path, folder: Path) -> Path:
+    """A copy of a project repo, its git history and DVC cache included, to change freely."""
+    copy = folder / "project"
+    shutil.copytree(project, copy, symlinks=True)
+    return copy
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory, default_params) -> tuple[Path, str]:
+    """A project repo on a small local corpus (four plays, one twice) whose whole pipeline has
+    run once and been committed, and the output of that run. Read it, or copy it to change it.
+    """
+    project = make_project(tmp_path_factory.mktemp("pipeline"))
+    corpus = project / "corpus"
+    corpus.mkdir()
+    for index, (name, line) in enumerate(PLAYS.items()):
+        (corpus / name).write_text(f"{name.upper()}\n\n" + line * (40 + 10 * index))
+    shutil.copy(corpus / "hamlet.txt", corpus / "hamlet_again.txt")  # work for the deduper
+    write_params(project, with_overrides(default_params, {
+        "data.source": "local", "data.spec": "corpus", "data.sha256": None,
+        "data.include": ["*.txt"],
+        "clean.min_chars": 100,
+        **{f"model.{key}": value for key, value in TINY_MODEL.items()},
+        **{f"train.{key}": value for key, value in TINY_TRAIN.items()},
+        **{f"sample.{key}": value for key, value in TINY_SAMPLE.items()},
+    }))
+    git(project, "init", "-q")
+    commit(project, "init")  # the corpus goes into git: a clone's download stage reads it
+    first_run = dvc(project, "repro")
+    commit(project, "pipeline ran")  # dvc.lock, metrics, plots, samples
+    return project, first_run

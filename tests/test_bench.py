@@ -1,4 +1,4 @@
-"""Tests of gptlab.bench's GPU speed ladder, run on the CPU with a tiny model.
+"""Tests of gptlab.bench.ladder, the GPU speed ladder, run on the CPU with a tiny model.
 
 Timings are never asserted (see the module's docstring): only that each row measured what it
 names, at the batch it reports, and that the figures agree with each other. There is no GPU
@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import model_config
 
-from gptlab import bench
-from gptlab.bench import (
+from gptlab.bench import ladder as bench
+from gptlab.bench.ladder import (
     GPT2_SHAPE,
     RUNGS,
     LadderRow,
@@ -27,11 +28,11 @@ from gptlab.bench import (
     speed_ladder,
     train_step,
 )
-from gptlab.model import GPTConfig, build_model
+from gptlab.model import build_model
 
 CPU = torch.device("cpu")
 # Vocabulary 100 pads to 128, so the padded-vocab row changes the tables.
-TINY = GPTConfig(vocab_size=100, n_layer=2, n_head=2, n_embd=32, block_size=16)
+TINY = model_config(vocab_size=100, n_layer=2, n_head=2, n_embd=32, block_size=16)
 # Compiling takes about a minute even for a tiny model: the tests leave it out.
 CHEAP_ROWS = ladder(compile=False)
 
@@ -71,7 +72,7 @@ def test_gpt2_shape_is_gpt2_small_with_its_true_vocabulary():
     model_shape = (GPT2_SHAPE.n_layer, GPT2_SHAPE.n_head, GPT2_SHAPE.n_embd, GPT2_SHAPE.block_size)
     assert model_shape == (12, 12, 768, 1024)
     assert GPT2_SHAPE.vocab_size == 50257
-    assert dataclasses.replace(GPT2_SHAPE, pad_vocab=True).padded_vocab_size == 50304
+    assert GPT2_SHAPE.model_copy(update={"pad_vocab": True}).padded_vocab_size == 50304
 
 
 # --- measuring ---------------------------------------------------------------------------------
@@ -139,14 +140,14 @@ def test_each_row_times_the_asked_number_of_steps_after_warmup():
 def test_mfu_is_model_flops_over_the_peak(monkeypatch):
     monkeypatch.setattr(bench, "peak_flops", lambda device, dtype: 1e12)
     for row in run_ladder(rows=CHEAP_ROWS[-2:]):
-        config = dataclasses.replace(TINY, pad_vocab=row.settings.pad_vocab)
+        config = TINY.model_copy(update={"pad_vocab": row.settings.pad_vocab})
         expected = flops_per_token(config) * row.tokens_per_sec / 1e12
         assert row.mfu == pytest.approx(expected)
 
 
 def test_flops_per_token_matches_a_real_model():
     for pad in (False, True):
-        config = dataclasses.replace(TINY, pad_vocab=pad)
+        config = TINY.model_copy(update={"pad_vocab": pad})
         assert flops_per_token(config) == build_model(config).flops_per_token()
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, one_error_line, run_stage, write_params
+from conftest import one_error_line, run_stage, stage_command, write_params
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -35,7 +35,6 @@ from gptlab.clean import (
     shingle_hashes,
     sorted_unique,
     split_documents,
-    split_tail,
     strip_gutenberg,
     tail_cut,
 )
@@ -727,26 +726,27 @@ def test_sorted_unique_is_numpy_unique() -> None:
 # splitting
 
 
-def test_split_tail_matches_nanogpt_on_tinyshakespeare(tinyshakespeare: Path) -> None:
+def test_a_tail_split_matches_nanogpt_on_tinyshakespeare(tmp_path: Path,
+                                                          tinyshakespeare: Path) -> None:
     text = read_utf8(tinyshakespeare)
-    train, val = split_tail(text, 0.1)
+    raw = write_raw(tmp_path / "raw", {"input.txt": text})
+    metrics, _, train, val = clean_into(tmp_path, raw, make_params(split="tail"))
     # nanoGPT's shakespeare_char prepare.py: data[:int(n*0.9)] and data[int(n*0.9):].
     assert (len(train), len(val)) == (1_003_854, 111_540)
+    assert (metrics["train_chars"], metrics["val_chars"]) == (1_003_854, 111_540)
     assert train + val == text
     assert tail_cut(len(text), 0.1) == len(train)
 
 
-def test_split_tail_keeps_every_character() -> None:
-    text = HAMLET_MODERN
-    train, val = split_tail(text, 0.25)
-    assert train + val == text
-    assert len(train) == int(len(text) * 0.75)
+def test_tail_cut_is_nanogpts_index() -> None:
+    assert tail_cut(1000, 0.25) == 750
+    assert tail_cut(1001, 0.1) == int(1001 * 0.9)
 
 
-@pytest.mark.parametrize(("text", "fraction"), [("a", 0.1), ("", 0.5), ("abcdefghij", 1e-18)])
-def test_split_tail_refuses_an_empty_split(text: str, fraction: float) -> None:
+@pytest.mark.parametrize(("chars", "fraction"), [(1, 0.1), (0, 0.5), (10, 1e-18)])
+def test_tail_cut_refuses_an_empty_split(chars: int, fraction: float) -> None:
     with pytest.raises(GptlabError, match=r"clean\.val_fraction"):
-        split_tail(text, fraction)
+        tail_cut(chars, fraction)
 
 
 def many_docs(count: int = 30) -> list[Facts]:
@@ -1149,7 +1149,7 @@ def test_nfkc_then_lowercase_applies_to_the_corpus(tmp_path: Path) -> None:
 def test_clean_stage_writes_its_outputs(tmp_path: Path, params_for) -> None:
     write_raw(tmp_path / "data" / "raw", CORPUS)
     write_params(tmp_path, params_for({"clean.min_chars": CORPUS_MIN_CHARS}))
-    result = run_stage("clean.py", tmp_path)
+    result = run_stage("clean", tmp_path)
     assert result.returncode == 0, result.stderr
     clean_dir = tmp_path / "data" / "clean"
     assert sorted(p.name for p in clean_dir.iterdir()) == ["report.json", "train.txt", "val.txt"]
@@ -1173,7 +1173,7 @@ def test_clean_stage_refuses_invalid_utf8_in_one_line(tmp_path: Path, params_for
     bad = "Ophélie: «Adieu»\n".encode("latin-1")
     write_raw(tmp_path / "data" / "raw", CORPUS | {"texts/ophelia.txt": bad})
     write_params(tmp_path, params_for({"clean.min_chars": CORPUS_MIN_CHARS}))
-    line = one_error_line(run_stage("clean.py", tmp_path))
+    line = one_error_line(run_stage("clean", tmp_path))
     assert "texts/ophelia.txt" in line and "byte offset 3" in line
     assert not (tmp_path / "data" / "clean").exists()
     assert not (tmp_path / "metrics" / "clean.json").exists()
@@ -1183,7 +1183,7 @@ def test_clean_stage_refuses_a_bad_jsonl_line_in_one_line(tmp_path: Path, params
     pages = jsonl(HAMLET_MODERN, MACBETH_MODERN) + '{"title": "Hamlet"}\n'
     write_raw(tmp_path / "data" / "raw", {"web/pages.jsonl": pages})
     write_params(tmp_path, params_for())
-    line = one_error_line(run_stage("clean.py", tmp_path))
+    line = one_error_line(run_stage("clean", tmp_path))
     assert "web/pages.jsonl:3: " in line and '"text" string' in line
     # Nothing half-written is left: no clean folder, no staging folder, no metrics.
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["raw"]
@@ -1193,7 +1193,7 @@ def test_clean_stage_refuses_a_bad_jsonl_line_in_one_line(tmp_path: Path, params
 def test_clean_stage_refuses_an_empty_corpus_in_one_line(tmp_path: Path, params_for) -> None:
     write_raw(tmp_path / "data" / "raw", {"empty.txt": "", "blank.txt": "\n\n"})
     write_params(tmp_path, params_for())
-    line = one_error_line(run_stage("clean.py", tmp_path))
+    line = one_error_line(run_stage("clean", tmp_path))
     assert "clean.min_chars=500" in line and "2 read" in line
     assert not (tmp_path / "data" / "clean").exists()
 
@@ -1243,8 +1243,9 @@ def test_clean_stage_memory_does_not_grow_with_the_corpus(tmp_path: Path, params
     # Boilerplate stripping only costs time here: this corpus has none.
     write_params(tmp_path, params_for({"clean.dedupe": "exact", "clean.split": "documents",
                                        "clean.strip_boilerplate": False}))
+    _, *stage = stage_command("clean")
     result = subprocess.run(
-        [sys.executable, "-c", PEAK_MEMORY_OF, str(ROOT / "stages" / "clean.py")],
+        [sys.executable, "-c", PEAK_MEMORY_OF, *stage],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr

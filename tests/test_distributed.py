@@ -8,18 +8,24 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, one_error_line, run_stage, with_overrides, write_params
+from conftest import (
+    make_corpus,
+    one_error_line,
+    run_stage,
+    stage_command,
+    with_overrides,
+    write_params,
+    write_tokens,
+)
 from safetensors.torch import load_file
-from test_train import make_corpus, write_tokens
 
+from gptlab.batches import batch_seed
 from gptlab.distributed import World, any_rank, gather_to_all, mean_over_ranks, world_from_env
-from gptlab.train import batch_seed
 
 MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16}
 # grad_accum 2 over the whole run: two micro-batches in one process, or one in each of two.
@@ -48,7 +54,7 @@ def train_losses(folder: Path) -> list[float]:
 
 def start_stage(folder: Path) -> subprocess.Popen:
     # A session of its own, so that a kill reaches torchrun and every process it started.
-    return subprocess.Popen([sys.executable, str(ROOT / "stages" / "train.py")], cwd=folder,
+    return subprocess.Popen(stage_command("train"), cwd=folder,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
@@ -66,7 +72,7 @@ def kill_processes_in(folder: Path) -> None:
 def trained(folder: Path, tokens_dir: Path, default_params, nproc: int) -> Path:
     """The train stage run to its end in `folder` with `nproc` processes; its output checked."""
     project(folder, tokens_dir, lambda o: with_overrides(default_params, o), nproc=nproc)
-    result = run_stage("train.py", folder)
+    result = run_stage("train", folder)
     assert result.returncode == 0, result.stderr
     assert ("--nproc_per_node=2" in result.stderr) == (nproc == 2)
     assert result.stdout.count("final_val_loss=") == 1  # rank 0 alone reports
@@ -120,7 +126,7 @@ def test_killed_ddp_run_resumes_to_the_uninterrupted_weights(tmp_path, tokens_di
     kill_processes_in(folder)  # torchrun starts its workers in sessions of their own
     assert not (folder / "metrics" / "train.json").exists()
 
-    result = run_stage("train.py", folder)
+    result = run_stage("train", folder)
     assert result.returncode == 0, result.stderr
     assert "resuming from step" in result.stderr
     resumed = load_file(folder / "models" / "model.safetensors")
@@ -135,7 +141,7 @@ def test_grad_accum_not_divisible_by_nproc_is_one_error_line(tmp_path, tokens_di
                                      **{f"train.{k}": v for k, v in TRAIN.items()},
                                      "train.nproc": 2, "train.grad_accum": 3}))
     assert "train.grad_accum: 3 is not divisible by train.nproc=2" in one_error_line(
-        run_stage("train.py", folder))
+        run_stage("train", folder))
 
 
 def test_a_world_of_one_needs_no_process_group():

@@ -30,7 +30,7 @@ def test_ctrl_c_exits_130_without_a_traceback(capsys):
 
 def test_gptlab_debug_shows_the_traceback(tmp_path, params_for):
     write_params(tmp_path, params_for({"clean.split": "random"}))
-    assert "clean.split" in one_error_line(run_stage("clean.py", tmp_path))
-    debug = run_stage("clean.py", tmp_path, env={"GPTLAB_DEBUG": "1"})
+    assert "clean.split" in one_error_line(run_stage("clean", tmp_path))
+    debug = run_stage("clean", tmp_path, env={"GPTLAB_DEBUG": "1"})
     assert debug.returncode == 1
     assert "Traceback" in debug.stderr and "GptlabError" in debug.stderr

@@ -12,15 +12,24 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_stage, write_params
-from test_train import PROJECT_PARAMS, make_corpus, paths_in, run_params, write_tokens
+from conftest import (
+    PROJECT_PARAMS,
+    make_corpus,
+    model_config,
+    paths_in,
+    run_params,
+    run_stage,
+    write_params,
+    write_tokens,
+)
 
-from gptlab.checkpoint import save_published
+from gptlab.encode import encode_file
 from gptlab.errors import GptlabError
 from gptlab.evaluate import evaluate_model, evaluate_tokens, train_sample
-from gptlab.model import GPTConfig, build_model
+from gptlab.model import build_model
+from gptlab.published import save_published
 from gptlab.tokenizers import CharTokenizer
-from gptlab.tokens import encode_file, read_header
+from gptlab.tokens import read_header
 from gptlab.train import train
 
 CPU = torch.device("cpu")
@@ -37,8 +46,8 @@ TRAIN_KEYS = {"train_loss", "train_perplexity", "train_bits_per_byte", "train_to
 def random_model(arch: str, vocab_size: int = 11) -> torch.nn.Module:
     """A tiny model with large random weights, so that every token's loss is different."""
     torch.manual_seed(0)
-    model = build_model(GPTConfig(vocab_size=vocab_size, arch=arch, n_layer=2, n_head=2,
-                                  n_embd=16, block_size=BLOCK))
+    model = build_model(model_config(vocab_size=vocab_size, arch=arch, n_layer=2, n_head=2,
+                                     n_embd=16, block_size=BLOCK))
     for param in model.parameters():
         torch.nn.init.normal_(param, std=0.5)
     return model
@@ -61,7 +70,8 @@ def make_project(folder: Path, text: str) -> Path:
     """data/tokens of `text` and an untrained tiny model in models/, under `folder`."""
     tokens_dir = write_tokens(folder, text)
     vocab_size = CharTokenizer(text).vocab_size
-    config = GPTConfig(vocab_size=vocab_size, n_layer=1, n_head=2, n_embd=16, block_size=BLOCK)
+    config = model_config(vocab_size=vocab_size, n_layer=1, n_head=2, n_embd=16,
+                          block_size=BLOCK)
     save_published(build_model(config), config, tokens_dir / "tokenizer.json", {},
                    folder / "models")
     return folder
@@ -183,6 +193,13 @@ def miscount_val_tokens_in_meta(project: Path) -> None:
     meta_path.write_text(json.dumps(meta))
 
 
+def record_another_tokenizer_in_meta(project: Path) -> None:
+    meta_path = project / "data" / "tokens" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["tokenizer_fingerprint"] = CharTokenizer("xyz").fingerprint
+    meta_path.write_text(json.dumps(meta))
+
+
 def encode_val_with_another_tokenizer(project: Path) -> None:
     tokenizer = CharTokenizer(make_corpus(3000) + "Z")
     encode_file(tokenizer, project / "val.txt", project / "data" / "tokens", "val", 10**6)
@@ -199,6 +216,8 @@ def encode_val_with_another_tokenizer(project: Path) -> None:
     (lambda p: (p / "data" / "tokens" / "val_000000.bin").write_bytes(b"hello"),
      r"val_000000\.bin: not a gptlab token file"),
     (encode_val_with_another_tokenizer, r"val_000000\.bin: written by another tokenizer"),
+    (record_another_tokenizer_in_meta, r"meta\.json: tokens of another tokenizer than the "
+                                       r"model in .*models was trained with"),
 ])
 def test_bad_inputs_name_the_file(untrained, tmp_path, damage, message):
     project = tmp_path / "project"
@@ -218,7 +237,7 @@ def stage_project(trained, tmp_path, params_for) -> Path:
 
 
 def test_stage_writes_metrics(stage_project):
-    result = run_stage("evaluate.py", stage_project)
+    result = run_stage("evaluate", stage_project)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((stage_project / "metrics" / "eval.json").read_text())
     assert set(metrics) == VAL_KEYS | TRAIN_KEYS
@@ -227,12 +246,11 @@ def test_stage_writes_metrics(stage_project):
 
 @pytest.mark.parametrize(("damage", "named"), [
     (lambda p: shutil.rmtree(p / "models"), "models/config.json"),
-    (lambda p: CharTokenizer("xyz").save(p / "data" / "tokens" / "tokenizer.json"),
-     "data/tokens/tokenizer.json"),
+    (record_another_tokenizer_in_meta, "data/tokens/meta.json"),
 ])
 def test_stage_refuses_bad_inputs_in_one_line(stage_project, damage, named):
     damage(stage_project)
-    result = run_stage("evaluate.py", stage_project)
+    result = run_stage("evaluate", stage_project)
     assert result.returncode == 1
     assert result.stderr.startswith("error:") and named in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr

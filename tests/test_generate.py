@@ -11,13 +11,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import one_error_line, run_stage, write_params
-from test_train import make_corpus, paths_in, run_params, write_tokens
+from conftest import (
+    make_corpus,
+    model_config,
+    one_error_line,
+    paths_in,
+    run_params,
+    run_stage,
+    write_params,
+    write_tokens,
+)
 from torch import nn
 
 from gptlab.errors import GptlabError
 from gptlab.generate import code_span, encode_prompt, fenced, generate, next_tokens
-from gptlab.model import Bigram, GPTConfig, build_model
+from gptlab.model import Bigram, build_model
 from gptlab.tokenizers import CharTokenizer
 from gptlab.train import train
 
@@ -32,8 +40,8 @@ def peaked_gpt(pos: str = "learned") -> nn.Module:
     """A random GPT whose logits are far apart and whose attention depends on position and
     content, so that any slip of the cache or the window changes the tokens."""
     torch.manual_seed(0)
-    model = build_model(GPTConfig(vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32,
-                                  block_size=BLOCK, pos=pos))
+    model = build_model(model_config(vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32,
+                                     block_size=BLOCK, pos=pos))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.dim() == 2:
@@ -138,7 +146,7 @@ def test_narrowed_sampling_equals_greedy(narrowing):
 
 def fixed_distribution_bigram(probs: list[float]) -> Bigram:
     """A bigram whose next token is drawn from `probs` whatever the current token."""
-    model = build_model(GPTConfig(vocab_size=len(probs), arch="bigram", block_size=BLOCK))
+    model = build_model(model_config(vocab_size=len(probs), arch="bigram", block_size=BLOCK))
     with torch.no_grad():
         model.logits_table.weight.copy_(torch.tensor(probs).log().expand(len(probs), -1))
     return model
@@ -168,7 +176,7 @@ EOT = 7
 def chain_bigram(next_token: dict[int, list[int]]) -> Bigram:
     """A bigram that goes from token a to one of next_token[a], equally likely; every token not
     listed goes to EOT."""
-    model = build_model(GPTConfig(vocab_size=8, arch="bigram", block_size=BLOCK))
+    model = build_model(model_config(vocab_size=8, arch="bigram", block_size=BLOCK))
     table = torch.full((8, 8), -1e4)
     table[:, EOT] = 0.0
     for token, successors in next_token.items():
@@ -232,7 +240,7 @@ def sample_project(folder: Path, models_dir: Path, params_for, overrides=None) -
 
 def test_stage_writes_samples_and_metrics_the_same_every_run(tmp_path, models_dir, params_for):
     project = sample_project(tmp_path, models_dir, params_for)
-    first = run_stage("sample.py", project)
+    first = run_stage("sample", project)
     assert first.returncode == 0, first.stderr
     markdown = (project / "samples" / "samples.md").read_text()
     assert '## Prompt 1: `"\\n"`' in markdown and '## Prompt 2: `"the king"`' in markdown
@@ -242,14 +250,14 @@ def test_stage_writes_samples_and_metrics_the_same_every_run(tmp_path, models_di
     metrics = json.loads((project / "metrics" / "sample.json").read_text())
     assert metrics["tokens_per_sec"] > 0 and metrics["samples"] == 4
     assert metrics["generated_tokens"] == 4 * 30  # a char tokenizer has no end-of-text token
-    assert run_stage("sample.py", project).returncode == 0
+    assert run_stage("sample", project).returncode == 0
     assert (project / "samples" / "samples.md").read_text() == markdown
 
 
 def test_stage_refuses_a_prompt_it_cannot_encode(tmp_path, models_dir, params_for):
     project = sample_project(tmp_path, models_dir, params_for,
                              {"sample.prompts": ["the", "thé"]})
-    line = one_error_line(run_stage("sample.py", project))
+    line = one_error_line(run_stage("sample", project))
     assert "sample.prompts[1]: character 'é' (U+00E9)" in line
     assert not (project / "samples").exists() and not (project / "metrics").exists()
 
@@ -294,7 +302,7 @@ def test_cli_chat_continues_each_line_until_quit(tmp_path, models_dir):
 
 
 def test_generation_runs_on_one_cpu_thread_and_restores_the_setting():
-    model = build_model(GPTConfig(vocab_size=11, n_layer=1, n_head=2, n_embd=16, block_size=8))
+    model = build_model(model_config(vocab_size=11, n_layer=1, n_head=2, n_embd=16, block_size=8))
     seen = []
     model.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
     before = torch.get_num_threads()

@@ -6,18 +6,19 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import model_config
 from torch import nn
 
 from gptlab.model import (
     GPT,
     Bigram,
-    GPTConfig,
     KVCache,
     apply_rope,
     build_model,
     rope_tables,
     swiglu_hidden_size,
 )
+from gptlab.params import ModelConfig
 
 VOCAB = 65
 BLOCK = 16
@@ -26,9 +27,9 @@ VARIANTS = list(
 )
 
 
-def tiny_config(**overrides) -> GPTConfig:
+def tiny_config(**overrides) -> ModelConfig:
     fields = dict(vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32, block_size=BLOCK)
-    return GPTConfig(**(fields | overrides))
+    return model_config(**(fields | overrides))
 
 
 def tiny_model(seed: int = 0, **overrides) -> GPT | Bigram:
@@ -60,8 +61,8 @@ def test_config_without_pad_vocab_pads_as_before_the_field_existed():
     # config.json files written before pad_vocab existed hold every other field; their weights
     # have padded tables, so loading them must pad.
     fields = dict(vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32, block_size=BLOCK)
-    assert GPTConfig(**fields).pad_vocab is True
-    assert GPTConfig(**fields).padded_vocab_size == 128
+    assert model_config(**fields).pad_vocab is True
+    assert model_config(**fields).padded_vocab_size == 128
 
 
 @pytest.mark.parametrize(

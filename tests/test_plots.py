@@ -12,18 +12,15 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
-import yaml
-from conftest import ROOT, one_error_line, run_stage, write_params
+from conftest import PROJECT_PARAMS, ROOT, dvc, one_error_line, run_stage, write_params
 from dvc_render.html import render_html
 from dvc_render.vega import VegaRenderer
-from test_pipeline import dvc, git
 
 from gptlab.errors import GptlabError
-from gptlab.params import load_params
-from gptlab.plots import VEGA_PACKAGES, build_offline_template, make_figures, read_log
-from gptlab.train import LOG_COLUMNS
+from gptlab.plots import VEGA_PACKAGES, build_offline_template, log_frame, make_figures
+from gptlab.trainlog import LOG_COLUMNS
 
-PLOT_PARAMS = load_params(ROOT / "params.yaml").plot
+PLOT_PARAMS = PROJECT_PARAMS.plot
 FIGURES = ["loss.png", "lr.png", "throughput.png"]
 TEMPLATE = ROOT / ".gptlab" / "plots-template.html"
 
@@ -63,20 +60,20 @@ def test_any_smoothing_and_a_single_row_log_work(tmp_path, smooth):
     assert len(make_figures(log, tmp_path / "out", params)) == 3
 
 
-def test_read_log_turns_empty_cells_into_missing_values(tmp_path):
+def test_the_log_table_has_numbers_and_missing_values_where_cells_are_empty(tmp_path):
     log = tmp_path / "train_log.csv"
     write_log(log)
-    frame = read_log(log)
+    frame = log_frame(log)
+    assert list(frame.columns) == list(LOG_COLUMNS)
     assert frame["val_loss"].notna().sum() == 5  # step 0 and every 10th step
     assert frame["train_loss"].isna().iloc[0]
+    assert frame["step"].dtype.kind == "i" and frame["lr"].dtype.kind == "f"
 
 
+# Every kind of bad log is tested in test_trainlog; here, that none leaves a figure behind.
 @pytest.mark.parametrize(("content", "problem"), [
     (None, "not found"),
-    ("", "not a training log"),
-    ("step,tokens,train_loss\n1,2,3\n", "missing columns"),
-    (",".join(LOG_COLUMNS) + "\n", "no rows"),
-    (",".join(LOG_COLUMNS) + "\n1,768,abc,,,,\n", "non-numeric"),
+    (",".join(LOG_COLUMNS) + "\n1,768,abc,,,,\n", "line 2: non-numeric"),
 ])
 def test_bad_logs_are_refused_naming_the_file_and_nothing_is_written(tmp_path, content, problem):
     log = tmp_path / "train_log.csv"
@@ -90,38 +87,19 @@ def test_bad_logs_are_refused_naming_the_file_and_nothing_is_written(tmp_path, c
 
 def test_stage_writes_figures_and_refuses_a_missing_log_in_one_line(tmp_path, params_for):
     write_params(tmp_path, params_for())
-    assert "plots/train_log.csv: not found" in one_error_line(run_stage("plot.py", tmp_path))
+    assert "plots/train_log.csv: not found" in one_error_line(run_stage("plot", tmp_path))
     write_log(tmp_path / "plots" / "train_log.csv")
-    result = run_stage("plot.py", tmp_path)
+    result = run_stage("plot", tmp_path)
     assert result.returncode == 0, result.stderr
     assert all((tmp_path / "plots" / name).is_file() for name in FIGURES)
 
 
-DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.fixture(scope="module")
-def plots_repo(tmp_path_factory) -> Path:
-    """A git repo with the project's dvc.yaml and plot templates, a log and its figures."""
-    if not DVC_YAML.get("plots"):
-        pytest.skip("dvc.yaml has no top-level plots: section")
-    repo = tmp_path_factory.mktemp("dvc-plots")
-    write_log(repo / "plots" / "train_log.csv")
-    make_figures(repo / "plots" / "train_log.csv", repo / "plots", PLOT_PARAMS)
-    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
-    git(repo, "init", "-q")
-    dvc(repo, "init", "-q")
-    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")  # analytics off
-    if (ROOT / ".dvc" / "plots").is_dir():
-        shutil.copytree(ROOT / ".dvc" / "plots", repo / ".dvc" / "plots")
-    git(repo, "add", "-A")
-    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "plots")
-    return repo
-
-
-def test_dvc_plots_draw_the_loss_curves_and_each_figure_once(plots_repo):
-    shown = json.loads(dvc(plots_repo, "plots", "show", "--json"))["data"]
+def test_dvc_plots_draw_the_loss_curves_and_each_figure_once(pipeline):
+    project, _ = pipeline
+    shown = json.loads(dvc(project, "plots", "show", "--json"))["data"]
     images = sorted(name for name, entries in shown.items() if entries[0]["type"] == "image")
     assert images == [f"plots/{name}" for name in FIGURES]
     assert all(len(shown[name]) == 1 for name in images)  # not also under a stage's plots:
@@ -129,12 +107,14 @@ def test_dvc_plots_draw_the_loss_curves_and_each_figure_once(plots_repo):
     assert len(curves) == 1 and len(curves[0]) == 1
     points = curves[0][0]["content"]["data"]["values"]
     assert {point["field"] for point in points} == {"train_loss", "val_loss"}
-    assert {point["step"] for point in points} == {str(step) for step in range(0, 41, 2)}
+    logged = [line.split(",")[0] for line in
+              (project / "plots" / "train_log.csv").read_text().splitlines()[1:]]
+    assert sorted({point["step"] for point in points}, key=int) == logged
     # DVC passes CSV cells on as strings, empty ones too, and vega draws '' as a loss of 0:
     # the template must drop them (val_loss is empty outside evaluations).
     assert any(point[point["field"]] == "" for point in points)
     assert "!== ''" in json.dumps(curves[0][0]["content"].get("transform"))
-    diff = json.loads(dvc(plots_repo, "plots", "diff", "HEAD", "--json"))["data"]
+    diff = json.loads(dvc(project, "plots", "diff", "HEAD", "--json"))["data"]
     assert diff.keys() == shown.keys()
     assert all(len(diff[name]) == 2 for name in images)  # workspace and HEAD, once each
 
@@ -186,9 +166,9 @@ def test_offline_template_names_npm_when_it_fails(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not CHROMIUM or not TEMPLATE.exists(),
                     reason="needs chromium and the template `make plots` builds")
-def test_dvc_plots_page_renders_offline_with_the_template(plots_repo, tmp_path):
+def test_dvc_plots_page_renders_offline_with_the_template(pipeline, tmp_path):
     out = tmp_path / "dvc_plots"
-    dvc(plots_repo, "plots", "show", "--html-template", str(TEMPLATE), "-o", str(out))
+    dvc(pipeline[0], "plots", "show", "--html-template", str(TEMPLATE), "-o", str(out))
     dom = subprocess.run(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",

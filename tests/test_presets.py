@@ -6,13 +6,13 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
-from test_train import paths_in
+from conftest import ROOT, paths_in
 
-from gptlab.params import load_params
+from gptlab.encode import encode_splits
+from gptlab.optim import learning_rate
+from gptlab.params import RunParams, load_params
 from gptlab.tokenizers import TiktokenTokenizer
-from gptlab.tokens import encode_splits
-from gptlab.train import RunParams, learning_rate, train
+from gptlab.train import train
 
 PRESET = ROOT / "src" / "gptlab" / "presets" / "gpt2-124m.yaml"
 # The preset's gpt2 encoding is downloaded at first use; tests stay offline with this one.

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import with_overrides, write_params
-from test_pipeline import ALL_STAGES, PLAYS, TINY_SAMPLE, commit, dvc, git, make_project, ran_stages
-from test_train import TINY_MODEL, TINY_TRAIN
+from conftest import commit, copy_project, dvc, dvc_run, git, ran_stages
 
 # Outputs kept in the DVC cache (pushed to and pulled from the remote), and outputs kept in git.
 CACHED = ("data/raw", "data/clean", "data/tokens", "models")
@@ -31,28 +27,13 @@ def digests(project: Path, names: tuple[str, ...]) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory, default_params):
+def shared(tmp_path_factory, pipeline):
     """A project whose pipeline ran and was pushed to a local-folder remote, and a fresh clone."""
     tmp = tmp_path_factory.mktemp("remote")
-    project = make_project(tmp)
-    corpus = project / "corpus"
-    corpus.mkdir()
-    for index, (name, line) in enumerate(PLAYS.items()):
-        (corpus / name).write_text(f"{name.upper()}\n\n" + line * (40 + 10 * index))
-    write_params(project, with_overrides(default_params, {
-        "data.source": "local", "data.spec": "corpus", "data.sha256": None,
-        "data.include": ["*.txt"],
-        "clean.min_chars": 100,
-        **{f"model.{key}": value for key, value in TINY_MODEL.items()},
-        **{f"train.{key}": value for key, value in TINY_TRAIN.items()},
-        **{f"sample.{key}": value for key, value in TINY_SAMPLE.items()},
-    }))
-    git(project, "init", "-q")
-    commit(project, "init")  # the corpus goes into git: the clone's download stage reads it
-    assert ran_stages(dvc(project, "repro")) == ALL_STAGES
+    project = copy_project(pipeline[0], tmp)
     remote = tmp / "remote"
     dvc(project, "remote", "add", "-d", "local", str(remote))
-    commit(project, "results")  # dvc.lock, .dvc/config, metrics, plots, samples
+    commit(project, "remote")
     dvc(project, "push")
 
     clone = tmp / "clone"
@@ -97,10 +78,6 @@ def test_a_clone_with_an_empty_remote_cannot_pull(shared, tmp_path):
         if path.is_file():
             path.unlink()
     dvc(clone, "remote", "modify", "--local", "local", "url", str(empty))
-    result = subprocess.run(  # dvc() asserts success, so run this one failing pull directly
-        [sys.executable, "-m", "dvc", "pull"], cwd=clone, capture_output=True, text=True,
-        env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path)},
-        timeout=600,
-    )
+    result = dvc_run(clone, "pull")
     assert result.returncode != 0
     assert not (clone / "models/model.safetensors").exists()

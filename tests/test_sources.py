@@ -962,7 +962,7 @@ def assert_no_staging_left(project: Path) -> None:
 
 def test_stage_writes_raw_data_and_manifest(tmp_path, corpus, params_for):
     write_params(tmp_path, params_for(local_overrides(corpus)))
-    result = run_stage("download.py", tmp_path)
+    result = run_stage("download", tmp_path)
     assert result.returncode == 0, result.stderr
     raw = tmp_path / "data" / "raw"
     manifest = json.loads((raw / "manifest.json").read_text())
@@ -996,19 +996,19 @@ def url_not_found(tmp_path, server):
 def test_stage_bad_input_is_one_error_line(tmp_path, server, params_for, bad_input):
     overrides, key = bad_input(tmp_path, server)
     write_params(tmp_path, params_for(overrides))
-    assert one_error_line(run_stage("download.py", tmp_path)).startswith(f"error: {key}:")
+    assert one_error_line(run_stage("download", tmp_path)).startswith(f"error: {key}:")
     assert not (tmp_path / "data" / "raw").exists()
     assert_no_staging_left(tmp_path)
 
 
 def test_stage_failure_keeps_previous_raw_data(tmp_path, corpus, params_for):
     write_params(tmp_path, params_for(local_overrides(corpus)))
-    assert run_stage("download.py", tmp_path).returncode == 0
+    assert run_stage("download", tmp_path).returncode == 0
     raw = tmp_path / "data" / "raw"
     before = files_under(raw)
 
     write_params(tmp_path, params_for(local_overrides(tmp_path / "nowhere")))
-    result = run_stage("download.py", tmp_path)
+    result = run_stage("download", tmp_path)
     assert result.returncode == 1 and "data.spec" in result.stderr
     assert files_under(raw) == before
     assert_no_staging_left(tmp_path)
@@ -1023,7 +1023,7 @@ def hf_overrides(**hf) -> dict:
 def test_stage_hf_writes_jsonl_and_manifest(tmp_path, hub, params_for):
     serve_dataset(hub)
     write_params(tmp_path, params_for(hf_overrides(max_documents=8)))
-    result = run_stage("download.py", tmp_path, env={"HF_ENDPOINT": hub.url("")})
+    result = run_stage("download", tmp_path, env={"HF_ENDPOINT": hub.url("")})
     assert result.returncode == 0, result.stderr
     raw = tmp_path / "data" / "raw"
     # The clean stage's contract: *.jsonl files of {"text": str} lines.
@@ -1042,7 +1042,7 @@ def test_stage_hf_unknown_revision_is_one_error_line(tmp_path, hub, params_for):
     serve_dataset(hub)
     hub.routes[f"{HF_API}/revision/v9"] = hub_error(404, "RevisionNotFound")
     write_params(tmp_path, params_for(hf_overrides(revision="v9")))
-    result = run_stage("download.py", tmp_path, env={"HF_ENDPOINT": hub.url("")})
+    result = run_stage("download", tmp_path, env={"HF_ENDPOINT": hub.url("")})
     assert one_error_line(result).startswith("error: data.hf.revision:")
     assert not (tmp_path / "data" / "raw").exists()
     assert_no_staging_left(tmp_path)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import itertools
 import json
 import math
 import os
@@ -12,69 +11,30 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import ROOT, one_error_line, with_overrides, write_params
+from conftest import (
+    TINY_TRAIN,
+    make_corpus,
+    one_error_line,
+    paths_in,
+    run_params,
+    run_stage,
+    stage_command,
+    with_overrides,
+    write_params,
+    write_tokens,
+)
 from safetensors.torch import load_file
 
 from gptlab.checkpoint import RESUME_FORMAT
 from gptlab.errors import GptlabError
-from gptlab.model import GPTConfig, build_model
-from gptlab.params import load_params
 from gptlab.tokenizers import CharTokenizer
-from gptlab.tokens import encode_splits
-from gptlab.train import (
-    LOG_COLUMNS,
-    RandomWindows,
-    RunParams,
-    TrainPaths,
-    learning_rate,
-    make_optimizer,
-    run_key,
-    train,
-)
-
-TINY_MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16}
-TINY_TRAIN = {"device": "cpu", "dtype": "float32", "batch_size": 4, "max_iters": 40,
-              "warmup_iters": 5, "eval_interval": 20, "eval_iters": 2, "log_interval": 5,
-              "checkpoint_interval": 20}
-PROJECT_PARAMS = load_params(ROOT / "params.yaml")
-
-
-def run_params(model: dict | None = None, train_overrides: dict | None = None,
-               seed: int = 1337) -> RunParams:
-    return RunParams(
-        seed,
-        PROJECT_PARAMS.model.model_copy(update={**TINY_MODEL, **(model or {})}),
-        PROJECT_PARAMS.train.model_copy(update={**TINY_TRAIN, **(train_overrides or {})}),
-    )
-
-
-def make_corpus(length: int = 60_000) -> str:
-    """Seeded pseudo-English: enough structure for the loss to fall within a few steps."""
-    words = ["the", "king", "is", "dead", "long", "live", "the", "queen", "my", "lord", "shall",
-             "we", "go", "to", "the", "tower", "where", "none", "may", "follow", "and", "all",
-             "is", "well", "that", "ends", "well"]
-    rng = np.random.default_rng(0)
-    text = " ".join(words[i] for i in rng.integers(0, len(words), length // 4))
-    return "\n".join(text[i : i + 60] for i in range(0, len(text), 60))[:length]
-
-
-def write_tokens(folder: Path, text: str, shard_tokens: int = 10**6) -> Path:
-    """A data/tokens folder as the tokenize stage writes it, for a char tokenizer."""
-    tokens_dir = folder / "data" / "tokens"
-    tokens_dir.mkdir(parents=True)
-    cut = int(len(text) * 0.9)
-    for name, part in (("train", text[:cut]), ("val", text[cut:])):
-        (folder / f"{name}.txt").write_text(part)
-    texts = {name: folder / f"{name}.txt" for name in ("train", "val")}
-    encode_splits(CharTokenizer(text), texts, tokens_dir, shard_tokens)
-    return tokens_dir
+from gptlab.train import train
+from gptlab.trainlog import LOG_COLUMNS
 
 
 @pytest.fixture(scope="module")
@@ -82,62 +42,10 @@ def tokens_dir(tmp_path_factory) -> Path:
     return write_tokens(tmp_path_factory.mktemp("tokens"), make_corpus())
 
 
-def paths_in(folder: Path, tokens_dir: Path) -> TrainPaths:
-    return TrainPaths(tokens_dir, folder / "models", folder / "runs", folder / "train_log.csv")
-
-
 def read_log(path: Path) -> list[dict[str, str]]:
+    """The log's cells as written, text."""
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
-
-
-def test_learning_rate_warms_up_then_decays_to_min_lr():
-    t = PROJECT_PARAMS.train.model_copy(update={"lr": 1e-3, "min_lr": 1e-4, "warmup_iters": 10,
-                                                "max_iters": 100})
-    rates = [learning_rate(step, t) for step in range(101)]
-    assert rates[0] == pytest.approx(1e-3 / 11)
-    assert rates[9] == pytest.approx(1e-3 * 10 / 11)
-    assert rates[10] == pytest.approx(1e-3)  # peak at the end of warmup
-    assert all(a >= b for a, b in itertools.pairwise(rates[10:]))
-    assert rates[55] == pytest.approx((1e-3 + 1e-4) / 2)  # half way through the cosine
-    assert rates[100] == pytest.approx(1e-4)
-
-
-def test_optimizer_decays_matrices_only():
-    model = build_model(GPTConfig(vocab_size=65, n_layer=2, n_head=2, n_embd=32, block_size=16,
-                                  bias=True))
-    optimizer = make_optimizer(model, PROJECT_PARAMS.train, torch.device("cpu"))
-    decay, no_decay = optimizer.param_groups
-    assert decay["weight_decay"] == PROJECT_PARAMS.train.weight_decay
-    assert no_decay["weight_decay"] == 0.0
-    assert all(p.dim() >= 2 for p in decay["params"])
-    assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["params"]
-    grouped = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    assert grouped == {id(p) for p in model.parameters()}  # every parameter exactly once
-
-
-def test_random_windows_are_shifted_pairs_replayable_from_saved_state():
-    tokens = np.arange(1000, dtype=np.uint16)
-    windows = RandomWindows([tokens], block_size=8, batch_size=4, seed=7)
-    inputs, targets = windows.next(torch.device("cpu"))
-    assert inputs.shape == targets.shape == (4, 8) and inputs.dtype == torch.int64
-    assert torch.equal(targets, inputs + 1)  # on arange, the target is the next token
-    saved = windows.rng.bit_generator.state
-    expected = windows.next(torch.device("cpu"))
-    replay = RandomWindows([tokens], block_size=8, batch_size=4, seed=999)
-    replay.rng.bit_generator.state = saved
-    assert all(torch.equal(a, b) for a, b in zip(replay.next(torch.device("cpu")), expected,
-                                                 strict=True))
-    assert int(inputs.max()) < 1000 - 1
-
-
-def test_run_key_changes_with_any_param_and_tokens():
-    base = run_params()
-    assert run_key(base, {"a": 1}) == run_key(run_params(), {"a": 1})
-    assert run_key(base, {"a": 1}) != run_key(base, {"a": 2})
-    assert run_key(base, {}) != run_key(run_params(model={"n_layer": 3}), {})
-    assert run_key(base, {}) != run_key(run_params(train_overrides={"lr": 2e-3}), {})
-    assert run_key(base, {}) != run_key(run_params(seed=1), {})
 
 
 def test_training_writes_weights_log_and_metrics(tmp_path, tokens_dir):
@@ -207,7 +115,9 @@ def test_cuda_without_cuda_is_refused(tmp_path, tokens_dir):
 def test_tokens_from_another_tokenizer_are_refused(tmp_path, tokens_dir):
     other = tmp_path / "tokens"
     shutil.copytree(tokens_dir, other)
-    CharTokenizer("abc").save(other / "tokenizer.json")
+    meta = json.loads((other / "meta.json").read_text())
+    meta["tokenizer_fingerprint"] = CharTokenizer("abc").fingerprint
+    (other / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(GptlabError, match="another tokenizer"):
         train(run_params(), paths_in(tmp_path, other))
 
@@ -229,8 +139,8 @@ def stage_project(folder: Path, tokens_dir: Path, params_for) -> Path:
 
 
 def start_stage(project: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "stages" / "train.py")], cwd=project,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(stage_command("train"), cwd=project, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def wait_for_checkpoint(project: Path, process: subprocess.Popen) -> None:
@@ -284,8 +194,7 @@ def test_stage_stopped_after_a_checkpoint_resumes_to_the_same_result(
 
 def test_stage_reports_bad_input_in_one_line(tmp_path, params_for):
     write_params(tmp_path, params_for({"model.n_head": 3}))
-    result = subprocess.run([sys.executable, str(ROOT / "stages" / "train.py")], cwd=tmp_path,
-                            capture_output=True, text=True)
+    result = run_stage("train", tmp_path)
     assert "model.n_embd: 128 is not divisible by model.n_head=3" in one_error_line(result)
     assert not (tmp_path / "models").exists()
 

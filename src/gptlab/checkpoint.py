@@ -1,77 +1,36 @@
-"""Weights and resume state on disk, saved and loaded without pickle.
+"""Resume state: what a training run needs to continue bit for bit, saved without pickle.
 
-Published weights (`models/`): `model.safetensors`, `config.json` (model config, tokenizer
-reference, training summary) and a copy of `tokenizer.json`, so the folder alone is enough to
-sample from. Resume state lives apart, in `.gptlab/runs/<key>/checkpoint/`: the model and
-optimizer tensors as safetensors and everything else (step, RNG of the batch sampler, log so
-far) as JSON. Loading runs no code from the files.
+A run lives in `<runs>/<key>/checkpoint/`, where the key hashes everything the run's result
+depends on (params, token files, number of processes, the training code), so a changed run
+never resumes another's checkpoint. The model and optimizer tensors and the RNG states are
+safetensors; everything else (step, batch sampler state, log so far) is JSON. Loading runs no
+code from the files. The published weights are written apart, to models/ (gptlab.published).
 """
 
 from __future__ import annotations
 
+import ast
+import hashlib
 import json
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from gptlab.distributed import World
 from gptlab.errors import GptlabError
 from gptlab.io import atomic_dir, write_json
-from gptlab.model import GPTConfig, build_model
+from gptlab.params import RunParams
 
-CHECKPOINT_FORMAT = 1
 # Version of the resume state's layout; a run finding an older one starts afresh.
 RESUME_FORMAT = 3
 WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
-TOKENIZER = "tokenizer.json"
-
-
-def save_published(model: nn.Module, config: GPTConfig, tokenizer_path: Path, summary: dict,
-                   models_dir: Path) -> None:
-    """Write the weights, their config and the tokenizer to `models_dir`, swapped in whole."""
-    with atomic_dir(models_dir) as staging:
-        save_model(model, str(staging / WEIGHTS))
-        tokenizer = json.loads(tokenizer_path.read_text(encoding="utf-8"))
-        write_json(staging / CONFIG, {
-            "format": CHECKPOINT_FORMAT,
-            "model": asdict(config),
-            "tokenizer": {"kind": tokenizer["kind"], "vocab_size": tokenizer["vocab_size"],
-                          "file": TOKENIZER},
-            "training": summary,
-        })
-        shutil.copyfile(tokenizer_path, staging / TOKENIZER)
-
-
-def load_published(models_dir: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
-    """The model saved by `save_published`, and its config.json contents."""
-    config_path = models_dir / CONFIG
-    try:
-        saved = json.loads(config_path.read_text(encoding="utf-8"))
-        config = GPTConfig(**saved["model"])
-    except FileNotFoundError:
-        raise GptlabError(f"{config_path}: not found (run the train stage first)") from None
-    except (ValueError, KeyError, TypeError) as error:
-        raise GptlabError(f"{config_path}: not a gptlab model config ({error})") from None
-    model = build_model(config)
-    weights = models_dir / WEIGHTS
-    try:
-        missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
-    except FileNotFoundError:
-        raise GptlabError(f"{weights}: not found (run the train stage first)") from None
-    except (SafetensorError, OSError, ValueError) as error:
-        raise GptlabError(f"{weights}: not a safetensors weights file ({error})") from None
-    except RuntimeError as error:  # shapes that do not fit the config
-        raise GptlabError(f"{weights}: does not match {config_path} ({error})") from None
-    if missing or unexpected:
-        raise GptlabError(f"{weights}: does not match {config_path} (missing {missing}, "
-                          f"unexpected {unexpected})")
-    return model.to(device), saved
+PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 class IncompatibleCheckpoint(GptlabError):
@@ -155,3 +114,85 @@ def load_resume(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
     return ResumeState(**fields)
+
+
+def run_key(params: RunParams, tokens_meta: dict[str, Any], world_size: int = 1) -> str:
+    """Hash of everything a run's result depends on: a changed param, token file, number of
+    processes or line of training code starts a fresh run (a checkpoint of other code must not
+    be resumed)."""
+    depends_on = {"seed": params.seed, "model": params.model.model_dump(),
+                  "train": params.train.model_dump(), "tokens": tokens_meta,
+                  "code": code_fingerprint("gptlab.train"), "world_size": world_size}
+    return hashlib.sha256(json.dumps(depends_on, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def code_fingerprint(module: str) -> str:
+    """Hash of a gptlab module's source and of every gptlab module it imports."""
+    digest = hashlib.sha256()
+    root = module_file(module)
+    for source in sorted({root, *gptlab_imports(root)}):
+        digest.update(source.relative_to(PACKAGE_DIR).as_posix().encode() + source.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def gptlab_imports(source: Path) -> set[Path]:
+    """The source files of the gptlab modules a Python file imports, directly or through other
+    gptlab modules: the code it runs (the train stage's DVC deps, say)."""
+    found: set[Path] = set()
+    pending = [source]
+    while pending:
+        for name in imported_modules(pending.pop()):
+            path = module_file(name)
+            if path not in found:
+                found.add(path)
+                pending.append(path)
+    return found
+
+
+def imported_modules(source: Path) -> set[str]:
+    """Names of the gptlab modules a file imports (`import gptlab.x`, `from gptlab.x import y`,
+    `from gptlab import x`), wherever in the file the import is."""
+    names = set()
+    for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module == "gptlab":
+            names.update(f"gptlab.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return {name for name in names if name.startswith("gptlab.") and module_file(name).exists()}
+
+
+def module_file(name: str) -> Path:
+    """The source file of gptlab module `name`: a module file, or a package's __init__.py."""
+    path = PACKAGE_DIR.joinpath(*name.split(".")[1:])
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+
+def rank_state(batch_rng: np.random.Generator, device: torch.device,
+               interval_loss_sum: float) -> dict[str, Any]:
+    """What a process other than rank 0 needs to continue its own streams after a resume."""
+    state = {"batch_rng": batch_rng.bit_generator.state,
+             "torch_rng": torch.get_rng_state().tolist(),
+             "interval_loss_sum": interval_loss_sum}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device).tolist()
+    return state
+
+
+def restore_rank_state(state: ResumeState, world: World, batch_rng: np.random.Generator,
+                       device: torch.device) -> None:
+    """Put this process's streams where the checkpoint left them (rank 0's are in `state`
+    itself and already restored by load_resume)."""
+    if world.rank == 0:
+        batch_rng.bit_generator.state = state.batch_rng
+        return
+    if len(state.other_ranks) != world.size - 1:
+        raise GptlabError(f"resume checkpoint of {len(state.other_ranks) + 1} processes, this "
+                          f"run has {world.size}; delete .gptlab/runs to start afresh")
+    mine = state.other_ranks[world.rank - 1]
+    batch_rng.bit_generator.state = mine["batch_rng"]
+    state.interval_loss_sum = mine["interval_loss_sum"]
+    torch.set_rng_state(torch.tensor(mine["torch_rng"], dtype=torch.uint8))
+    if "cuda_rng" in mine:
+        torch.cuda.set_rng_state(torch.tensor(mine["cuda_rng"], dtype=torch.uint8), device)

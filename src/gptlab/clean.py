@@ -481,13 +481,6 @@ def tail_cut(chars: int, val_fraction: float) -> int:
     return cut
 
 
-def split_tail(text: str, val_fraction: float) -> tuple[str, str]:
-    """A text held in memory split as nanoGPT splits it (the clean stage cuts its files at
-    `tail_cut` instead)."""
-    cut = tail_cut(len(text), val_fraction)
-    return text[:cut], text[cut:]
-
-
 def split_documents(
     docs: list[Facts], val_fraction: float, seed: int
 ) -> tuple[list[Facts], list[Facts]]:

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from gptlab import __version__
 from gptlab.errors import GptlabError, run_main
-from gptlab.params import PARAMS_FILE, SampleParams, load_params
+from gptlab.params import PARAMS_FILE, SampleParams, describe, load_params
 from gptlab.tokens import read_header
 
 # The project's params.yaml sampling settings, one sample of a newline prompt.
@@ -87,15 +87,9 @@ def sampling_params(args: argparse.Namespace) -> SampleParams:
     given = {key: value for key in SampleParams.model_fields
              if (value := getattr(args, key, None)) is not None}
     try:
-        params = SampleParams.model_validate({**default_sampling().model_dump(), **given})
+        return SampleParams.model_validate({**default_sampling().model_dump(), **given})
     except ValidationError as error:
-        raise GptlabError("; ".join(
-            f"{option_name(str(detail['loc'][0]))}: {detail['msg'].removeprefix('Value error, ')}"
-            for detail in error.errors())) from None
-    problems = params.cross_field_problems()
-    if problems:
-        raise GptlabError("; ".join(f"{option_name(key)}: {problem}" for key, problem in problems))
-    return params
+        raise GptlabError(describe(error, SampleParams, key_name=option_name)) from None
 
 
 def default_sampling() -> SampleParams:
@@ -116,10 +110,11 @@ def option_name(key: str) -> str:
 def run_sample(args: argparse.Namespace) -> None:
     # Imported here: torch takes over a second to load, which `params` and `tokens` need not.
     from gptlab.device import pick_device
-    from gptlab.generate import load_for_sampling, sample_all
+    from gptlab.generate import sample_all
+    from gptlab.published import load_published
 
     params = sampling_params(args)
-    published = load_for_sampling(args.models, pick_device(params.device, "--device"))
+    published = load_published(args.models, pick_device(params.device, "--device"))
     prompts_name = "--prompt" if args.prompts else "sample.prompts"
     for result in sample_all(published, params, prompts_name):
         for continuation in result.continuations:
@@ -131,10 +126,11 @@ def run_chat(args: argparse.Namespace) -> None:
     import torch
 
     from gptlab.device import pick_device
-    from gptlab.generate import encode_prompt, load_for_sampling, sample_prompt
+    from gptlab.generate import encode_prompt, sample_prompt
+    from gptlab.published import load_published
 
     params = sampling_params(args).model_copy(update={"num_samples": 1})
-    published = load_for_sampling(args.models, pick_device(params.device, "--device"))
+    published = load_published(args.models, pick_device(params.device, "--device"))
     # One generator for the session: the same lines typed again give the same replies.
     generator = torch.Generator(published.device).manual_seed(params.seed)
     for line in typed_lines(interactive=sys.stdin.isatty()):

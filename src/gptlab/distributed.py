@@ -52,14 +52,15 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ
 
 
-def relaunch_under_torchrun(nproc: int, script: str) -> int:
-    """Run `script` again as `nproc` processes on this machine; return torchrun's exit code.
+def relaunch_under_torchrun(nproc: int, argv: list[str]) -> int:
+    """Run this script (`argv`: its path and arguments) again as `nproc` processes on this
+    machine; return torchrun's exit code.
 
     For several machines, users start torchrun themselves (see the README) and the script,
     finding itself under torchrun, trains instead of relaunching.
     """
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", script]
+               f"--nproc_per_node={nproc}", *argv]
     print(f"train.nproc={nproc}: {' '.join(command[1:])}", file=sys.stderr)
     # torchrun forwards Ctrl-C and SIGTERM to its workers, which checkpoint and stop; this
     # process must outlive them rather than leave them running on, orphaned.

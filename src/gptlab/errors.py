@@ -6,19 +6,29 @@ wrong, exits non-zero, and shows a traceback only when GPTLAB_DEBUG=1 asks for o
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 
 class GptlabError(Exception):
     """A problem with the user's input or environment, explained in one line."""
 
 
-def run_main(main: Callable[[], None]) -> None:
-    """Run an entry point, turning known failures into one line on stderr and exit code 1."""
+def run_main(main: Callable[..., None], *path_args: str) -> None:
+    """Run an entry point, turning known failures into one line on stderr and exit code 1.
+
+    A stage names its paths (`path_args`, e.g. "RAW_DIR"): the command line, as dvc.yaml writes
+    it, gives them in that order, and `main` receives them as Paths.
+    """
+    parser = argparse.ArgumentParser(prog=Path(sys.argv[0]).name)
+    for name in path_args:
+        parser.add_argument(name, type=Path)
+    paths = vars(parser.parse_args()) if path_args else {}
     try:
-        main()
+        main(*paths.values())
     except GptlabError as error:
         if os.environ.get("GPTLAB_DEBUG") == "1":
             raise

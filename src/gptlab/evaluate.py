@@ -30,11 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from gptlab.checkpoint import TOKENIZER, load_published
 from gptlab.device import autocast, device_name, pick_device, pick_dtype
 from gptlab.errors import GptlabError
 from gptlab.params import EvalParams
-from gptlab.tokenizers import Tokenizer, load_tokenizer
+from gptlab.published import Published, load_published
 from gptlab.tokens import open_split, read_meta
 
 
@@ -131,17 +130,18 @@ def evaluate_model(models_dir: Path, tokens_dir: Path, params: EvalParams) -> di
     split); return the flat metrics for metrics/eval.json."""
     device = pick_device(params.device, "eval.device")
     dtype = pick_dtype(params.dtype, device, "eval.dtype")
-    model, config = load_published(models_dir, device)
-    tokenizer = load_matching_tokenizer(models_dir, tokens_dir)
+    published = load_published(models_dir, device)
+    model = published.model
     splits = ["val", "train"] if params.train_split else ["val"]
     meta = read_meta(tokens_dir, [f"{split}_{key}" for split in splits
                                   for key in ("tokens", "bytes", "shards")])
+    check_same_tokenizer(published, meta, models_dir, tokens_dir)
     # Every input is opened and checked before the first, possibly long, forward pass.
-    tokens = {split: open_split(tokens_dir, split, tokenizer, meta) for split in splits}
+    tokens = {split: open_split(tokens_dir, split, meta) for split in splits}
     if sum(len(shard) for shard in tokens["val"]) < 2:
         raise GptlabError(f"{tokens_dir}: the val split has fewer than two tokens; scoring "
                           f"needs at least two")
-    block_size = config["model"]["block_size"]
+    block_size = published.config.model.block_size
 
     scores = {"val": evaluate_tokens(model, tokens["val"], block_size, params.batch_size,
                                      device, dtype)}
@@ -177,11 +177,9 @@ def split_metrics(score: SplitScore, meta: dict[str, Any], split: str) -> dict[s
     }
 
 
-def load_matching_tokenizer(models_dir: Path, tokens_dir: Path) -> Tokenizer:
-    """The model's tokenizer, refused unless it is the one the token files were made with."""
-    tokenizer = load_tokenizer(models_dir / TOKENIZER)
-    tokens_tokenizer = tokens_dir / "tokenizer.json"
-    if load_tokenizer(tokens_tokenizer).fingerprint != tokenizer.fingerprint:
-        raise GptlabError(f"{tokens_tokenizer}: not the tokenizer the model in {models_dir} was "
-                          f"trained with; rerun the train stage")
-    return tokenizer
+def check_same_tokenizer(published: Published, meta: dict[str, Any], models_dir: Path,
+                         tokens_dir: Path) -> None:
+    """Refuse token files made with another tokenizer than the model was trained with."""
+    if published.tokenizer.fingerprint != meta["tokenizer_fingerprint"]:
+        raise GptlabError(f"{tokens_dir / 'meta.json'}: tokens of another tokenizer than the "
+                          f"model in {models_dir} was trained with; rerun the train stage")

@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gptlab.checkpoint import TOKENIZER, load_published
 from gptlab.device import device_name, pick_device
 from gptlab.errors import GptlabError
 from gptlab.params import SampleParams
-from gptlab.tokenizers import Tokenizer, load_tokenizer
+from gptlab.published import Published, load_published
+from gptlab.tokenizers import Tokenizer
 
 
 @torch.inference_mode()
@@ -164,26 +164,6 @@ def cut_at_eot(ids: list[int], eot_id: int | None) -> list[int]:
     return ids[: ids.index(eot_id)] if eot_id in ids else ids
 
 
-@dataclass(frozen=True)
-class Published:
-    """A models/ folder loaded for sampling: the model, its tokenizer and its config.json."""
-
-    model: nn.Module
-    tokenizer: Tokenizer
-    config: dict[str, Any]
-    device: torch.device
-
-
-def load_for_sampling(models_dir: Path, device: torch.device) -> Published:
-    """The published model on `device`, with the tokenizer it was trained on."""
-    model, config = load_published(models_dir, device)
-    tokenizer = load_tokenizer(models_dir / TOKENIZER)
-    if tokenizer.vocab_size != model.config.vocab_size:
-        raise GptlabError(f"{models_dir / TOKENIZER}: {tokenizer.vocab_size} tokens, but the "
-                          f"model was trained on {model.config.vocab_size}")
-    return Published(model, tokenizer, config, device)
-
-
 def encode_prompt(tokenizer: Tokenizer, prompt: str, where: str) -> list[int]:
     """Token ids of a prompt; a problem is reported as being at `where`."""
     try:
@@ -233,7 +213,7 @@ def sample_all(published: Published, params: SampleParams,
 
 def sample_prompts(models_dir: Path, params: SampleParams) -> tuple[str, dict[str, Any]]:
     """The sample stage: Markdown of every prompt's samples, and the generation metrics."""
-    published = load_for_sampling(models_dir, pick_device(params.device, "sample.device"))
+    published = load_published(models_dir, pick_device(params.device, "sample.device"))
     results = sample_all(published, params)
     new_tokens = sum(result.new_tokens for result in results)
     seconds = sum(result.seconds for result in results)
@@ -261,16 +241,16 @@ def samples_markdown(published: Published, params: SampleParams,
 
 
 def model_summary(published: Published) -> str:
-    m = published.config["model"]
-    if m["arch"] == "bigram":
+    m = published.config.model
+    if m.arch == "bigram":
         shape = "bigram"
     else:
-        shape = (f"gpt, {m['n_layer']} layers, {m['n_head']} heads, {m['n_embd']} wide, "
-                 f"{m['pos']} positions, {m['norm']}, {m['mlp']}")
-    training = published.config["training"]
+        shape = (f"gpt, {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, "
+                 f"{m.pos} positions, {m.norm}, {m.mlp}")
+    training = published.config.training
     trained = f"{training['step']} steps" + (
         f", val loss {training['val_loss']:.4f}" if training["val_loss"] is not None else "")
-    return (f"{shape}, block {m['block_size']}, {published.model.num_params():,} parameters, "
+    return (f"{shape}, block {m.block_size}, {published.model.num_params():,} parameters, "
             f"{published.tokenizer.kind} tokenizer ({published.tokenizer.vocab_size} tokens), "
             f"trained {trained}")
 

@@ -20,7 +20,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from gptlab.errors import GptlabError
+
 HASH_CHUNK_BYTES = 1 << 20
+# gptlab's own caches (verified downloads, resume checkpoints), outside git and DVC's outputs.
+CACHE_DIR = Path(".gptlab")
 
 
 @contextlib.contextmanager
@@ -63,6 +67,17 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def read_text(path: str | os.PathLike, missing: str) -> str:
+    """A UTF-8 file's text; a missing or unreadable file is a GptlabError naming it, and
+    `missing` says what to do when it does not exist."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise GptlabError(f"{path}: not found ({missing})") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise GptlabError(f"{path}: cannot be read: {error}") from None
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -2,8 +2,9 @@
 
 A small, readable decoder-only transformer in the style of nanoGPT, with a few switchable
 modernisations (rotary positions, RMSNorm, SwiGLU) so their effect can be measured one at a
-time. `build_model` is the entry point: it returns a `GPT` or, for `arch: bigram`, the
-smallest possible baseline, and both share one interface:
+time. `build_model` is the entry point: given a `ModelConfig` (params.yaml's model section plus
+the vocabulary size) it returns a `GPT` or, for `arch: bigram`, the smallest possible baseline,
+and both share one interface:
 
     logits, loss = model(idx, targets)          # training and evaluation
     cache = model.new_cache(batch_size)         # generation with a key/value cache
@@ -16,66 +17,16 @@ of 64 for speed (unless `pad_vocab` is off), but the padding ids are never score
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gptlab.params import ModelConfig
+
 # Parameters that write into the residual stream; GPT-2 scales their init by 1/sqrt(2*n_layer)
 # so the variance of the stream does not grow with depth.
 RESIDUAL_PROJECTIONS = ("attn.out_proj.weight", "mlp.down_proj.weight")
-
-CHOICES = {
-    "arch": ("gpt", "bigram"),
-    "pos": ("learned", "rope"),
-    "norm": ("layernorm", "rmsnorm"),
-    "mlp": ("gelu", "swiglu"),
-}
-
-
-@dataclass(frozen=True)
-class GPTConfig:
-    vocab_size: int  # the tokenizer's true vocabulary; tables are padded beyond it
-    arch: str = "gpt"
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    block_size: int = 64
-    dropout: float = 0.0
-    bias: bool = False  # biases in Linear layers and LayerNorm
-    tie_weights: bool = True
-    pos: str = "learned"
-    norm: str = "layernorm"
-    mlp: str = "gelu"
-    # Off only to measure what the padding buys (`make bench`); configs saved before this
-    # field existed load with the default, which is what they were trained with.
-    pad_vocab: bool = True
-
-    def __post_init__(self) -> None:
-        # Full validation lives in the params loader; these are only the mistakes that would
-        # otherwise surface as a shape error deep inside forward, or silently pick a default.
-        for field, allowed in CHOICES.items():
-            if getattr(self, field) not in allowed:
-                raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")
-        if self.n_embd % self.n_head != 0:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.pos == "rope" and self.head_dim % 2 != 0:
-            raise ValueError(
-                f"pos: rope needs an even head size, but n_embd / n_head = {self.head_dim}"
-            )
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    @property
-    def padded_vocab_size(self) -> int:
-        # A multiple of 64 keeps the embedding and lm-head matmuls on fast kernel tile sizes.
-        if not self.pad_vocab:
-            return self.vocab_size
-        return math.ceil(self.vocab_size / 64) * 64
-
 
 class KVCache:
     """Keys and values of the tokens seen so far, one preallocated buffer per layer.
@@ -192,7 +143,7 @@ def attention(
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig, layer: int) -> None:
+    def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
         self.n_head = config.n_head
@@ -225,7 +176,7 @@ class CausalSelfAttention(nn.Module):
 
 
 class GeluMLP(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.up_proj = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU()
@@ -242,7 +193,7 @@ def swiglu_hidden_size(n_embd: int) -> int:
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         hidden = swiglu_hidden_size(config.n_embd)
         self.gate_proj = nn.Linear(config.n_embd, hidden, bias=config.bias)
@@ -254,20 +205,20 @@ class SwiGLU(nn.Module):
         return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
-def make_norm(config: GPTConfig) -> nn.Module:
+def make_norm(config: ModelConfig) -> nn.Module:
     if config.norm == "rmsnorm":
         return RMSNorm(config.n_embd)
     return LayerNorm(config.n_embd, bias=config.bias)
 
 
-def make_mlp(config: GPTConfig) -> nn.Module:
+def make_mlp(config: ModelConfig) -> nn.Module:
     return SwiGLU(config) if config.mlp == "swiglu" else GeluMLP(config)
 
 
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, config: GPTConfig, layer: int) -> None:
+    def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.attn_norm = make_norm(config)
         self.attn = CausalSelfAttention(config, layer)
@@ -281,7 +232,7 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-def check_length(config: GPTConfig, num_new: int, cache: KVCache | None) -> None:
+def check_length(config: ModelConfig, num_new: int, cache: KVCache | None) -> None:
     if cache is not None:
         cache.ensure_room(num_new)
     elif num_new > config.block_size:
@@ -298,7 +249,7 @@ def cross_entropy(logits: Tensor, targets: Tensor | None) -> Tensor | None:
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.padded_vocab_size, config.n_embd)
@@ -389,7 +340,7 @@ class Bigram(nn.Module):
     no keys or values but still tracks length, so callers need no special case.
     """
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.logits_table = nn.Embedding(config.vocab_size, config.vocab_size)
@@ -420,6 +371,6 @@ class Bigram(nn.Module):
         return 6 * self.num_params()
 
 
-def build_model(config: GPTConfig) -> GPT | Bigram:
+def build_model(config: ModelConfig) -> GPT | Bigram:
     """The model named by config.arch."""
     return Bigram(config) if config.arch == "bigram" else GPT(config)

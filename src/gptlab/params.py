@@ -7,28 +7,44 @@ key is an error rather than a silent fallback that `dvc exp show` would never di
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from gptlab.errors import GptlabError
+from gptlab.io import read_text
 
 PARAMS_FILE = "params.yaml"
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+# pydantic's error type for a problem between keys of one section.
+CROSS_FIELD = "cross_field"
 
 
 class Section(BaseModel):
-    """A params section: strict types, no unknown keys, immutable once loaded."""
+    """A params section: strict types, no unknown keys, immutable once loaded, and checked
+    wherever it is made (params.yaml, a command's options, a saved model config)."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     def cross_field_problems(self) -> list[tuple[str, str]]:
         """(key, problem) pairs that depend on several keys of the section at once."""
         return []
+
+    @model_validator(mode="after")
+    def _keys_agree(self) -> Section:
+        problems = self.cross_field_problems()
+        if problems:
+            # The problems travel in the error's context, so each is named by its own key.
+            raise PydanticCustomError(CROSS_FIELD, "{problems}", {"problems": problems})
+        return self
 
 
 class HfParams(Section):
@@ -89,6 +105,8 @@ class TokenizerParams(Section):
 
 
 class ModelParams(Section):
+    """params.yaml's model section: the shape and the architectural choices."""
+
     arch: Literal["gpt", "bigram"]
     n_layer: int = Field(ge=1)
     n_head: int = Field(ge=1)
@@ -108,6 +126,33 @@ class ModelParams(Section):
             return [("pos", f"rope needs an even head size, but n_embd / n_head = "
                             f"{self.n_embd // self.n_head}")]
         return []
+
+
+class ModelConfig(ModelParams):
+    """A model's whole description: the model section plus what the token files decide.
+
+    The one schema of a model: the model is built from it and models/config.json stores it.
+    """
+
+    vocab_size: int = Field(ge=1)  # the tokenizer's true vocabulary; tables are padded beyond it
+    # Off only to measure what the padding buys (`make bench`); a config saved before the key
+    # existed was trained with padding.
+    pad_vocab: bool = True
+
+    @classmethod
+    def of(cls, model: ModelParams, vocab_size: int) -> ModelConfig:
+        return cls(**model.model_dump(), vocab_size=vocab_size)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        # A multiple of 64 keeps the embedding and lm-head matmuls on fast kernel tile sizes.
+        if not self.pad_vocab:
+            return self.vocab_size
+        return math.ceil(self.vocab_size / 64) * 64
 
 
 class TrainParams(Section):
@@ -206,23 +251,23 @@ class Params(Section):
     plot: PlotParams
 
 
+@dataclass(frozen=True)
+class RunParams:
+    """The params sections a training run depends on."""
+
+    seed: int
+    model: ModelParams
+    train: TrainParams
+
+
 def load_params(path: str | os.PathLike = PARAMS_FILE) -> Params:
     """Read and validate the whole params file; raise GptlabError naming the first bad key."""
     path = Path(path)
     raw = _read_yaml(path)
     try:
-        params = Params.model_validate(raw)
+        return Params.model_validate(raw)
     except ValidationError as error:
-        raise GptlabError(f"{path}: {_describe(error)}") from None
-    problems = [
-        f"{name}.{key}: {problem}"
-        for name in Params.model_fields
-        if isinstance(section := getattr(params, name), Section)
-        for key, problem in section.cross_field_problems()
-    ]
-    if problems:
-        raise GptlabError(f"{path}: {'; '.join(problems)}")
-    return params
+        raise GptlabError(f"{path}: {describe(error)}") from None
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -252,12 +297,7 @@ _StrictLoader.add_implicit_resolver(
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise GptlabError(f"{path}: not found (run from the project folder)") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise GptlabError(f"{path}: cannot be read: {error}") from None
+    text = read_text(path, missing="run from the project folder")
     try:
         data = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as error:
@@ -270,25 +310,35 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _describe(error: ValidationError) -> str:
-    """One line for all of pydantic's errors, each named by its dotted key."""
-    return "; ".join(_describe_one(detail) for detail in error.errors())
+def describe(error: ValidationError, schema: type[BaseModel] | None = None,
+             key_name: Callable[[str], str] = str) -> str:
+    """One line for all of pydantic's errors, each named by its key: dotted by default, or as
+    `key_name` spells a dotted key (a command's --option, say). An unknown key gets the closest
+    known one of `schema` (default: the whole params file) as a suggestion."""
+    return "; ".join(problem for detail in error.errors()
+                     for problem in _describe_one(detail, schema or Params, key_name))
 
 
-def _describe_one(detail: dict[str, Any]) -> str:
+def _describe_one(detail: dict[str, Any], schema: type[BaseModel],
+                  key_name: Callable[[str], str]) -> list[str]:
     key = ".".join(str(part) for part in detail["loc"])
     kind = detail["type"]
+    if kind == CROSS_FIELD:
+        return [f"{key_name('.'.join(filter(None, (key, name))))}: {problem}"
+                for name, problem in detail["ctx"]["problems"]]
     if kind == "extra_forbidden":
-        return f"unknown key {key!r}{_did_you_mean(detail['loc'])}"
+        return [f"unknown key {key_name(key)!r}{_did_you_mean(detail['loc'], schema)}"]
     if kind == "missing":
-        return f"{key}: missing"
+        return [f"{key_name(key)}: missing"]
     message = detail["msg"].removeprefix("Value error, ")
-    return f"{key}: {message} (got {detail['input']!r})"
+    if not key:  # the whole document: not JSON, or not an object
+        return [message]
+    return [f"{key_name(key)}: {message} (got {detail['input']!r})"]
 
 
-def _did_you_mean(loc: tuple) -> str:
+def _did_you_mean(loc: tuple, schema: type[BaseModel]) -> str:
     """Suggest the closest known key at the same place in the schema."""
-    model: type[BaseModel] = Params
+    model = schema
     for part in loc[:-1]:
         annotation = model.model_fields[part].annotation
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):

