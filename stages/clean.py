@@ -12,10 +12,10 @@ def main(raw_dir: Path, clean_dir: Path, metrics_json: Path) -> None:
     params = load_params()
     # The corpus is streamed into the staging folder, which replaces clean_dir only once
     # every file in it is complete.
-    with atomic_dir(clean_dir) as staging:
+    with atomic_dir(clean_dir, "the clean text") as staging:
         result = clean_corpus(raw_dir, params.clean, staging)
         write_json(staging / "report.json", result.report)
-    write_json(metrics_json, result.metrics)
+    write_json(metrics_json, result.metrics, "the clean metrics")
     print(f"{result.metrics['near_clusters']} works found in several editions "
           f"(kept and dropped documents: {clean_dir / 'report.json'})")
     print(", ".join(f"{key}={value}" for key, value in result.metrics.items()))

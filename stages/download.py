@@ -10,7 +10,7 @@ from gptlab.sources import fetch
 
 def main(raw_dir: Path) -> None:
     params = load_params()
-    with atomic_dir(raw_dir) as staging:
+    with atomic_dir(raw_dir, "the downloaded corpus") as staging:
         manifest = fetch(params.data, staging, CACHE_DIR / "downloads")
         write_json(staging / "manifest.json", manifest)
     print(f"{raw_dir}: {manifest['file_count']} files, {manifest['total_bytes']:,} bytes "

@@ -11,7 +11,7 @@ from gptlab.params import load_params
 def main(models_dir: Path, tokens_dir: Path, metrics_json: Path) -> None:
     params = load_params()
     metrics = evaluate_model(models_dir, tokens_dir, params.eval)
-    write_json(metrics_json, metrics)
+    write_json(metrics_json, metrics, "the evaluation metrics")
     print(", ".join(f"{key}={value}" for key, value in metrics.items()))
 
 

@@ -11,8 +11,8 @@ from gptlab.params import load_params
 def main(models_dir: Path, samples_md: Path, metrics_json: Path) -> None:
     params = load_params()
     markdown, metrics = sample_prompts(models_dir, params.sample)
-    write_text(samples_md, markdown)
-    write_json(metrics_json, metrics)
+    write_text(samples_md, markdown, "the samples")
+    write_json(metrics_json, metrics, "the sampling metrics")
     print(", ".join(f"{key}={value}" for key, value in metrics.items()))
 
 

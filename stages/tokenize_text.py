@@ -20,10 +20,10 @@ def main(clean_dir: Path, tokens_dir: Path, metrics_json: Path) -> None:
         if not path.is_file():
             raise GptlabError(f"{path}: not found (run the clean stage first)")
     tokenizer = build_tokenizer(params.tokenizer, texts["train"], texts["val"])
-    with atomic_dir(tokens_dir) as staging:
+    with atomic_dir(tokens_dir, "token shards") as staging:
         stats = encode_splits(tokenizer, texts, staging, params.tokenizer.shard_tokens)
     metrics = tokenize_metrics(tokenizer, stats)
-    write_json(metrics_json, metrics)
+    write_json(metrics_json, metrics, "the tokenize metrics")
     print(", ".join(f"{key}={value}" for key, value in metrics.items()))
 
 

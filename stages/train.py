@@ -7,6 +7,7 @@ CPU worker); started by torchrun (as on several machines), it is one process of 
 import sys
 from pathlib import Path
 
+from gptlab.device import pick_device
 from gptlab.distributed import relaunch_under_torchrun, under_torchrun, world_from_env
 from gptlab.errors import run_main
 from gptlab.io import CACHE_DIR, write_json
@@ -17,11 +18,12 @@ from gptlab.train import TrainPaths, train
 def main(tokens_dir: Path, models_dir: Path, log_csv: Path, metrics_json: Path) -> None:
     params = load_params()
     if params.train.nproc > 1 and not under_torchrun():
-        sys.exit(relaunch_under_torchrun(params.train.nproc, sys.argv))
+        device = pick_device(params.train.device, "train.device")
+        sys.exit(relaunch_under_torchrun(params.train.nproc, device, sys.argv))
     paths = TrainPaths(tokens_dir, models_dir, log_csv, CACHE_DIR / "runs")
     metrics = train(RunParams(params.seed, params.model, params.train), paths)
     if world_from_env().is_main:
-        write_json(metrics_json, metrics)
+        write_json(metrics_json, metrics, "the training metrics")
         print(", ".join(f"{key}={value}" for key, value in metrics.items()))
 
 

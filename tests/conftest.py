@@ -5,11 +5,13 @@ plot tests all read (each test that changes a project works on its own copy)."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -177,9 +179,73 @@ def write_tokens(folder: Path, text: str, shard_tokens: int = 10**6) -> Path:
     return tokens_dir
 
 
+@pytest.fixture(scope="session")
+def char_tokens(tmp_path_factory) -> Path:
+    """A data/tokens folder of make_corpus(), char-level, to copy or read."""
+    return write_tokens(tmp_path_factory.mktemp("char-tokens"), make_corpus())
+
+
 def paths_in(folder: Path, tokens_dir: Path) -> TrainPaths:
     """Where a training run in `folder` writes, reading `tokens_dir`."""
     return TrainPaths(tokens_dir, folder / "models", folder / "train_log.csv", folder / "runs")
+
+
+# --- the train stage, run as DVC runs it -----------------------------------------------------
+
+# Long enough to be interrupted: 200 steps, a checkpoint every 10.
+STAGE_MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32}
+STAGE_TRAIN = {**TINY_TRAIN, "batch_size": 8, "max_iters": 200, "checkpoint_interval": 10,
+               "eval_interval": 100, "log_interval": 10}
+# Metrics that measure the machine rather than the run: they differ between any two runs.
+TIMINGS = {"tokens_per_sec", "wall_seconds", "peak_memory_mb", "mfu"}
+
+
+def train_project(folder: Path, tokens_dir: Path, default_params: dict[str, Any]) -> Path:
+    """A folder with `tokens_dir` as data/tokens and params for the train stage's test run."""
+    shutil.copytree(tokens_dir, folder / "data" / "tokens")
+    write_params(folder, with_overrides(default_params, {
+        **{f"model.{k}": v for k, v in STAGE_MODEL.items()},
+        **{f"train.{k}": v for k, v in STAGE_TRAIN.items()}}))
+    return folder
+
+
+def start_train(project: Path, **popen: Any) -> subprocess.Popen:
+    """The train stage started in `project`, its output captured as text."""
+    return subprocess.Popen(stage_command("train"), cwd=project, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_train(tmp_path_factory, char_tokens, default_params) -> tuple[Path, float]:
+    """The train stage run once from start to end, and how long it took: what every
+    interrupted run must reproduce."""
+    reference = train_project(tmp_path_factory.mktemp("reference"), char_tokens, default_params)
+    started = time.monotonic()
+    process = start_train(reference)
+    _, stderr = process.communicate()
+    assert process.returncode == 0, stderr
+    return reference, time.monotonic() - started
+
+
+def log_without_timings(path: Path) -> list[list[str]]:
+    """The training log's cells, the tokens/s column left out."""
+    rows = [line.split(",") for line in path.read_text().splitlines()]
+    column = rows[0].index("tokens_per_sec")
+    return [row[:column] + row[column + 1:] for row in rows]
+
+
+def assert_same_training(project: Path, reference: Path) -> None:
+    """`project`'s train stage outputs are the reference run's: models/ byte for byte, the log
+    and the metrics apart from what times the machine."""
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert ((project / "models" / name).read_bytes()
+                == (reference / "models" / name).read_bytes()), name
+    assert (log_without_timings(project / "plots" / "train_log.csv")
+            == log_without_timings(reference / "plots" / "train_log.csv"))
+    metrics = [json.loads((folder / "metrics" / "train.json").read_text())
+               for folder in (project, reference)]
+    assert [{k: v for k, v in m.items() if k not in TIMINGS} for m in metrics] == [
+        {k: v for k, v in metrics[1].items() if k not in TIMINGS}] * 2
 
 
 # --- DVC projects ----------------------------------------------------------------------------

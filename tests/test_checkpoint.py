@@ -17,13 +17,19 @@ from torch import nn
 
 from gptlab.checkpoint import (
     RESUME_FORMAT,
+    DamagedCheckpoint,
     IncompatibleCheckpoint,
     ResumeState,
+    checkpoint_folders,
     code_fingerprint,
+    device_rng_state,
     gptlab_imports,
     load_resume,
+    newest_good_checkpoint,
     run_key,
     save_resume,
+    set_device_rng_state,
+    verify_checkpoint,
 )
 from gptlab.model import build_model
 from gptlab.optim import learning_rate, make_optimizer
@@ -125,13 +131,14 @@ def assert_same_optimizer_state(a: torch.optim.Optimizer, b: torch.optim.Optimiz
 def test_resume_restores_model_optimizer_rng_and_state_exactly(tmp_path):
     model, optimizer = trained_model(steps=3)
     state = resume_state(step=3)
-    folder = tmp_path / "checkpoint"
-    save_resume(folder, model, optimizer, state)
+    folder = save_resume(tmp_path, model, optimizer, state, CPU)
+    assert folder == tmp_path / "step-00000003"
     rng_at_save = torch.get_rng_state()  # the test's own copy, independent of the file
     expected_draw = torch.rand(5)
 
     restored_model, restored_optimizer = fresh_model()
-    restored = load_resume(folder, restored_model, restored_optimizer)
+    assert verify_checkpoint(folder) == 3
+    restored = load_resume(folder, restored_model, restored_optimizer, CPU)
 
     assert torch.equal(torch.get_rng_state(), rng_at_save)
     assert torch.equal(torch.rand(5), expected_draw)
@@ -153,12 +160,11 @@ def test_resume_restores_model_optimizer_rng_and_state_exactly(tmp_path):
 
 def test_one_more_step_after_resume_is_bit_identical(tmp_path):
     model, optimizer = trained_model(steps=3)
-    folder = tmp_path / "checkpoint"
-    save_resume(folder, model, optimizer, resume_state(step=3))
+    folder = save_resume(tmp_path, model, optimizer, resume_state(step=3), CPU)
     rng_at_save = torch.get_rng_state()
 
     restored_model, restored_optimizer = fresh_model()
-    load_resume(folder, restored_model, restored_optimizer)
+    load_resume(folder, restored_model, restored_optimizer, CPU)
     # The restored run continues on the RNG that load_resume set; the original on the one it
     # had when it saved (the two are equal, as the test above shows).
     next_batch = batches(4)[3]
@@ -172,11 +178,10 @@ def test_one_more_step_after_resume_is_bit_identical(tmp_path):
 
 def test_resume_checkpoint_is_only_safetensors_and_json(tmp_path):
     model, optimizer = trained_model(steps=1)
-    folder = tmp_path / "runs" / "checkpoint"
-    save_resume(folder, model, optimizer, resume_state(step=1))
+    folder = save_resume(tmp_path / "runs", model, optimizer, resume_state(step=1), CPU)
 
     assert sorted(p.name for p in folder.iterdir()) == [
-        "model.safetensors", "state.json", "state.safetensors",
+        "manifest.json", "model.safetensors", "state.json", "state.safetensors",
     ]
     for name in ("model.safetensors", "state.safetensors"):
         with safe_open(str(folder / name), framework="pt") as f:  # really safetensors
@@ -192,26 +197,59 @@ def test_resume_checkpoint_is_only_safetensors_and_json(tmp_path):
     assert meta["step"] == 1
 
 
-def test_save_resume_replaces_the_previous_checkpoint_whole(tmp_path):
+def test_the_newest_two_checkpoints_are_kept(tmp_path):
     model, optimizer = trained_model(steps=2)
-    folder = tmp_path / "checkpoint"
-    save_resume(folder, model, optimizer, resume_state(step=1))
-    (folder / "leftover.pt").write_bytes(b"not ours")
-    save_resume(folder, model, optimizer, replace(resume_state(step=2), wall_seconds=20.0))
+    (tmp_path / ".step-00000009.abc.tmp").mkdir()  # what a write killed midway leaves
+    for step in (1, 2, 3):
+        save_resume(tmp_path, model, optimizer, replace(resume_state(step=step),
+                                                        wall_seconds=float(step)), CPU)
+    assert [p.name for p in checkpoint_folders(tmp_path)] == ["step-00000003", "step-00000002"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".step-00000009.abc.tmp", "step-00000002", "step-00000003"]
+    restored = load_resume(checkpoint_folders(tmp_path)[0], *fresh_model(), CPU)
+    assert (restored.step, restored.wall_seconds) == (3, 3.0)
 
-    assert sorted(p.name for p in folder.iterdir()) == [
-        "model.safetensors", "state.json", "state.safetensors",
-    ]
-    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]
-    restored = load_resume(folder, *fresh_model())
-    assert (restored.step, restored.wall_seconds) == (2, 20.0)
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [truncate, flip_a_byte])
+@pytest.mark.parametrize("name", ["model.safetensors", "state.safetensors", "state.json",
+                                  "manifest.json"])
+def test_damage_on_disk_is_found_before_use_and_the_older_checkpoint_is_good(tmp_path, name,
+                                                                            damage):
+    model, optimizer = trained_model(steps=2)
+    older = save_resume(tmp_path, model, optimizer, resume_state(step=1), CPU)
+    newer = save_resume(tmp_path, model, optimizer, resume_state(step=2), CPU)
+    damage(newer / name)
+    with pytest.raises(DamagedCheckpoint, match=re.escape(str(newer)) + ": damaged resume "
+                                                "checkpoint"):
+        verify_checkpoint(newer)
+    good, damaged = newest_good_checkpoint(tmp_path)
+    assert good == older and [error.folder for error in damaged] == [newer]
+    for file in (older, newer):
+        assert file.exists()  # finding damage changes nothing on disk
+
+
+def test_with_no_good_checkpoint_there_is_none_to_resume(tmp_path):
+    model, optimizer = trained_model(steps=1)
+    only = save_resume(tmp_path, model, optimizer, resume_state(step=1), CPU)
+    (only / "state.safetensors").unlink()
+    assert newest_good_checkpoint(tmp_path)[0] is None
+    assert newest_good_checkpoint(tmp_path / "no-such-run") == (None, [])
 
 
 @pytest.mark.parametrize("format_number", [RESUME_FORMAT + 1, RESUME_FORMAT - 1, 0, None, "2"])
 def test_load_resume_refuses_another_format(format_number, tmp_path):
     model, optimizer = trained_model(steps=1)
-    folder = tmp_path / "checkpoint"
-    save_resume(folder, model, optimizer, resume_state(step=1))
+    folder = save_resume(tmp_path, model, optimizer, resume_state(step=1), CPU)
     meta_path = folder / "state.json"
     meta = json.loads(meta_path.read_text())
     if format_number is None:
@@ -223,7 +261,7 @@ def test_load_resume_refuses_another_format(format_number, tmp_path):
     restored_model, restored_optimizer = fresh_model()
     weights_before = {k: v.clone() for k, v in restored_model.state_dict().items()}
     with pytest.raises(IncompatibleCheckpoint, match=re.escape(str(folder)) + ".*format"):
-        load_resume(folder, restored_model, restored_optimizer)
+        load_resume(folder, restored_model, restored_optimizer, CPU)
     # Refused before touching anything: the fresh model is still fresh.
     for name, tensor in restored_model.state_dict().items():
         assert torch.equal(tensor, weights_before[name]), name
@@ -266,3 +304,32 @@ def test_the_code_fingerprint_follows_every_imported_module(tmp_path, monkeypatc
     assert code_fingerprint("gptlab.top") == before
     (package / "leaf.py").write_text("y = 3\n")  # imported inside a function, two levels down
     assert code_fingerprint("gptlab.top") != before
+
+
+# --- the training device's generator ---------------------------------------------------------
+
+
+def test_only_the_training_devices_generator_is_saved_and_restored(monkeypatch):
+    """A run resumed with fewer GPUs visible (CUDA_VISIBLE_DEVICES) must not need the others':
+    only the training device's state is kept."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state",
+                        lambda device: asked.append(("get", device)) or torch.tensor([7]))
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda state, device: asked.append(("set", device, state.tolist())))
+    gpu = torch.device("cuda", 1)
+    saved = device_rng_state(gpu)
+    assert list(saved) == ["rng.cuda"] and asked == [("get", gpu)]
+    set_device_rng_state(saved, gpu)
+    assert asked[-1] == ("set", gpu, [7])
+    assert device_rng_state(CPU) == {}
+
+
+def test_the_mps_generator_is_saved_so_dropout_resumes_exactly(monkeypatch):
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda: torch.tensor([3, 1]))
+    restored = []
+    monkeypatch.setattr(torch.mps, "set_rng_state", lambda state: restored.append(state.tolist()))
+    saved = device_rng_state(torch.device("mps"))
+    assert list(saved) == ["rng.mps"]
+    set_device_rng_state(saved, torch.device("mps"))
+    assert restored == [[3, 1]]

@@ -106,8 +106,39 @@ def test_cpu_bf16_probe_agrees_with_the_kernel_cpu_flags():
 
 @needs_cuda
 def test_auto_dtype_on_cuda_is_half_precision():
-    expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    assert pick_dtype("auto", torch.device("cuda")) is expected
+    native = torch.cuda.is_bf16_supported(including_emulation=False)
+    expected = torch.bfloat16 if native else torch.float16
+    assert pick_dtype("auto", torch.device("cuda"), "train.dtype") is expected
+
+
+@pytest.mark.parametrize(("native", "auto"), [(True, torch.bfloat16), (False, torch.float16)])
+def test_a_gpu_that_only_emulates_bf16_trains_in_fp16(monkeypatch, native, auto):
+    """torch counts emulated bf16 (a V100, a T4) unless asked not to: emulation is slow, and
+    fp16 with a gradient scaler runs on those GPUs' tensor cores."""
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        return native or including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    cuda = torch.device("cuda")
+    assert pick_dtype("auto", cuda, "train.dtype") is auto
+    if native:
+        assert pick_dtype("bfloat16", cuda, "train.dtype") is torch.bfloat16
+    else:
+        with pytest.raises(GptlabError, match=r"train\.dtype: this cuda device has no bfloat16"):
+            pick_dtype("bfloat16", cuda, "train.dtype")
+
+
+@pytest.mark.parametrize("sonoma", [True, False])
+def test_bf16_on_mps_needs_a_macos_that_has_it(monkeypatch, sonoma):
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer",
+                        lambda major, minor: sonoma and (major, minor) <= (14, 0))
+    mps = torch.device("mps")
+    assert pick_dtype("auto", mps, "train.dtype") is torch.float32
+    if sonoma:
+        assert pick_dtype("bfloat16", mps, "train.dtype") is torch.bfloat16
+    else:
+        with pytest.raises(GptlabError, match=r"train\.dtype: this mps device has no bfloat16"):
+            pick_dtype("bfloat16", mps, "train.dtype")
 
 
 # --- autocast ----------------------------------------------------------------------------------

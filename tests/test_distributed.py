@@ -5,16 +5,21 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import (
+    PROJECT_PARAMS,
     make_corpus,
+    model_config,
     one_error_line,
     run_stage,
     stage_command,
@@ -25,7 +30,19 @@ from conftest import (
 from safetensors.torch import load_file
 
 from gptlab.batches import batch_seed
-from gptlab.distributed import World, any_rank, gather_to_all, mean_over_ranks, world_from_env
+from gptlab.checkpoint import ResumeState, save_resume
+from gptlab.distributed import (
+    World,
+    any_rank,
+    device_for_rank,
+    gather_to_all,
+    mean_over_ranks,
+    relaunch_under_torchrun,
+    world_from_env,
+)
+from gptlab.errors import GptlabError
+from gptlab.model import build_model
+from gptlab.optim import make_optimizer
 
 MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16}
 # grad_accum 2 over the whole run: two micro-batches in one process, or one in each of two.
@@ -107,8 +124,10 @@ def test_two_processes_follow_the_single_process_loss_curve(single, two_processe
 def test_only_rank_zero_writes(two_processes):
     assert sorted(p.name for p in (two_processes / "models").iterdir()) == [
         "config.json", "model.safetensors", "tokenizer.json"]
-    assert len(list(two_processes.glob(".gptlab/runs/*/checkpoint/state.json"))) == 1
-    state = json.loads(next(two_processes.glob(".gptlab/runs/*/checkpoint/state.json")).read_text())
+    # One run folder, its newest checkpoint (step 60) and the one before (step 50).
+    states = sorted(two_processes.glob(".gptlab/runs/*/step-*/state.json"))
+    assert [path.parent.name for path in states] == ["step-00000050", "step-00000060"]
+    state = json.loads(states[-1].read_text())
     assert len(state["other_ranks"]) == 1  # rank 1's streams, gathered into rank 0's checkpoint
 
 
@@ -117,7 +136,7 @@ def test_killed_ddp_run_resumes_to_the_uninterrupted_weights(tmp_path, tokens_di
     folder = project(tmp_path / "killed", tokens_dir, params_for, nproc=2)
     process = start_stage(folder)
     deadline = time.monotonic() + 120
-    while not list(folder.glob(".gptlab/runs/*/checkpoint/state.json")):
+    while not list(folder.glob(".gptlab/runs/*/step-*")):
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.01)
@@ -157,3 +176,67 @@ def test_a_world_of_one_needs_no_process_group():
 def test_rank_zero_keeps_the_single_process_batch_stream():
     assert batch_seed(1337, 0) == 1337
     assert batch_seed(1337, 1) != batch_seed(1337, 2)
+
+
+@pytest.mark.parametrize(("device", "gpus", "problem"), [
+    ("cuda", 1, "train.nproc: 2 processes, but this machine has 1 GPU(s)"),
+    ("mps", 0, "train.nproc: 2 processes on mps, but data-parallel training needs CUDA"),
+])
+def test_a_world_the_machine_cannot_hold_is_refused_before_any_work(monkeypatch, device, gpus,
+                                                                   problem):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    with pytest.raises(GptlabError, match=re.escape(problem)):
+        relaunch_under_torchrun(2, torch.device(device), ["never", "started"])
+    # Under torchrun (several machines), each process checks its own place on its machine.
+    with pytest.raises(GptlabError, match=r"train\.nproc"):
+        device_for_rank(torch.device(device), World(rank=3, local_rank=1, size=4))
+    assert device_for_rank(torch.device("cpu"), World(rank=1, local_rank=1, size=2)).type == "cpu"
+
+
+AGREE = """
+import sys
+from pathlib import Path
+import torch
+from gptlab.checkpoint import agree_on_checkpoint, newest_good_checkpoint
+from gptlab.distributed import process_group, world_from_env
+from gptlab.errors import run_main
+
+def main():
+    world = world_from_env()
+    # Each process looks in a folder of its own, as on machines without shared storage.
+    run_dir = Path(sys.argv[1]) / f"rank{world.rank}"
+    with process_group(world, torch.device("cpu")):
+        folder, _ = newest_good_checkpoint(run_dir)
+        agree_on_checkpoint(folder, run_dir, world)
+        print("agreed", folder.name if folder else None)
+
+run_main(main)
+"""
+
+
+def test_processes_that_find_different_checkpoints_stop_before_any_work(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(model_config(vocab_size=5, n_layer=1, n_head=1, n_embd=8, block_size=4))
+    optimizer = make_optimizer(model, PROJECT_PARAMS.train, torch.device("cpu"))
+    state = ResumeState(step=10, batch_rng={}, best_val_loss=None, wall_seconds=0.0)
+    for rank in (0, 1):
+        save_resume(tmp_path / f"rank{rank}", model, optimizer, state, torch.device("cpu"))
+    script = tmp_path / "agree.py"
+    script.write_text(AGREE)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", str(script), str(tmp_path)]
+    same = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    # (The two processes' lines may interleave.)
+    assert same.returncode == 0, same.stderr
+    assert same.stdout.count("agreed") == same.stdout.count("step-00000010") == 2
+    # Rank 1's machine holds a later checkpoint than rank 0's.
+    save_resume(tmp_path / "rank1", model, optimizer, replace(state, step=20),
+                torch.device("cpu"))
+    different = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert different.returncode != 0 and "agreed" not in different.stdout
+    errors = [line for line in different.stderr.splitlines() if line.startswith("error: ")]
+    # Each process stops with that line (torchrun may end the other before it prints it).
+    assert errors and all(
+        "process 1 finds resume checkpoint step-00000020, process 0 finds step-00000010; every "
+        "process must see the same runs folder (run from shared storage)" in line
+        for line in errors), different.stderr

@@ -24,7 +24,7 @@ from conftest import (
 from torch import nn
 
 from gptlab.errors import GptlabError
-from gptlab.generate import code_span, encode_prompt, fenced, generate, next_tokens
+from gptlab.generate import EOT_CHECK_EVERY, code_span, encode_prompt, fenced, generate, next_tokens
 from gptlab.model import Bigram, build_model
 from gptlab.tokenizers import CharTokenizer
 from gptlab.train import train
@@ -192,7 +192,9 @@ def test_generation_stops_at_end_of_text_and_leaves_it_out():
     calls = []
     model.register_forward_hook(lambda *_: calls.append(1))
     assert run(model, [0], max_new_tokens=1000, eot_id=EOT, **GREEDY) == [[1, 2, 3]] * 3
-    assert len(calls) == 4  # the batch stopped when every sample had
+    # The batch stopped at the first check after every sample had: checking every token would
+    # wait for the device each time.
+    assert len(calls) == EOT_CHECK_EVERY
 
 
 def test_a_finished_sample_waits_while_the_others_go_on():

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
+import re
 
 import pytest
 
-from gptlab.io import atomic_dir, atomic_path, sha256_file, write_json, write_text
+from gptlab.io import (
+    DiskFull,
+    atomic_dir,
+    atomic_path,
+    disk_full,
+    sha256_file,
+    write_json,
+    write_text,
+)
 
 
 def test_atomic_path_renames_into_place_only_on_success(tmp_path):
@@ -64,3 +75,56 @@ def test_leftovers_of_a_killed_write_are_removed_by_the_next_one(tmp_path):
         (staging / "train.bin").write_bytes(b"whole")
     write_json(tmp_path / "meta.json", {})
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.x.tmp", "meta.json", "tokens"]
+
+
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_is_one_error_naming_the_file_and_leaves_the_old_one(tmp_path, monkeypatch):
+    target = tmp_path / "metrics" / "train.json"
+    write_json(target, {"old": 1})
+    monkeypatch.setattr(os, "fsync", no_space)  # where a full disk reports delayed writes
+    with pytest.raises(DiskFull, match=re.escape(f"{target}: no space left on device while "
+                                                 f"writing the metrics; free some space")):
+        write_json(target, {"new": 2}, "the metrics")
+    assert json.loads(target.read_text()) == {"old": 1}
+    assert sorted(p.name for p in target.parent.iterdir()) == ["train.json"]
+
+
+def write_shards(target):
+    # A file of the folder written with its own atomic_path: the folder is named.
+    with (atomic_dir(target, "token shards") as staging,
+          atomic_path(staging / "train.bin", "a token file") as tmp):
+        tmp.write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_inside_a_folder_names_the_folder_and_what_it_holds(tmp_path):
+    target = tmp_path / "tokens"
+    target.mkdir()
+    (target / "old.bin").write_bytes(b"old")
+    expected = re.escape(f"{target}: no space left on device while writing token shards")
+    with pytest.raises(DiskFull, match=expected):
+        write_shards(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokens"]
+    assert [p.name for p in target.iterdir()] == ["old.bin"]
+
+
+@pytest.mark.parametrize(("error", "full"), [
+    (OSError(errno.ENOSPC, "No space left on device"), True),
+    (OSError(errno.EDQUOT, "Disk quota exceeded"), True),
+    (RuntimeError("No space left on device (os error 28)"), True),  # as safetensors says it
+    (OSError(errno.EACCES, "Permission denied"), False),
+    (ValueError("os error 28 mentioned in passing"), False),
+])
+def test_a_full_disk_is_recognised_however_it_is_reported(error, full):
+    assert disk_full(error) is full
+
+
+def test_a_replaced_folder_left_behind_by_a_kill_is_removed(tmp_path):
+    (tmp_path / ".models.x1.old").mkdir()  # killed between moving the old folder aside and
+    (tmp_path / ".models.x1.old" / "models").mkdir()  # deleting it
+    with atomic_dir(tmp_path / "models") as staging:
+        (staging / "w").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]

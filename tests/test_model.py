@@ -86,12 +86,13 @@ def test_config_rejects_values_that_would_crash_obscurely(overrides, field):
 def test_forward_shapes(arch):
     model = tiny_model(arch=arch)
     idx = random_tokens(3, BLOCK)
-    logits, loss = model(idx, random_tokens(3, BLOCK, seed=2))
+    targets = random_tokens(3, BLOCK, seed=2)
+    no_logits, loss = model(idx, targets)
+    assert no_logits is None and loss.shape == ()  # training keeps no logits alive
+    logits, no_loss = model(idx)
     assert logits.shape == (3, BLOCK, VOCAB)
-    assert loss.shape == ()
-    logits, loss = model(idx)
-    assert logits.shape == (3, BLOCK, VOCAB)
-    assert loss is None
+    assert no_loss is None
+    assert torch.allclose(loss, F.cross_entropy(logits.flatten(0, 1), targets.flatten()))
 
 
 @pytest.mark.parametrize("arch", ["gpt", "bigram"])
@@ -203,8 +204,9 @@ def test_unpadded_model_has_exactly_vocab_size_rows(tie_weights):
     model = tiny_model(pad_vocab=False, tie_weights=tie_weights)
     assert model.lm_head.weight.shape == (VOCAB, 32)
     assert model.tok_emb.weight.shape == (VOCAB, 32)
-    logits, loss = model(random_tokens(2, BLOCK), random_tokens(2, BLOCK, seed=2))
+    logits, _ = model(random_tokens(2, BLOCK))
     assert logits.shape == (2, BLOCK, VOCAB)
+    _, loss = model(random_tokens(2, BLOCK), random_tokens(2, BLOCK, seed=2))
     assert torch.isfinite(loss)
 
 

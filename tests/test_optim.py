@@ -35,5 +35,6 @@ def test_optimizer_decays_matrices_only():
     assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["params"]
     grouped = {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert grouped == {id(p) for p in model.parameters()}  # every parameter exactly once
+    assert optimizer.defaults["fused"]  # one kernel for the whole update
     set_learning_rate(optimizer, 0.125)
     assert [group["lr"] for group in optimizer.param_groups] == [0.125, 0.125]

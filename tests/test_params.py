@@ -64,6 +64,11 @@ def load_with(tmp_path, params_for, overrides):
         ({"data.sha256": None}, "data.sha256: required when source is 'pip'"),
         ({"data.include": []}, "data.include: expected a non-empty list"),
         ({"seed": 1.5}, "seed: Input should be a valid integer"),
+        ({"train.device": "mps", "train.nproc": 2}, "train.nproc: 2 processes on mps"),
+        ({"train.grad_accum": 3, "train.nproc": 2}, "train.grad_accum: 3 is not divisible"),
+        ({"train.compile": True, "train.compile_mode": "max-autotune", "train.grad_accum": 2},
+         "train.compile_mode: max-autotune replays CUDA graphs, which cannot accumulate "
+         "gradients over the 2 micro-batches per process; use max-autotune-no-cudagraphs"),
     ],
 )
 def test_bad_values_are_named_by_their_dotted_key(tmp_path, params_for, overrides, expected):
@@ -160,3 +165,15 @@ def test_cli_prints_the_resolved_params_and_fails_cleanly(tmp_path, params_for):
     bad = write_params(tmp_path, params_for({"clean.split": "random"}))
     result = subprocess.run([*gptlab, "params", str(bad)], capture_output=True, text=True)
     assert "clean.split" in one_error_line(result)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"train.compile": True, "train.compile_mode": "max-autotune-no-cudagraphs",
+     "train.grad_accum": 8},
+    {"train.compile": True, "train.compile_mode": "reduce-overhead", "train.grad_accum": 2,
+     "train.nproc": 2},  # one micro-batch per process: nothing to accumulate across replays
+    {"train.compile": False, "train.compile_mode": "max-autotune", "train.grad_accum": 4},
+])
+def test_cuda_graphs_are_allowed_where_no_gradient_is_accumulated(tmp_path, params_for,
+                                                                 overrides):
+    assert load_with(tmp_path, params_for, overrides).train.grad_accum >= 1

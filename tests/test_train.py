@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-import functools
+import hashlib
 import json
 import math
 import os
@@ -17,29 +17,32 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import (
-    TINY_TRAIN,
+    assert_same_training,
     make_corpus,
     one_error_line,
     paths_in,
     run_params,
     run_stage,
-    stage_command,
-    with_overrides,
+    start_train,
+    train_project,
     write_params,
     write_tokens,
 )
 from safetensors.torch import load_file
 
 from gptlab.checkpoint import RESUME_FORMAT
+from gptlab.distributed import World
 from gptlab.errors import GptlabError
 from gptlab.tokenizers import CharTokenizer
-from gptlab.train import train
+from gptlab.train import LogInterval, train
 from gptlab.trainlog import LOG_COLUMNS
+
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def tokens_dir(tmp_path_factory) -> Path:
-    return write_tokens(tmp_path_factory.mktemp("tokens"), make_corpus())
+def tokens_dir(char_tokens) -> Path:
+    return char_tokens
 
 
 def read_log(path: Path) -> list[dict[str, str]]:
@@ -125,48 +128,20 @@ def test_tokens_from_another_tokenizer_are_refused(tmp_path, tokens_dir):
 # ---------------------------------------------------------------------------------------------
 # resume: the stage killed after a checkpoint, run again, ends where an uninterrupted run does
 
-RESUME_MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32}
-RESUME_TRAIN = {**TINY_TRAIN, "batch_size": 8, "max_iters": 200, "checkpoint_interval": 10,
-                "eval_interval": 100, "log_interval": 10}
-
-
-def stage_project(folder: Path, tokens_dir: Path, params_for) -> Path:
-    shutil.copytree(tokens_dir, folder / "data" / "tokens")
-    params = params_for({f"model.{k}": v for k, v in RESUME_MODEL.items()}
-                        | {f"train.{k}": v for k, v in RESUME_TRAIN.items()})
-    write_params(folder, params)
-    return folder
-
-
-def start_stage(project: Path) -> subprocess.Popen:
-    return subprocess.Popen(stage_command("train"), cwd=project, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
 def wait_for_checkpoint(project: Path, process: subprocess.Popen) -> None:
     deadline = time.monotonic() + 120
-    while not list(project.glob(".gptlab/runs/*/checkpoint/state.json")):
+    while not list(project.glob(".gptlab/runs/*/step-*")):
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, "no checkpoint within two minutes"
         time.sleep(0.005)
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, tokens_dir, default_params) -> Path:
-    """The stage run once from start to end: what every interrupted run must reproduce."""
-    params_for = functools.partial(with_overrides, default_params)
-    reference = stage_project(tmp_path_factory.mktemp("reference"), tokens_dir, params_for)
-    assert start_stage(reference).wait() == 0
-    return reference
-
-
 @pytest.mark.parametrize("stop_signal", [signal.SIGKILL, signal.SIGINT])
 def test_stage_stopped_after_a_checkpoint_resumes_to_the_same_result(
-    tmp_path, tokens_dir, params_for, uninterrupted, stop_signal
+    tmp_path, char_tokens, default_params, uninterrupted_train, stop_signal
 ):
-    reference = uninterrupted
-    project = stage_project(tmp_path / "interrupted", tokens_dir, params_for)
-    process = start_stage(project)
+    project = train_project(tmp_path / "interrupted", char_tokens, default_params)
+    process = start_train(project)
     wait_for_checkpoint(project, process)
     os.kill(process.pid, stop_signal)
     _, stderr = process.communicate()
@@ -176,20 +151,10 @@ def test_stage_stopped_after_a_checkpoint_resumes_to_the_same_result(
         assert process.returncode == 130 and "saving a checkpoint" in stderr
     assert not (project / "metrics" / "train.json").exists()
 
-    resumed = start_stage(project)
+    resumed = start_train(project)
     _, stderr = resumed.communicate()
     assert resumed.returncode == 0 and "resuming from step" in stderr
-    expected = json.loads((reference / "metrics" / "train.json").read_text())
-    actual = json.loads((project / "metrics" / "train.json").read_text())
-    for key in ("final_train_loss", "final_val_loss", "best_val_loss", "params"):
-        assert actual[key] == expected[key]
-    weights = load_file(project / "models" / "model.safetensors")
-    reference_weights = load_file(reference / "models" / "model.safetensors")
-    assert all(torch.equal(weights[k], reference_weights[k]) for k in reference_weights)
-    losses = [(r["step"], r["train_loss"], r["val_loss"]) for r in
-              read_log(project / "plots" / "train_log.csv")]
-    assert losses == [(r["step"], r["train_loss"], r["val_loss"]) for r in
-                      read_log(reference / "plots" / "train_log.csv")]
+    assert_same_training(project, uninterrupted_train[0])
 
 
 def test_stage_reports_bad_input_in_one_line(tmp_path, params_for):
@@ -202,9 +167,13 @@ def test_stage_reports_bad_input_in_one_line(tmp_path, params_for):
 def test_a_checkpoint_from_an_older_gptlab_is_ignored_not_fatal(tmp_path, tokens_dir, capsys):
     paths = paths_in(tmp_path, tokens_dir)
     first = train(run_params(), paths)
-    (state_json,) = paths.runs_dir.glob("*/checkpoint/state.json")
-    state_json.write_text(state_json.read_text().replace(f'"format": {RESUME_FORMAT}',
-                                                         '"format": 1'))
+    for state_json in paths.runs_dir.glob("*/step-*/state.json"):
+        state_json.write_text(state_json.read_text().replace(f'"format": {RESUME_FORMAT}',
+                                                             '"format": 1'))
+        manifest = state_json.parent / "manifest.json"  # as the older gptlab would have written
+        digests = json.loads(manifest.read_text())
+        digests["state.json"] = hashlib.sha256(state_json.read_bytes()).hexdigest()
+        manifest.write_text(json.dumps(digests))
     again = train(run_params(), paths)
     assert "starting afresh" in capsys.readouterr().err
     assert again["final_val_loss"] == first["final_val_loss"]  # a full rerun, same result
@@ -239,3 +208,16 @@ def test_a_missing_or_damaged_meta_json_is_named(tmp_path, tokens_dir, content):
         meta.write_text(content)
     with pytest.raises(GptlabError, match=rf"{re.escape(str(meta))}: "):
         train(run_params(), paths_in(tmp_path, broken))
+
+
+def test_a_log_interval_waits_for_the_device_before_reading_the_clock(monkeypatch):
+    synced = []
+    monkeypatch.setattr("gptlab.train.synchronize", synced.append)
+    # Resumed mid-interval: 3 steps, their summed loss and 2.5 s already behind it.
+    interval = LogInterval(3, 6.0, 2.5, CPU)
+    interval.add(torch.tensor(2.0))
+    mean_loss, steps, seconds = interval.close(World())
+    assert (mean_loss, steps) == (2.0, 4) and seconds >= 2.5
+    assert synced == [CPU]  # GPU work is billed to the interval it belongs to
+    interval.pause()
+    assert interval.steps == 0 and float(interval.loss_sum) == 0.0 and synced == [CPU, CPU]

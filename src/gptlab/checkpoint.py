@@ -1,10 +1,13 @@
 """Resume state: what a training run needs to continue bit for bit, saved without pickle.
 
-A run lives in `<runs>/<key>/checkpoint/`, where the key hashes everything the run's result
-depends on (params, token files, number of processes, the training code), so a changed run
-never resumes another's checkpoint. The model and optimizer tensors and the RNG states are
-safetensors; everything else (step, batch sampler state, log so far) is JSON. Loading runs no
-code from the files. The published weights are written apart, to models/ (gptlab.published).
+A run lives in `<runs>/<key>/`, where the key hashes everything the run's result depends on
+(params, token files, number of processes, the training code), so a changed run never resumes
+another's checkpoint. Each checkpoint is a folder of its own, `step-00000250/`, holding the
+model and optimizer tensors and the RNG states as safetensors, everything else (step, batch
+sampler state, log so far) as JSON, and a manifest of the files' sha256. The newest two are
+kept: one damaged on disk (truncated, bytes flipped) is found by its checksums before any of
+it is used, and the run falls back to the one before. Loading runs no code from the files.
+The published weights are written apart, to models/ (gptlab.published).
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import re
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,19 +27,33 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from gptlab.distributed import World
+from gptlab.distributed import World, gather_to_all
 from gptlab.errors import GptlabError
-from gptlab.io import atomic_dir, write_json
+from gptlab.io import atomic_dir, sha256_file, write_json
 from gptlab.params import RunParams
 
-# Version of the resume state's layout; a run finding an older one starts afresh.
-RESUME_FORMAT = 3
+# Version of the resume state's layout; a run finding another starts afresh.
+RESUME_FORMAT = 4
 WEIGHTS = "model.safetensors"
+TENSORS = "state.safetensors"
+STATE = "state.json"
+MANIFEST = "manifest.json"
+# Checkpoints kept per run: the newest, and one to fall back to should it be damaged.
+KEEP = 2
+STEP_FOLDER = re.compile(r"^step-(\d{8})$")
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 class IncompatibleCheckpoint(GptlabError):
     """A resume checkpoint written by another version of gptlab."""
+
+
+class DamagedCheckpoint(GptlabError):
+    """A resume checkpoint whose files are not those that were written."""
+
+    def __init__(self, folder: Path, problem: str) -> None:
+        super().__init__(f"{folder}: damaged resume checkpoint ({problem})")
+        self.folder = folder
 
 
 @dataclass
@@ -47,21 +66,32 @@ class ResumeState:
     wall_seconds: float
     log: list[dict[str, Any]] = field(default_factory=list)
     scaler: dict[str, Any] = field(default_factory=dict)
-    # The unfinished log interval: steps taken and their summed loss.
+    # The unfinished log interval: steps taken, their summed loss and the seconds they took.
     interval_steps: int = 0
     interval_loss_sum: float = 0.0
+    interval_seconds: float = 0.0
+    # The latest evaluation's mean losses ("train", "val"), for the published summary.
+    last_eval: dict[str, float] = field(default_factory=dict)
+    # The finished run's metrics, saved with its last checkpoint: a rerun of a finished run
+    # republishes them as they were.
+    metrics: dict[str, Any] | None = None
     # Under DDP, the batch and dropout generators of ranks 1, 2, ... (rank 0's are above).
     other_ranks: list[dict[str, Any]] = field(default_factory=list)
 
 
-def save_resume(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                state: ResumeState) -> None:
-    """Write a resumable checkpoint to `folder`, replacing the previous one only when complete."""
+def checkpoint_folders(run_dir: Path) -> list[Path]:
+    """The run's checkpoint folders, newest first."""
+    folders = [path for path in run_dir.glob("step-*") if STEP_FOLDER.match(path.name)]
+    return sorted(folders, key=lambda path: path.name, reverse=True)
+
+
+def save_resume(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                state: ResumeState, device: torch.device) -> Path:
+    """Write the checkpoint of `state.step` as a folder of its own in `run_dir`, then keep only
+    the newest KEEP; return its folder."""
+    folder = run_dir / f"step-{state.step:08d}"
     optimizer_state = optimizer.state_dict()
-    tensors = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for index, rng in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{index}"] = rng
+    tensors = {"rng.torch": torch.get_rng_state(), **device_rng_state(device)}
     scalars: dict[str, dict[str, Any]] = {}
     for param_id, values in optimizer_state["state"].items():
         for name, value in values.items():
@@ -69,36 +99,76 @@ def save_resume(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer
                 tensors[f"optimizer.{param_id}.{name}"] = value.contiguous().cpu()
             else:
                 scalars.setdefault(str(param_id), {})[name] = value
-    with atomic_dir(folder) as staging:
+    with atomic_dir(folder, "a resume checkpoint") as staging:
         save_model(model, str(staging / WEIGHTS))
-        save_file(tensors, str(staging / "state.safetensors"))
-        write_json(staging / "state.json", {
+        save_file(tensors, str(staging / TENSORS))
+        write_json(staging / STATE, {
             "format": RESUME_FORMAT,
             **asdict(state),
             "optimizer_param_groups": optimizer_state["param_groups"],
             "optimizer_scalars": scalars,
         })
+        # Checksums of what was written, so that damage on disk is found before it is used.
+        write_json(staging / MANIFEST, {name: sha256_file(staging / name)
+                                        for name in (WEIGHTS, TENSORS, STATE)})
+    for old in checkpoint_folders(run_dir)[KEEP:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
 
 
-def load_resume(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> ResumeState:
-    """Restore model, optimizer and RNG from `folder`; return the rest of the run's state."""
+def device_rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The training device's own generator (dropout on a GPU or on MPS), if it has one."""
+    if device.type == "cuda":
+        return {"rng.cuda": torch.cuda.get_rng_state(device)}
+    if device.type == "mps":
+        return {"rng.mps": torch.mps.get_rng_state()}
+    return {}
+
+
+def set_device_rng_state(tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+    if device.type == "cuda" and "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+    elif device.type == "mps" and "rng.mps" in tensors:
+        torch.mps.set_rng_state(tensors["rng.mps"])
+
+
+def verify_checkpoint(folder: Path) -> int:
+    """Check every file of a checkpoint against its manifest; return the checkpoint's step.
+
+    Reads and changes nothing else: a damaged checkpoint is refused before any of it is used.
+    """
     try:
-        meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-        if not isinstance(meta, dict):
-            raise ValueError("state.json is not an object")
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise GptlabError(f"{folder}: damaged resume checkpoint ({error}); delete the folder "
-                          f"to start the run afresh") from None
-    if meta.get("format") != RESUME_FORMAT:
-        raise IncompatibleCheckpoint(f"{folder}: resume checkpoint format "
-                                     f"{meta.get('format')!r}, this gptlab writes {RESUME_FORMAT}")
+        raise DamagedCheckpoint(folder, f"manifest: {error}") from None
+    if not isinstance(manifest, dict) or set(manifest) != {WEIGHTS, TENSORS, STATE}:
+        raise DamagedCheckpoint(folder, "the manifest does not list the checkpoint's files")
+    for name, digest in manifest.items():
+        try:
+            actual = sha256_file(folder / name)
+        except OSError as error:
+            raise DamagedCheckpoint(folder, f"{name}: {error.strerror}") from None
+        if actual != digest:
+            raise DamagedCheckpoint(folder, f"{name} is not the file that was written: sha256 "
+                                            f"{actual[:12]}..., expected {str(digest)[:12]}...")
+    return int(STEP_FOLDER.match(folder.name)[1])
+
+
+def load_resume(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                device: torch.device) -> ResumeState:
+    """Restore model, optimizer and RNG from a verified checkpoint folder; return the rest of
+    the run's state."""
+    meta = json.loads((folder / STATE).read_text(encoding="utf-8"))
+    if not isinstance(meta, dict) or meta.get("format") != RESUME_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise IncompatibleCheckpoint(f"{folder}: resume checkpoint format {found!r}, this "
+                                     f"gptlab writes {RESUME_FORMAT}")
     try:
-        load_model(model, str(folder / WEIGHTS))
-        tensors = load_file(str(folder / "state.safetensors"))
         fields = {name: meta[name] for name in ResumeState.__dataclass_fields__}
+        load_model(model, str(folder / WEIGHTS))
+        tensors = load_file(str(folder / TENSORS))
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as error:
-        raise GptlabError(f"{folder}: damaged resume checkpoint ({error}); delete the folder "
-                          f"to start the run afresh") from None
+        raise DamagedCheckpoint(folder, str(error)) from None
     per_param: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith("optimizer."):
@@ -108,12 +178,35 @@ def load_resume(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer
         per_param.setdefault(int(param_id), {}).update(values)
     optimizer.load_state_dict({"state": per_param, "param_groups": meta["optimizer_param_groups"]})
     torch.set_rng_state(tensors["rng.torch"])
-    cuda_keys = sorted((k for k in tensors if k.startswith("rng.cuda.")),
-                       key=lambda k: int(k.rsplit(".", 1)[1]))
-    cuda_states = [tensors[k] for k in cuda_keys]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states)
+    set_device_rng_state(tensors, device)
     return ResumeState(**fields)
+
+
+def newest_good_checkpoint(run_dir: Path) -> tuple[Path | None, list[DamagedCheckpoint]]:
+    """The newest checkpoint whose files pass their checksums, and the damaged ones newer than
+    it (each a DamagedCheckpoint saying what is wrong)."""
+    damaged = []
+    for folder in checkpoint_folders(run_dir):
+        try:
+            verify_checkpoint(folder)
+        except DamagedCheckpoint as error:
+            damaged.append(error)
+            continue
+        return folder, damaged
+    return None, damaged
+
+
+def agree_on_checkpoint(folder: Path | None, run_dir: Path, world: World) -> None:
+    """Refuse to start when the processes of a run found different checkpoints (several
+    machines whose run folders are not the same shared storage)."""
+    mine = None if folder is None else (folder.name, sha256_file(folder / MANIFEST))
+    found = gather_to_all(mine, world)
+    for rank, theirs in enumerate(found):
+        if theirs != found[0]:
+            names = [entry[0] if entry else "none" for entry in (found[0], theirs)]
+            raise GptlabError(f"{run_dir}: process {rank} finds resume checkpoint {names[1]}, "
+                              f"process 0 finds {names[0]}; every process must see the same "
+                              f"runs folder (run from shared storage)")
 
 
 def run_key(params: RunParams, tokens_meta: dict[str, Any], world_size: int = 1) -> str:

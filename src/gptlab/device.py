@@ -92,14 +92,25 @@ def pick_dtype(name: str, device: torch.device, param: str) -> torch.dtype:
     else fp32."""
     if name != "auto":
         dtype = DTYPES[name]
-        if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise GptlabError(f"{param}: this GPU has no bfloat16; use float16 or auto")
+        if dtype == torch.bfloat16 and device.type in ("cuda", "mps") and not has_bf16(device):
+            raise GptlabError(f"{param}: this {device.type} device has no bfloat16; use float16 "
+                              f"or auto")
         return dtype
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if has_bf16(device) else torch.float16
     if device.type == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16
     return torch.float32
+
+
+def has_bf16(device: torch.device) -> bool:
+    """Whether a GPU computes in bf16 natively: torch counts emulated bf16 too by default (a V100
+    or T4 runs it, slowly, where fp16 tensor cores would be fast)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "mps":
+        return torch.backends.mps.is_macos_or_newer(14, 0)  # Metal has bf16 from macOS 14
+    return cpu_has_native_bf16()
 
 
 def allow_tf32(device: torch.device) -> None:
@@ -161,6 +172,20 @@ def peak_entry(name: str) -> str | None:
         if re.search(rf"(?<![A-Za-z0-9]){re.escape(fragment)}(?![A-Za-z0-9])", name):
             return fragment
     return None
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels: a clock read before this times the launches."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the device's peak-memory count afresh, so a run reports its own peak."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from gptlab.errors import GptlabError
+
 # A rank that stops answering (killed, out of memory) fails the others after this long,
 # instead of leaving them waiting forever in a collective.
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
@@ -52,13 +54,14 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ
 
 
-def relaunch_under_torchrun(nproc: int, argv: list[str]) -> int:
+def relaunch_under_torchrun(nproc: int, device: torch.device, argv: list[str]) -> int:
     """Run this script (`argv`: its path and arguments) again as `nproc` processes on this
-    machine; return torchrun's exit code.
+    machine, each training on `device`; return torchrun's exit code.
 
     For several machines, users start torchrun themselves (see the README) and the script,
     finding itself under torchrun, trains instead of relaunching.
     """
+    check_processes_fit(nproc, device)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", *argv]
     print(f"train.nproc={nproc}: {' '.join(command[1:])}", file=sys.stderr)
@@ -73,8 +76,21 @@ def relaunch_under_torchrun(nproc: int, argv: list[str]) -> int:
             signal.signal(signum, handler)
 
 
+def check_processes_fit(processes: int, device: torch.device) -> None:
+    """Refuse, before any work, a world this machine cannot hold: more processes than GPUs,
+    or several on Apple's MPS, which has no backend for the processes to talk over."""
+    if processes > 1 and device.type == "mps":
+        raise GptlabError(f"train.nproc: {processes} processes on mps, but data-parallel "
+                          f"training needs CUDA GPUs or CPU processes; set train.nproc: 1")
+    if device.type == "cuda" and processes > torch.cuda.device_count():
+        raise GptlabError(f"train.nproc: {processes} processes, but this machine has "
+                          f"{torch.cuda.device_count()} GPU(s); one process drives one GPU")
+
+
 def device_for_rank(device: torch.device, world: World) -> torch.device:
     """Each process drives its own GPU; CPU processes share the CPU."""
+    if world.distributed:
+        check_processes_fit(world.local_rank + 1, device)
     if device.type == "cuda" and world.distributed:
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)

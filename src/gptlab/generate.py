@@ -25,11 +25,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gptlab.device import device_name, pick_device
+from gptlab.device import autocast, device_name, has_bf16, pick_device
 from gptlab.errors import GptlabError
 from gptlab.params import SampleParams
 from gptlab.published import Published, load_published
 from gptlab.tokenizers import Tokenizer
+
+# Generated tokens between checks whether every sample has reached its end-of-text token.
+EOT_CHECK_EVERY = 16
 
 
 @torch.inference_mode()
@@ -69,8 +72,9 @@ def generate(
     tokens[:, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
     pick = functools.partial(next_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                              greedy=greedy, generator=generator)
-    with one_cpu_thread(device):
-        filled = fill_continuations(model, tokens, len(prompt), pick, eot_id)
+    dtype = generation_dtype(device)
+    with one_cpu_thread(device), autocast(device, dtype):
+        filled = fill_continuations(model, tokens, len(prompt), pick, eot_id, dtype)
     rows = tokens[:, len(prompt) : len(prompt) + filled].tolist()
     return [cut_at_eot(row, eot_id) for row in rows]
 
@@ -91,6 +95,12 @@ def one_cpu_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def generation_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on a GPU that computes in it natively (half the memory traffic per token, which
+    bounds generation), else float32: on CPUs, generation stays in the model's float32."""
+    return torch.bfloat16 if device.type == "cuda" and has_bf16(device) else torch.float32
+
+
 def start_ids(prompt_ids: list[int], eot_id: int | None) -> list[int]:
     """The prompt, or the end-of-text token when the prompt is empty."""
     if prompt_ids:
@@ -102,9 +112,14 @@ def start_ids(prompt_ids: list[int], eot_id: int | None) -> list[int]:
 
 
 def fill_continuations(model: nn.Module, tokens: Tensor, prompt_length: int,
-                       pick: Callable[[Tensor], Tensor], eot_id: int | None) -> int:
-    """Write new tokens into tokens[:, prompt_length:] in place; return how many columns."""
-    cache = model.new_cache(tokens.size(0))
+                       pick: Callable[[Tensor], Tensor], eot_id: int | None,
+                       dtype: torch.dtype) -> int:
+    """Write new tokens into tokens[:, prompt_length:] in place; return how many columns
+    (past the last end-of-text, up to EOT_CHECK_EVERY - 1 more, whose tokens are discarded).
+
+    The cache holds keys and values in the compute dtype, so no step converts the prefix.
+    """
+    cache = model.new_cache(tokens.size(0), dtype)
     refill_length = max(1, cache.capacity // 2)  # a block_size of 1 still keeps one token
     finished = torch.zeros(tokens.size(0), dtype=torch.bool, device=tokens.device)
     window = tokens[:, :prompt_length]
@@ -113,13 +128,14 @@ def fill_continuations(model: nn.Module, tokens: Tensor, prompt_length: int,
             cache.reset()
             window = tokens[:, position - refill_length : position]
         logits, _ = model(window, cache=cache)
-        new = pick(logits[:, -1])
+        new = pick(logits[:, -1].float())  # sampled in float32 whatever the compute dtype
         tokens[:, position] = new
         if eot_id is not None:
             finished |= new == eot_id
-            # The loop's only host sync, paid only when there is an eot to stop at.
-            if finished.all():
-                return position + 1 - prompt_length
+            # Reading the flags waits for the device: once every few tokens, not every one.
+            new_count = position + 1 - prompt_length
+            if new_count % EOT_CHECK_EVERY == 0 and finished.all():
+                return new_count
         window = tokens[:, position : position + 1]
     return tokens.size(1) - prompt_length
 

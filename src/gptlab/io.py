@@ -1,13 +1,15 @@
 """Atomic file output, hashing and the process's peak memory: the one place where gptlab writes
 results to disk.
 
-Every output is written to a temporary name in its destination folder and renamed into place
-only when complete, so a killed stage never leaves a half-written file behind.
+Every output is written to a temporary name in its destination folder, flushed to the disk, and
+renamed into place only when complete, so a killed stage never leaves a half-written file
+behind. A full disk is one clear error naming what was being written, and leaves nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -25,11 +27,41 @@ from gptlab.errors import GptlabError
 HASH_CHUNK_BYTES = 1 << 20
 # gptlab's own caches (verified downloads, resume checkpoints), outside git and DVC's outputs.
 CACHE_DIR = Path(".gptlab")
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFull(GptlabError):
+    """A write the file system refused for want of space (or of quota)."""
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether `error` is the file system running out of space, however it was reported."""
+    if isinstance(error, DiskFull):
+        return True
+    if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+        return True
+    # Libraries written in Rust (safetensors) report the OS error in their message alone.
+    return any(f"(os error {code})" in str(error) for code in DISK_FULL_ERRNOS)
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` if the block succeeds."""
+def disk_full_named(final: Path, what: str) -> Iterator[None]:
+    """Turn a full disk inside the block into one DiskFull naming `final` and `what`."""
+    try:
+        yield
+    except BaseException as error:
+        if not disk_full(error):
+            raise
+        raise DiskFull(f"{final}: no space left on device while writing {what}; free some "
+                       f"space and run again") from None
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, what: str = "it") -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` if the block succeeds.
+
+    `what` names the output in the error a full disk gives ("the metrics", say).
+    """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(final)
@@ -39,34 +71,46 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     # mkstemp makes owner-only files; outputs should get the usual permissions.
     tmp.chmod(0o666 & ~_current_umask())
     try:
-        yield tmp
-        _fsync_file(tmp)
-        os.replace(tmp, final)
+        with disk_full_named(final, what):
+            yield tmp
+            _fsync_file(tmp)
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside `path`; swap it in for `path` if the block succeeds."""
+def atomic_dir(path: str | os.PathLike, what: str = "it") -> Iterator[Path]:
+    """Yield a fresh temporary folder beside `path`; swap it in for `path` if the block succeeds.
+
+    `what` names the output in the error a full disk gives ("token shards", say).
+    """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     tmp.chmod(0o777 & ~_current_umask())
     try:
-        yield tmp
-        if final.exists():
-            # Move the old folder aside first: a rename cannot replace a non-empty folder.
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
-            os.replace(final, old / final.name)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
+        with disk_full_named(final, what):
+            yield tmp
+            _fsync_tree(tmp)
+            _swap_in(tmp, final)
+            _fsync_dir(final.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    # Move the old folder aside first: a rename cannot replace a non-empty folder.
+    old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+    os.replace(final, old / final.name)
+    os.replace(tmp, final)
+    shutil.rmtree(old)
 
 
 def read_text(path: str | os.PathLike, missing: str) -> str:
@@ -80,15 +124,15 @@ def read_text(path: str | os.PathLike, missing: str) -> str:
         raise GptlabError(f"{path}: cannot be read: {error}") from None
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
+def write_text(path: str | os.PathLike, text: str, what: str = "it") -> None:
     """Write UTF-8 text atomically."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, what) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
-def write_json(path: str | os.PathLike, data: Any) -> None:
+def write_json(path: str | os.PathLike, data: Any, what: str = "it") -> None:
     """Write JSON atomically, indented and with a trailing newline so diffs stay readable."""
-    write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n", what)
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -102,12 +146,15 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def _remove_leftovers(final: Path) -> None:
     """Delete the temporary copies of `final` that a killed run (SIGKILL skips every cleanup)
-    left beside it; only one run writes an output at a time."""
-    for leftover in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):
-        if leftover.is_dir():
-            shutil.rmtree(leftover, ignore_errors=True)
-        else:
-            leftover.unlink(missing_ok=True)
+    left beside it, and a replaced folder it had not yet deleted; only one run writes an
+    output at a time."""
+    name = glob.escape(final.name)
+    for pattern in (f".{name}.*.tmp", f".{name}.*.old"):
+        for leftover in final.parent.glob(pattern):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
 
 
 def _current_umask() -> int:
@@ -117,8 +164,26 @@ def _current_umask() -> int:
 
 
 def _fsync_file(path: Path) -> None:
+    """Flush a file's data to the disk: a disk that fills up only then reports it here, and a
+    crash after the rename cannot leave an empty file under the final name."""
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            _fsync_file(path)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (where the platform can open a folder to flush it)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def peak_rss_mb() -> float:

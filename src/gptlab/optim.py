@@ -10,6 +10,10 @@ from torch import nn
 
 from gptlab.params import TrainParams
 
+# Devices with a fused AdamW kernel, which does the whole update in one pass (CPU and MPS have
+# had one since torch 2.4 and 2.5).
+FUSED_DEVICES = ("cuda", "cpu", "mps")
+
 
 def learning_rate(step: int, t: TrainParams) -> float:
     """nanoGPT's schedule for 0-based `step`: linear warmup, then cosine decay to min_lr."""
@@ -39,6 +43,5 @@ def make_optimizer(model: nn.Module, t: TrainParams, device: torch.device,
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     if fused is None:
-        # The fused kernel does the whole update in one pass; CPU has one since torch 2.4.
-        fused = device.type in ("cuda", "cpu")
+        fused = device.type in FUSED_DEVICES
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused)

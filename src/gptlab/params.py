@@ -24,6 +24,8 @@ from gptlab.io import read_text
 
 PARAMS_FILE = "params.yaml"
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+# torch.compile modes that capture CUDA graphs.
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 # pydantic's error type for a problem between keys of one section.
 CROSS_FIELD = "cross_field"
 
@@ -159,7 +161,8 @@ class TrainParams(Section):
     device: Literal["auto", "cpu", "cuda", "mps"]
     dtype: Literal["auto", "float32", "bfloat16", "float16"]
     compile: bool
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune"]
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune",
+                          "max-autotune-no-cudagraphs"]
     nproc: int = Field(ge=1)
     batch_size: int = Field(ge=1)
     grad_accum: int = Field(ge=1)
@@ -178,13 +181,26 @@ class TrainParams(Section):
     checkpoint_interval: int = Field(ge=1)
 
     def cross_field_problems(self) -> list[tuple[str, str]]:
+        problems = []
         if self.min_lr > self.lr:
-            return [("min_lr", f"{self.min_lr} is above train.lr={self.lr}")]
+            problems.append(("min_lr", f"{self.min_lr} is above train.lr={self.lr}"))
         if self.grad_accum % self.nproc:
-            return [("grad_accum", f"{self.grad_accum} is not divisible by train.nproc="
-                                   f"{self.nproc}: each process does grad_accum / nproc "
-                                   f"micro-batches")]
-        return []
+            problems.append(("grad_accum", f"{self.grad_accum} is not divisible by "
+                                           f"train.nproc={self.nproc}: each process does "
+                                           f"grad_accum / nproc micro-batches"))
+        micro_batches = self.grad_accum // self.nproc
+        if self.compile and self.compile_mode in CUDA_GRAPH_MODES and micro_batches > 1:
+            # A CUDA graph's outputs, gradients among them, live in its memory pool: the next
+            # micro-batch's replay overwrites the gradients the previous one accumulated.
+            problems.append(("compile_mode", f"{self.compile_mode} replays CUDA graphs, which "
+                                             f"cannot accumulate gradients over the "
+                                             f"{micro_batches} micro-batches per process; use "
+                                             f"max-autotune-no-cudagraphs or default"))
+        if self.nproc > 1 and self.device == "mps":
+            problems.append(("nproc", f"{self.nproc} processes on mps, but data-parallel "
+                                      f"training needs CUDA GPUs or CPU processes; set "
+                                      f"train.nproc: 1"))
+        return problems
 
 
 class EvalParams(Section):

@@ -42,7 +42,7 @@ def make_figures(log_path: Path, out_dir: Path, params: PlotParams) -> list[Path
     written = []
     for name, figure in figures.items():
         path = out_dir / name
-        with atomic_path(path) as tmp:
+        with atomic_path(path, "a figure") as tmp:
             # No software/date metadata, so the same log gives byte-identical files.
             figure.savefig(tmp, format="png", dpi=params.dpi, metadata={"Software": None})
         plt.close(figure)

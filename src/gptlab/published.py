@@ -75,7 +75,7 @@ def save_published(model: nn.Module, config: ModelConfig, tokenizer_path: Path,
         tokenizer=TokenizerReference(kind=tokenizer["kind"], vocab_size=tokenizer["vocab_size"],
                                      file=TOKENIZER),
         training=training)
-    with atomic_dir(models_dir) as staging:
+    with atomic_dir(models_dir, "the trained model") as staging:
         save_model(model, str(staging / WEIGHTS))
         write_json(staging / CONFIG, published.model_dump())
         shutil.copyfile(tokenizer_path, staging / TOKENIZER)

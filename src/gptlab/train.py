@@ -12,8 +12,8 @@ process is a world of one, so there is a single code path.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
+import shutil
 import statistics
 import sys
 import time
@@ -31,7 +31,9 @@ from gptlab.batches import SPLITS, RandomWindows, batch_seed, open_training_spli
 from gptlab.checkpoint import (
     IncompatibleCheckpoint,
     ResumeState,
+    agree_on_checkpoint,
     load_resume,
+    newest_good_checkpoint,
     rank_state,
     restore_rank_state,
     run_key,
@@ -45,6 +47,8 @@ from gptlab.device import (
     peak_memory_mb,
     pick_device,
     pick_dtype,
+    reset_peak_memory,
+    synchronize,
 )
 from gptlab.distributed import (
     World,
@@ -84,18 +88,21 @@ def train(params: RunParams, paths: TrainPaths, world: World | None = None) -> d
         session = TrainingSession(params, paths, world, device)
         with sigint_as_stop_request() as stop:
             session.run(stop)
-        return session.metrics()
+        return session.finished_metrics()
 
 
 class LogInterval:
     """The steps since the last log row: their summed loss, kept on the device so that it is
     read once per interval (one host sync), and the seconds the steps took (evaluations and
-    checkpoints are not clocked)."""
+    checkpoints are not clocked). All three survive a checkpoint, so a resumed run logs the
+    interval as an uninterrupted one would."""
 
-    def __init__(self, steps: int, loss_sum: float, device: torch.device) -> None:
+    def __init__(self, steps: int, loss_sum: float, seconds: float,
+                 device: torch.device) -> None:
         self.steps = steps
         self.loss_sum = torch.tensor(loss_sum, device=device)
-        self.seconds = 0.0
+        self.seconds = seconds
+        self.device = device
         self.clock = time.perf_counter()
 
     def add(self, loss: torch.Tensor) -> None:
@@ -103,6 +110,8 @@ class LogInterval:
         self.steps += 1
 
     def pause(self) -> None:
+        # Kernels run asynchronously: the steps' time is spent once the device has caught up.
+        synchronize(self.device)
         self.seconds += time.perf_counter() - self.clock
 
     def resume(self) -> None:
@@ -132,6 +141,7 @@ class TrainingSession:
                                                  for key in ("tokens", "shards")])
         self.splits = open_training_splits(paths.tokens_dir, self.meta, params.model.block_size)
         allow_tf32(device)
+        reset_peak_memory(device)
 
         torch.manual_seed(params.seed)  # the same initial weights in every process
         self.config = ModelConfig.of(params.model, self.meta["vocab_size"])
@@ -142,32 +152,39 @@ class TrainingSession:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.batches = RandomWindows(self.splits["train"], params.model.block_size, t.batch_size,
                                      batch_seed(params.seed, world.rank))
-        self.checkpoint_dir = (paths.runs_dir / run_key(params, self.meta, world.size)
-                               / "checkpoint")
+        self.run_dir = paths.runs_dir / run_key(params, self.meta, world.size)
         self.state = self.resume()
         self.forward = self.fast_forward()
 
         self.micro_batches = t.grad_accum // world.size
         self.tokens_per_step = t.batch_size * t.grad_accum * params.model.block_size
-        self.last_eval: dict[str, float] = {}
         self._started = time.perf_counter()
 
     def resume(self) -> ResumeState:
-        """The state of the last checkpoint, with model, optimizer and streams restored to it;
-        a fresh state when there is none (or one of another gptlab)."""
+        """The state of the newest good checkpoint, with model, optimizer and streams restored
+        to it; a fresh state when there is none. Damaged checkpoints are reported and removed."""
         fresh = ResumeState(step=0, batch_rng=self.batches.rng.bit_generator.state,
                             best_val_loss=None, wall_seconds=0.0)
-        if not (self.checkpoint_dir / "state.json").exists():
+        folder, damaged = newest_good_checkpoint(self.run_dir)
+        agree_on_checkpoint(folder, self.run_dir, self.world)
+        for error in damaged:
+            fallback = f"falling back to {folder.name}" if folder else "no checkpoint before it"
+            self.say(f"{error}; removed it, {fallback}")
+            if self.world.is_main:
+                shutil.rmtree(error.folder, ignore_errors=True)
+        if folder is None:
+            if damaged:
+                self.say("no good resume checkpoint left: starting afresh")
             return fresh
         try:
-            state = load_resume(self.checkpoint_dir, self.model, self.optimizer)
+            state = load_resume(folder, self.model, self.optimizer, self.device)
         except IncompatibleCheckpoint as error:
             self.say(f"ignoring {error}; starting afresh")
             return fresh
         restore_rank_state(state, self.world, self.batches.rng, self.device)
         if state.scaler:
             self.scaler.load_state_dict(state.scaler)
-        self.say(f"resuming from step {state.step} ({self.checkpoint_dir})")
+        self.say(f"resuming from step {state.step} ({folder})")
         return state
 
     def fast_forward(self) -> nn.Module:
@@ -187,7 +204,11 @@ class TrainingSession:
         t, state = self.t, self.state
         if state.step == 0:
             self.evaluate_and_log(0)
-        interval = LogInterval(state.interval_steps, state.interval_loss_sum, self.device)
+        if state.step == t.max_iters:  # a finished run, rerun: its outputs may be gone
+            self.publish()
+            return
+        interval = LogInterval(state.interval_steps, state.interval_loss_sum,
+                               state.interval_seconds, self.device)
         with tqdm(total=t.max_iters, initial=state.step, unit="step", desc="train",
                   disable=None if self.world.is_main else True, file=sys.stderr) as progress:
             while state.step < t.max_iters:
@@ -217,8 +238,6 @@ class TrainingSession:
                     if stopping:
                         raise KeyboardInterrupt
                     interval.resume()
-        if not self.last_eval:  # resumed a run that had already finished: score it again
-            self.last_eval = self.evaluate()
 
     def optimizer_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Accumulate gradients over micro-batches, clip, and update; return loss and norm."""
@@ -279,7 +298,7 @@ class TrainingSession:
     def evaluate_and_log(self, step: int) -> None:
         losses = self.evaluate()
         self.check_finite(losses["val"], step)
-        self.last_eval = losses
+        self.state.last_eval = losses
         best = self.state.best_val_loss
         self.state.best_val_loss = losses["val"] if best is None else min(best, losses["val"])
         self.log(step, val_loss=losses["val"])
@@ -296,20 +315,18 @@ class TrainingSession:
 
     def check_finite(self, loss: float, step: int) -> None:
         if not math.isfinite(loss):
-            last = self.checkpoint_step()
+            folder, _ = newest_good_checkpoint(self.run_dir)
+            last = folder.name if folder else "none"
             raise GptlabError(f"train: loss became {loss} at step {step}; the last good "
-                              f"checkpoint is from step {last}. Lower train.lr, or set "
-                              f"train.grad_clip, or use train.dtype: float32")
-
-    def checkpoint_step(self) -> int:
-        path = self.checkpoint_dir / "state.json"
-        return json.loads(path.read_text())["step"] if path.exists() else 0
+                              f"checkpoint is {last}. Lower train.lr, or set train.grad_clip, "
+                              f"or use train.dtype: float32")
 
     def save_checkpoint(self, interval: LogInterval) -> None:
         """Rank 0 writes the checkpoint, with every other process's streams gathered in, then
-        publishes the weights, the log so far and nothing else."""
+        publishes the weights and the log so far; the last one also holds the run's metrics."""
         state = self.state
-        state.interval_steps, state.interval_loss_sum = interval.steps, interval.loss_sum.item()
+        state.interval_steps, state.interval_seconds = interval.steps, interval.seconds
+        state.interval_loss_sum = interval.loss_sum.item()
         ranks = gather_to_all(rank_state(self.batches.rng, self.device, state.interval_loss_sum),
                               self.world)
         state.batch_rng = ranks[0]["batch_rng"]
@@ -317,17 +334,31 @@ class TrainingSession:
         state.scaler = self.scaler.state_dict() if self.scaler.is_enabled() else {}
         state.wall_seconds += time.perf_counter() - self._started
         self._started = time.perf_counter()
+        if state.step == self.t.max_iters:
+            state.metrics = self.metrics()
         if not self.world.is_main:
             return
-        save_resume(self.checkpoint_dir, self.model, self.optimizer, state)
+        save_resume(self.run_dir, self.model, self.optimizer, state, self.device)
+        self.publish()
+
+    def publish(self) -> None:
+        """The weights and the log as of the current state, for the stages after this one."""
+        if not self.world.is_main:
+            return
         save_published(self.model, self.config, self.paths.tokens_dir / "tokenizer.json",
                        self.summary(), self.paths.models_dir)
-        write_log(state.log, self.paths.log_csv)
+        write_log(self.state.log, self.paths.log_csv)
 
     def summary(self) -> dict[str, Any]:
         return {"step": self.state.step, "seed": self.params.seed,
-                "train": self.params.train.model_dump(), "val_loss": self.last_eval.get("val"),
+                "train": self.params.train.model_dump(),
+                "val_loss": self.state.last_eval.get("val"),
                 "torch_version": torch.__version__, "gptlab_version": __version__}
+
+    def finished_metrics(self) -> dict[str, Any]:
+        """The run's metrics, as its last checkpoint saved them."""
+        assert self.state.metrics is not None, "the run has not finished"
+        return self.state.metrics
 
     def metrics(self) -> dict[str, Any]:
         rates = [row["tokens_per_sec"] for row in self.state.log if "tokens_per_sec" in row]
@@ -337,8 +368,8 @@ class TrainingSession:
         mfu = (self.model.flops_per_token() * tokens_per_sec / peak
                if peak and tokens_per_sec else None)
         return {
-            "final_train_loss": round(self.last_eval["train"], 6),
-            "final_val_loss": round(self.last_eval["val"], 6),
+            "final_train_loss": round(self.state.last_eval["train"], 6),
+            "final_val_loss": round(self.state.last_eval["val"], 6),
             "best_val_loss": round(self.state.best_val_loss, 6),
             "tokens_per_sec": round(tokens_per_sec, 1) if tokens_per_sec else None,
             "mfu": round(mfu, 4) if mfu is not None else None,

@@ -29,7 +29,7 @@ def write_log(rows: list[LogRow], path: str | os.PathLike) -> None:
     lines = [",".join(LOG_COLUMNS)]
     for row in rows:
         lines.append(",".join(_cell(row.get(column)) for column in LOG_COLUMNS))
-    write_text(path, "\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n", "the training log")
 
 
 def _cell(value: Any) -> str:

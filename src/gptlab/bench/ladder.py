@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from gptlab.device import autocast, device_name, peak_flops
+from gptlab.device import autocast, device_name, peak_flops, synchronize
 from gptlab.model import build_model
 from gptlab.optim import make_optimizer
 from gptlab.params import ModelConfig, TrainParams
@@ -206,13 +206,6 @@ def flops_per_token(config: ModelConfig) -> int:
     """The model's training FLOPs per token, counted on a copy without storage (meta device)."""
     with torch.device("meta"):
         return build_model(config).flops_per_token()
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def free_memory() -> None:
