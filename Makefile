@@ -3,22 +3,44 @@ PYTHON ?= python3
 VENV ?= .venv
 # The PyTorch build to install first; e.g. TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= torch==2.13.0
+# Everything else comes from the lock file, installed with uv; `make lock` updates the lock.
+UV_SPEC ?= uv==0.13.9
+LOCK := requirements.lock
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.gptlab-installed
-# Stage commands run `python`: make it the virtual environment's.
+PLOTS_TEMPLATE := .gptlab/plots-template.html
+# dvc, and the workers `dvc queue start` spawns, come from the virtual environment.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro test lint bench plots check-fresh clean-venv
+.PHONY: setup repro test lint bench plots plots-template lock check-fresh clean-venv
 
 setup: $(STAMP)
 
-# Reinstalls only when the project's dependencies (or the torch choice) change.
-$(STAMP): pyproject.toml
+# Reinstalls only when the lock or the project's metadata change.
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --upgrade pip '$(UV_SPEC)'
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -r $(LOCK)
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
+	@$(MAKE) --no-print-directory plots-template
 	echo "$(TORCH_SPEC)" > $@
+
+# The page template that lets `dvc plots` pages render without the internet: the plotting
+# libraries are fetched from npm once and inlined. Without npm the pages load them from a CDN.
+plots-template:
+	@if ! command -v npm > /dev/null; then \
+	    echo "note: npm not found: dvc plots pages will load their libraries from a CDN"; \
+	elif test -f $(PLOTS_TEMPLATE) || $(BIN)/gptlab plots-template $(PLOTS_TEMPLATE); then \
+	    $(BIN)/dvc config --local plots.html_template ../$(PLOTS_TEMPLATE); \
+	fi
+
+# The lock: the newest versions pyproject.toml allows, for every platform and Python >= 3.10,
+# with their hashes; torch is left to TORCH_SPEC.
+lock: setup
+	printf "torch ; sys_platform == 'never'\n" > $(VENV)/lock-overrides.txt
+	$(BIN)/uv pip compile --quiet --universal --python-version 3.10 --generate-hashes \
+	    --override $(VENV)/lock-overrides.txt --extra dev pyproject.toml -o $(LOCK)
 
 repro: setup
 	$(BIN)/dvc repro
@@ -30,17 +52,13 @@ lint: setup
 	$(BIN)/ruff check src stages tests
 
 bench: repro
-	$(BIN)/python -m gptlab.bench
+	$(BIN)/python -m gptlab.bench tests/data/tinyshakespeare.txt
 
 # Loss curves of the workspace and of experiments, e.g. `make plots REVS="exp-a exp-b"`, as an
-# HTML page in dvc_plots/ that renders offline (the plotting libraries inlined from npm).
-PLOTS_TEMPLATE := .gptlab/plots-template.html
+# HTML page in dvc_plots/ (offline where `make setup` could build the page template).
 REVS ?=
-plots: setup $(PLOTS_TEMPLATE)
-	$(BIN)/dvc plots diff --html-template $(PLOTS_TEMPLATE) $(REVS)
-
-$(PLOTS_TEMPLATE): $(STAMP)
-	$(BIN)/gptlab plots-template $@
+plots: setup
+	$(BIN)/dvc plots diff $(REVS)
 
 # Clone the committed HEAD into a temporary folder and run the README's two commands there.
 check-fresh: setup

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from gptlab.errors import run_main
-from gptlab.io import CACHE_DIR, atomic_dir, write_json
+from gptlab.io import atomic_dir, cache_dir, write_json
 from gptlab.params import load_params
 from gptlab.sources import fetch
 
@@ -11,7 +11,7 @@ from gptlab.sources import fetch
 def main(raw_dir: Path) -> None:
     params = load_params()
     with atomic_dir(raw_dir, "the downloaded corpus") as staging:
-        manifest = fetch(params.data, staging, CACHE_DIR / "downloads")
+        manifest = fetch(params.data, staging, cache_dir("downloads"))
         write_json(staging / "manifest.json", manifest)
     print(f"{raw_dir}: {manifest['file_count']} files, {manifest['total_bytes']:,} bytes "
           f"from {params.data.source} {params.data.spec}")

@@ -10,7 +10,7 @@ from pathlib import Path
 from gptlab.device import pick_device
 from gptlab.distributed import relaunch_under_torchrun, under_torchrun, world_from_env
 from gptlab.errors import run_main
-from gptlab.io import CACHE_DIR, write_json
+from gptlab.io import cache_dir, write_json
 from gptlab.params import RunParams, load_params
 from gptlab.train import TrainPaths, train
 
@@ -20,7 +20,7 @@ def main(tokens_dir: Path, models_dir: Path, log_csv: Path, metrics_json: Path) 
     if params.train.nproc > 1 and not under_torchrun():
         device = pick_device(params.train.device, "train.device")
         sys.exit(relaunch_under_torchrun(params.train.nproc, device, sys.argv))
-    paths = TrainPaths(tokens_dir, models_dir, log_csv, CACHE_DIR / "runs")
+    paths = TrainPaths(tokens_dir, models_dir, log_csv, cache_dir("runs"))
     metrics = train(RunParams(params.seed, params.model, params.train), paths)
     if world_from_env().is_main:
         write_json(metrics_json, metrics, "the training metrics")

@@ -27,8 +27,9 @@ from gptlab.train import TrainPaths
 ROOT = Path(__file__).resolve().parents[1]
 DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 PROJECT_PARAMS = load_params(ROOT / "params.yaml")
-# A well-known corpus kept beside the checkout for tests and benchmarks (not in git).
-TINYSHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+# The classic char-rnn corpus (1,115,394 characters of public-domain Shakespeare), shipped for
+# tests and `make bench`.
+TINYSHAKESPEARE = ROOT / "tests" / "data" / "tinyshakespeare.txt"
 
 # A few KB of English verse (Coriolanus, I.i), e.g. enough merges for a 350-token BPE.
 VERSE = """\
@@ -104,10 +105,15 @@ def write_params(folder: Path, params: dict[str, Any]) -> Path:
     return path
 
 
+def stage_script(stage: str) -> str:
+    """The script dvc.yaml's command for `stage` runs (`sh stages/run SCRIPT.py PATH ...`)."""
+    return "stages/" + DVC_YAML["stages"][stage]["cmd"].split()[2]
+
+
 def stage_command(stage: str) -> list[str]:
     """The command dvc.yaml runs for `stage`, with this checkout's script and interpreter."""
-    _, script, *paths = DVC_YAML["stages"][stage]["cmd"].split()
-    return [sys.executable, str(ROOT / script), *paths]
+    _, _, _, *paths = DVC_YAML["stages"][stage]["cmd"].split()
+    return [sys.executable, str(ROOT / stage_script(stage)), *paths]
 
 
 def run_stage(
@@ -121,8 +127,6 @@ def run_stage(
 
 @pytest.fixture
 def tinyshakespeare() -> Path:
-    if not TINYSHAKESPEARE.exists():
-        pytest.skip(f"{TINYSHAKESPEARE} not present")
     return TINYSHAKESPEARE
 
 
@@ -343,6 +347,8 @@ def pipeline(tmp_path_factory, default_params) -> tuple[Path, str]:
         **{f"sample.{key}": value for key, value in TINY_SAMPLE.items()},
     }))
     git(project, "init", "-q")
+    for key, value in (("user.name", "gptlab tests"), ("user.email", "tests@gptlab")):
+        git(project, "config", key, value)  # DVC commits queued experiments as this user
     commit(project, "init")  # the corpus goes into git: a clone's download stage reads it
     first_run = dvc(project, "repro")
     commit(project, "pipeline ran")  # dvc.lock, metrics, plots, samples

@@ -21,6 +21,8 @@ from conftest import (
     make_corpus,
     model_config,
     one_error_line,
+    paths_in,
+    run_params,
     run_stage,
     stage_command,
     with_overrides,
@@ -43,6 +45,7 @@ from gptlab.distributed import (
 from gptlab.errors import GptlabError
 from gptlab.model import build_model
 from gptlab.optim import make_optimizer
+from gptlab.train import train
 
 MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16}
 # grad_accum 2 over the whole run: two micro-batches in one process, or one in each of two.
@@ -116,7 +119,9 @@ def test_two_processes_follow_the_single_process_loss_curve(single, two_processe
     assert sum(gaps) / len(gaps) < 0.06 and max(gaps) < 0.15
     metrics = {name: json.loads((folder / "metrics" / "train.json").read_text())
                for name, folder in (("one", single), ("two", two_processes))}
-    assert metrics["one"]["processes"] == 1 and metrics["two"]["processes"] == 2
+    configs = {name: json.loads((folder / "models" / "config.json").read_text())["training"]
+               for name, folder in (("one", single), ("two", two_processes))}
+    assert configs["one"]["processes"] == 1 and configs["two"]["processes"] == 2
     assert metrics["two"]["final_val_loss"] == pytest.approx(metrics["one"]["final_val_loss"],
                                                              abs=0.05)
 
@@ -187,9 +192,13 @@ def test_a_world_the_machine_cannot_hold_is_refused_before_any_work(monkeypatch,
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     with pytest.raises(GptlabError, match=re.escape(problem)):
         relaunch_under_torchrun(2, torch.device(device), ["never", "started"])
-    # Under torchrun (several machines), each process checks its own place on its machine.
+    # Under torchrun (several machines), each process checks its own place on its machine;
+    # on MPS even the first.
     with pytest.raises(GptlabError, match=r"train\.nproc"):
         device_for_rank(torch.device(device), World(rank=3, local_rank=1, size=4))
+    if device == "mps":
+        with pytest.raises(GptlabError, match=r"train\.nproc"):
+            device_for_rank(torch.device(device), World(rank=0, local_rank=0, size=2))
     assert device_for_rank(torch.device("cpu"), World(rank=1, local_rank=1, size=2)).type == "cpu"
 
 
@@ -240,3 +249,14 @@ def test_processes_that_find_different_checkpoints_stop_before_any_work(tmp_path
         "process 1 finds resume checkpoint step-00000020, process 0 finds step-00000010; every "
         "process must see the same runs folder (run from shared storage)" in line
         for line in errors), different.stderr
+
+
+def test_cuda_graphs_are_refused_for_the_processes_that_actually_run(tmp_path, char_tokens):
+    """params.yaml was checked against train.nproc; a torchrun started by hand may start fewer
+    processes, each then accumulating over several micro-batches."""
+    params = run_params(train_overrides={"compile": True, "compile_mode": "reduce-overhead",
+                                         "grad_accum": 4, "nproc": 4})
+    with pytest.raises(GptlabError, match=r"train\.compile_mode: reduce-overhead replays CUDA "
+                                          r"graphs, .* over the 2 micro-batches per process"):
+        train(params, paths_in(tmp_path, char_tokens), World(rank=0, local_rank=0, size=2))
+    assert not (tmp_path / "models").exists()

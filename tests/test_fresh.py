@@ -35,9 +35,6 @@ def test_readme_opens_with_the_two_commands():
 def test_a_fresh_clone_runs_the_readme_commands(tmp_path):
     clone = tmp_path / "gptlab"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
-    shared = ROOT.parent / "shared"
-    if shared.exists():  # beside the clone, as beside any checkout that has one
-        (tmp_path / "shared").symlink_to(shared)
     # A newcomer's shell: no virtual environment active, this one's python not on PATH.
     venv_bin = str(Path(sys.executable).parent)
     path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p != venv_bin)

@@ -4,6 +4,7 @@ prompts, the sample stage end to end, and the `gptlab sample` and `chat` command
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -319,3 +320,10 @@ def test_markdown_code_survives_backticks_in_the_text():
     assert code_span("a `b` c") == "`` a `b` c ``"
     block = fenced("x\n```\ny")
     assert block.startswith("````text\n") and block.endswith("\n````")
+
+
+def test_cli_help_speaks_of_the_product_only(tmp_path):
+    for args in (["--help"], ["sample", "--help"], ["chat", "--help"]):
+        result = gptlab(*args, cwd=tmp_path)
+        assert result.returncode == 0
+        assert not re.search(r"\b[A-Z]+_[A-Z_]+\b|\w+\(\)", result.stdout), result.stdout

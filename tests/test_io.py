@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -14,7 +15,9 @@ from gptlab.io import (
     DiskFull,
     atomic_dir,
     atomic_path,
+    cache_dir,
     disk_full,
+    disk_full_named,
     sha256_file,
     write_json,
     write_text,
@@ -128,3 +131,22 @@ def test_a_replaced_folder_left_behind_by_a_kill_is_removed(tmp_path):
     with atomic_dir(tmp_path / "models") as staging:
         (staging / "w").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+
+
+def test_caches_are_the_projects_also_for_experiments_dvc_runs_in_a_copy(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cache_dir("runs") == Path(".gptlab") / "runs"
+    copy = tmp_path / ".dvc" / "tmp" / "exps" / "celery" / "tmpab12cd"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    assert cache_dir("downloads") == tmp_path.resolve() / ".gptlab" / "downloads"
+
+
+def test_a_full_disk_elsewhere_keeps_its_own_name_inside_a_folder_being_written(tmp_path):
+    """A download into the cache that fills the disk names the cache, not the raw folder."""
+    cache_file = tmp_path / "cache" / "x.part"
+    expected = re.escape(f"{cache_file}: no space left on device while writing a download")
+    with (pytest.raises(DiskFull, match=expected), atomic_dir(tmp_path / "raw", "the corpus"),
+          disk_full_named(cache_file, "a download")):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -41,7 +41,8 @@ def test_the_library_never_imports_its_tools():
 def test_imported_modules_sees_every_form_of_import(tmp_path):
     source = tmp_path / "example.py"
     source.write_text("import gptlab.params\nfrom gptlab.io import write_json\n"
-                      "from gptlab import trainlog\n"
+                      "from gptlab import trainlog, __version__\n"
                       "def later():\n    import gptlab.cli\n")
-    assert imported_modules(source) == {"gptlab.params", "gptlab.io", "gptlab.trainlog",
+    # `from gptlab import ...` runs the package itself: gptlab/__init__.py.
+    assert imported_modules(source) == {"gptlab.params", "gptlab.io", "gptlab", "gptlab.trainlog",
                                         "gptlab.cli"}

@@ -15,24 +15,33 @@ from conftest import (
     copy_project,
     dvc,
     ran_stages,
+    stage_script,
 )
 
 from gptlab.checkpoint import gptlab_imports
+
+LOCK = "requirements.lock"
 
 
 @pytest.mark.parametrize("stage", sorted(DVC_YAML["stages"]))
 def test_stage_deps_list_exactly_the_code_it_runs(stage):
     spec = DVC_YAML["stages"][stage]
-    script = spec["cmd"].split()[1]
+    script = stage_script(stage)
     code_deps = {d for d in spec["deps"] if d.endswith(".py")}
     imported = {path.relative_to(ROOT).as_posix() for path in gptlab_imports(ROOT / script)}
     assert code_deps == {script} | imported
 
 
 @pytest.mark.parametrize("stage", sorted(DVC_YAML["stages"]))
+def test_stages_whose_results_libraries_can_change_depend_on_the_lock(stage):
+    # download's files are checked against their sha256, whatever the libraries' versions.
+    assert (LOCK in DVC_YAML["stages"][stage]["deps"]) == (stage != "download")
+
+
+@pytest.mark.parametrize("stage", sorted(DVC_YAML["stages"]))
 def test_stage_reads_exactly_the_params_sections_it_declares(stage):
     spec = DVC_YAML["stages"][stage]
-    script_text = (ROOT / spec["cmd"].split()[1]).read_text()
+    script_text = (ROOT / stage_script(stage)).read_text()
     used = set(re.findall(r"\bparams\.(\w+)", script_text))
     assert used == set(spec["params"])
 
@@ -41,12 +50,14 @@ def test_stage_reads_exactly_the_params_sections_it_declares(stage):
 def test_stage_paths_are_written_in_dvc_yaml_alone(stage):
     """Every path a stage writes or reads from the pipeline comes from its command line."""
     spec = DVC_YAML["stages"][stage]
-    _, script, *paths = spec["cmd"].split()
+    launcher, run, _, *paths = spec["cmd"].split()
+    assert (launcher, run) == ("sh", "stages/run")  # the project's environment, the tree's code
+    script = stage_script(stage)
     outputs = [next(iter(out)) if isinstance(out, dict) else out
                for out in spec.get("outs", []) + spec.get("metrics", [])]
     # Each output is a path the command names, or lies in a folder it names.
     assert all(any(out == p or out.startswith(p + "/") for p in paths) for out in outputs)
-    data_deps = [dep for dep in spec["deps"] if not dep.endswith(".py")]
+    data_deps = [dep for dep in spec["deps"] if not dep.endswith(".py") and dep != LOCK]
     assert all(dep in paths for dep in data_deps)
     script_text = (ROOT / script).read_text()
     assert not re.search(r'Path\("(data|models|metrics|plots|samples)\b', script_text)

@@ -12,7 +12,15 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
-from conftest import PROJECT_PARAMS, ROOT, dvc, one_error_line, run_stage, write_params
+from conftest import (
+    PROJECT_PARAMS,
+    ROOT,
+    copy_project,
+    dvc,
+    one_error_line,
+    run_stage,
+    write_params,
+)
 from dvc_render.html import render_html
 from dvc_render.vega import VegaRenderer
 
@@ -97,26 +105,42 @@ def test_stage_writes_figures_and_refuses_a_missing_log_in_one_line(tmp_path, pa
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def test_dvc_plots_draw_the_loss_curves_and_each_figure_once(pipeline):
+# Every series of the training log, and what it is drawn against.
+SERIES = {"loss": ("step", {"train_loss", "val_loss"}),
+          "loss_by_tokens": ("tokens", {"train_loss", "val_loss"}),
+          "learning_rate": ("step", {"lr"}), "grad_norm": ("step", {"grad_norm"}),
+          "throughput": ("step", {"tokens_per_sec"})}
+
+
+def test_dvc_plots_draw_every_logged_series_and_each_figure_once(pipeline):
     project, _ = pipeline
     shown = json.loads(dvc(project, "plots", "show", "--json"))["data"]
     images = sorted(name for name, entries in shown.items() if entries[0]["type"] == "image")
     assert images == [f"plots/{name}" for name in FIGURES]
     assert all(len(shown[name]) == 1 for name in images)  # not also under a stage's plots:
-    curves = [entries for entries in shown.values() if entries[0]["type"] == "vega"]
-    assert len(curves) == 1 and len(curves[0]) == 1
-    points = curves[0][0]["content"]["data"]["values"]
-    assert {point["field"] for point in points} == {"train_loss", "val_loss"}
-    logged = [line.split(",")[0] for line in
-              (project / "plots" / "train_log.csv").read_text().splitlines()[1:]]
-    assert sorted({point["step"] for point in points}, key=int) == logged
-    # DVC passes CSV cells on as strings, empty ones too, and vega draws '' as a loss of 0:
-    # the template must drop them (val_loss is empty outside evaluations).
-    assert any(point[point["field"]] == "" for point in points)
-    assert "!== ''" in json.dumps(curves[0][0]["content"].get("transform"))
+    curves = {name: entries for name, entries in shown.items() if entries[0]["type"] == "vega"}
+    assert curves.keys() == SERIES.keys()
+    logged = [line.split(",") for line in
+              (project / "plots" / "train_log.csv").read_text().splitlines()]
+    for name, (x, fields) in SERIES.items():
+        points = curves[name][0]["content"]["data"]["values"]
+        # Several series of one plot are told apart by "field"; a single one needs none.
+        drawn = {point.get("field") for point in points}
+        assert drawn == fields if len(fields) > 1 else all(
+            set(fields) <= point.keys() for point in points), name
+        column = logged[0].index(x)
+        assert sorted({point[x] for point in points}, key=int) == [
+            row[column] for row in logged[1:]], name
+        # DVC passes CSV cells on as strings, empty ones too, and vega draws '' as 0: the
+        # template must drop them (val_loss is empty outside evaluations, lr at step 0).
+        assert "!== ''" in json.dumps(curves[name][0]["content"].get("transform")), name
+    loss_points = curves["loss"][0]["content"]["data"]["values"]
+    assert any(point[point["field"]] == "" for point in loss_points)
     diff = json.loads(dvc(project, "plots", "diff", "HEAD", "--json"))["data"]
     assert diff.keys() == shown.keys()
     assert all(len(diff[name]) == 2 for name in images)  # workspace and HEAD, once each
+    assert all(len(diff[name][0]["content"]["data"]["values"]) == 2 * len(
+        shown[name][0]["content"]["data"]["values"]) for name in SERIES)  # both revisions
 
 
 def fake_npm(folder: Path, sources: dict[str, str]) -> None:
@@ -165,10 +189,15 @@ def test_offline_template_names_npm_when_it_fails(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not CHROMIUM or not TEMPLATE.exists(),
-                    reason="needs chromium and the template `make plots` builds")
-def test_dvc_plots_page_renders_offline_with_the_template(pipeline, tmp_path):
+                    reason="needs chromium, and npm when `make setup` built the template")
+def test_plain_dvc_plots_pages_render_offline_once_setup_set_the_template(pipeline, tmp_path):
+    project = copy_project(pipeline[0], tmp_path)
+    # What `make setup` does once it has built the template.
+    dvc(project, "config", "--local", "plots.html_template", str(TEMPLATE))
     out = tmp_path / "dvc_plots"
-    dvc(pipeline[0], "plots", "show", "--html-template", str(TEMPLATE), "-o", str(out))
+    dvc(project, "plots", "diff", "HEAD", "-o", str(out))  # no --html-template: the config's
+    html = (out / "index.html").read_text()
+    assert "<script src" not in html and "cdn.jsdelivr" not in html
     dom = subprocess.run(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -180,5 +209,5 @@ def test_dvc_plots_page_renders_offline_with_the_template(pipeline, tmp_path):
     ).stdout
     # The inlined libraries contain "<svg" and "<img" themselves: look outside the scripts.
     drawn = re.sub(r"<script\b.*?</script>", "", dom, flags=re.DOTALL)
-    assert drawn.count("<canvas") == 1  # vega-embed drew the loss curves
-    assert drawn.count("<img") == len(FIGURES)
+    assert drawn.count("<canvas") == len(SERIES)  # vega-embed drew every series
+    assert drawn.count("<img") == 2 * len(FIGURES)  # the figures of both revisions

@@ -56,7 +56,7 @@ def test_the_preset_trains_its_first_steps_on_cpu_at_a_tiny_batch(preset, tmp_pa
     metrics = train(RunParams(preset.seed, preset.model, tiny), paths_in(tmp_path, tokens_dir))
     # GPT-2 small's 85M parameters besides the (tied) token embedding, padded to 64 rows.
     token_embedding = math.ceil(tokenizer.vocab_size / 64) * 64 * preset.model.n_embd
-    assert metrics["params"] - token_embedding == pytest.approx(85e6, rel=0.01)
+    assert metrics["parameters"] - token_embedding == pytest.approx(85e6, rel=0.01)
     # Freshly initialised, the loss is that of a uniform guess over the vocabulary.
     assert abs(metrics["final_train_loss"] - math.log(tokenizer.vocab_size)) < 1.0
     assert math.isfinite(metrics["final_val_loss"])

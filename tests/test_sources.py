@@ -8,6 +8,7 @@ touches the internet.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -33,7 +34,7 @@ from gptlab import sources
 from gptlab.errors import GptlabError
 from gptlab.params import DataParams, load_params
 from gptlab.sources.archives import matches_include, unpack_tar, unpack_zip
-from gptlab.sources.download import fetch_url
+from gptlab.sources.download import fetch_url, retrying
 from gptlab.sources.pip import fetch_pip
 
 # ---------------------------------------------------------------------------------------------
@@ -1046,3 +1047,15 @@ def test_stage_hf_unknown_revision_is_one_error_line(tmp_path, hub, params_for):
     assert one_error_line(result).startswith("error: data.hf.revision:")
     assert not (tmp_path / "data" / "raw").exists()
     assert_no_staging_left(tmp_path)
+
+
+def test_a_full_disk_is_not_retried_as_a_network_fault():
+    attempts = []
+
+    def request():
+        attempts.append(1)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        retrying(request, "download of x", attempts=4)
+    assert len(attempts) == 1

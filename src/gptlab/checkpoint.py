@@ -32,7 +32,9 @@ from gptlab.errors import GptlabError
 from gptlab.io import atomic_dir, sha256_file, write_json
 from gptlab.params import RunParams
 
-# Version of the resume state's layout; a run finding another starts afresh.
+# Version of the resume state's layout. The run key hashes this module's source, so another
+# version writes to another run folder; one found all the same (a copied runs folder) is not
+# used, like a damaged one.
 RESUME_FORMAT = 4
 WEIGHTS = "model.safetensors"
 TENSORS = "state.safetensors"
@@ -42,10 +44,6 @@ MANIFEST = "manifest.json"
 KEEP = 2
 STEP_FOLDER = re.compile(r"^step-(\d{8})$")
 PACKAGE_DIR = Path(__file__).resolve().parent
-
-
-class IncompatibleCheckpoint(GptlabError):
-    """A resume checkpoint written by another version of gptlab."""
 
 
 class DamagedCheckpoint(GptlabError):
@@ -111,7 +109,8 @@ def save_resume(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimize
         # Checksums of what was written, so that damage on disk is found before it is used.
         write_json(staging / MANIFEST, {name: sha256_file(staging / name)
                                         for name in (WEIGHTS, TENSORS, STATE)})
-    for old in checkpoint_folders(run_dir)[KEEP:]:
+    # Older checkpoints, and what a write killed midway left: one run writes at a time.
+    for old in [*checkpoint_folders(run_dir)[KEEP:], *run_dir.glob(".step-*.tmp")]:
         shutil.rmtree(old, ignore_errors=True)
     return folder
 
@@ -133,7 +132,8 @@ def set_device_rng_state(tensors: dict[str, torch.Tensor], device: torch.device)
 
 
 def verify_checkpoint(folder: Path) -> int:
-    """Check every file of a checkpoint against its manifest; return the checkpoint's step.
+    """Check every file of a checkpoint against its manifest, and its format; return the
+    checkpoint's step.
 
     Reads and changes nothing else: a damaged checkpoint is refused before any of it is used.
     """
@@ -151,18 +151,17 @@ def verify_checkpoint(folder: Path) -> int:
         if actual != digest:
             raise DamagedCheckpoint(folder, f"{name} is not the file that was written: sha256 "
                                             f"{actual[:12]}..., expected {str(digest)[:12]}...")
+    found = json.loads((folder / STATE).read_text(encoding="utf-8")).get("format")
+    if found != RESUME_FORMAT:
+        raise DamagedCheckpoint(folder, f"format {found!r}, this gptlab reads {RESUME_FORMAT}")
     return int(STEP_FOLDER.match(folder.name)[1])
 
 
 def load_resume(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                 device: torch.device) -> ResumeState:
-    """Restore model, optimizer and RNG from a verified checkpoint folder; return the rest of
-    the run's state."""
+    """Restore model, optimizer and RNG from a checkpoint folder that verify_checkpoint passed;
+    return the rest of the run's state."""
     meta = json.loads((folder / STATE).read_text(encoding="utf-8"))
-    if not isinstance(meta, dict) or meta.get("format") != RESUME_FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else None
-        raise IncompatibleCheckpoint(f"{folder}: resume checkpoint format {found!r}, this "
-                                     f"gptlab writes {RESUME_FORMAT}")
     try:
         fields = {name: meta[name] for name in ResumeState.__dataclass_fields__}
         load_model(model, str(folder / WEIGHTS))
@@ -230,30 +229,34 @@ def code_fingerprint(module: str) -> str:
 
 def gptlab_imports(source: Path) -> set[Path]:
     """The source files of the gptlab modules a Python file imports, directly or through other
-    gptlab modules: the code it runs (the train stage's DVC deps, say)."""
+    gptlab modules, and of the packages that hold them (importing `gptlab.sources.hf` runs
+    `gptlab/__init__.py` and `gptlab/sources/__init__.py`): the code it runs (the train stage's
+    DVC deps, say)."""
     found: set[Path] = set()
     pending = [source]
     while pending:
         for name in imported_modules(pending.pop()):
-            path = module_file(name)
-            if path not in found:
-                found.add(path)
-                pending.append(path)
+            parts = name.split(".")
+            for path in (module_file(".".join(parts[:end])) for end in range(1, len(parts) + 1)):
+                if path not in found and path.exists():
+                    found.add(path)
+                    pending.append(path)
     return found
 
 
 def imported_modules(source: Path) -> set[str]:
     """Names of the gptlab modules a file imports (`import gptlab.x`, `from gptlab.x import y`,
-    `from gptlab import x`), wherever in the file the import is."""
+    `from gptlab import x`, and `from gptlab import __version__`, which runs the package
+    itself), wherever in the file the import is."""
     names = set()
     for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module == "gptlab":
-            names.update(f"gptlab.{alias.name}" for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module)
-    return {name for name in names if name.startswith("gptlab.") and module_file(name).exists()}
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return {name for name in names
+            if name.split(".")[0] == "gptlab" and module_file(name).exists()}
 
 
 def module_file(name: str) -> Path:

@@ -26,10 +26,13 @@ SAMPLING_DEFAULTS = ("Defaults come from the sample section of ./params.yaml if 
                      "valid one, else: one sample of 500 tokens after a newline, temperature "
                      "0.8, top_k 200, seed 1337.")
 SAMPLE_SEPARATOR = "-" * 15
+DESCRIPTION = ("Tools around the gptlab pipeline (the stages themselves run with `dvc repro`). "
+               "`sample` and `chat` take their defaults from the sample section of "
+               "./params.yaml, and every option overrides its key.")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="gptlab", description=__doc__)
+    parser = argparse.ArgumentParser(prog="gptlab", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"gptlab {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("params", help="validate params.yaml and print it as resolved")
@@ -46,7 +49,8 @@ def main(argv: list[str] | None = None) -> None:
                                description=SAMPLING_DEFAULTS)
     add_sampling_options(chat)
     template = commands.add_parser(
-        "plots-template", help="build the offline HTML template for `dvc plots --html-template`")
+        "plots-template", help="build the page template that lets `dvc plots` pages render "
+                               "offline (make setup does)")
     template.add_argument("file", nargs="?", default=".gptlab/plots-template.html")
     args = parser.parse_args(argv)
     run_main(lambda: COMMANDS[args.command](args))

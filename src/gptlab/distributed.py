@@ -21,6 +21,11 @@ import torch
 import torch.distributed as dist
 
 from gptlab.errors import GptlabError
+from gptlab.params import mps_processes_problem
+
+# torchrun's grace between forwarding a stop signal and killing its workers (its default is 30
+# s): a stop waits for the next log interval and a checkpoint of a large model.
+STOP_GRACE_SECONDS = 600
 
 # A rank that stops answering (killed, out of memory) fails the others after this long,
 # instead of leaving them waiting forever in a collective.
@@ -69,8 +74,9 @@ def relaunch_under_torchrun(nproc: int, device: torch.device, argv: list[str]) -
     # process must outlive them rather than leave them running on, orphaned.
     previous = {signum: signal.signal(signum, signal.SIG_IGN)
                 for signum in (signal.SIGINT, signal.SIGTERM)}
+    env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(STOP_GRACE_SECONDS), **os.environ}
     try:
-        return subprocess.run(command).returncode
+        return subprocess.run(command, env=env).returncode
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -80,8 +86,7 @@ def check_processes_fit(processes: int, device: torch.device) -> None:
     """Refuse, before any work, a world this machine cannot hold: more processes than GPUs,
     or several on Apple's MPS, which has no backend for the processes to talk over."""
     if processes > 1 and device.type == "mps":
-        raise GptlabError(f"train.nproc: {processes} processes on mps, but data-parallel "
-                          f"training needs CUDA GPUs or CPU processes; set train.nproc: 1")
+        raise GptlabError(f"train.nproc: {mps_processes_problem(processes)}")
     if device.type == "cuda" and processes > torch.cuda.device_count():
         raise GptlabError(f"train.nproc: {processes} processes, but this machine has "
                           f"{torch.cuda.device_count()} GPU(s); one process drives one GPU")
@@ -90,7 +95,9 @@ def check_processes_fit(processes: int, device: torch.device) -> None:
 def device_for_rank(device: torch.device, world: World) -> torch.device:
     """Each process drives its own GPU; CPU processes share the CPU."""
     if world.distributed:
-        check_processes_fit(world.local_rank + 1, device)
+        # Every process refuses MPS; each refuses a GPU index its machine does not have.
+        check_processes_fit(world.size if device.type == "mps" else world.local_rank + 1,
+                            device)
     if device.type == "cuda" and world.distributed:
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from gptlab.device import autocast, device_name, pick_device, pick_dtype
+from gptlab.device import autocast, pick_device, pick_dtype
 from gptlab.errors import GptlabError
 from gptlab.params import EvalParams
 from gptlab.published import Published, load_published
@@ -152,8 +152,7 @@ def evaluate_model(models_dir: Path, tokens_dir: Path, params: EvalParams) -> di
                for key, value in split_metrics(score, meta, split).items()}
     scored = sum(score.tokens for score in scores.values())
     seconds = sum(score.seconds for score in scores.values())
-    return {**metrics, "tokens_per_sec": round(scored / seconds, 1),
-            "device": device_name(device), "dtype": str(dtype).removeprefix("torch.")}
+    return {**metrics, "tokens_per_sec": round(scored / seconds, 1)}
 
 
 def metric_name(split: str, key: str) -> str:

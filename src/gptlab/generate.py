@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gptlab.device import autocast, device_name, has_bf16, pick_device
+from gptlab.device import autocast, has_bf16, pick_device
 from gptlab.errors import GptlabError
 from gptlab.params import SampleParams
 from gptlab.published import Published, load_published
@@ -237,7 +237,6 @@ def sample_prompts(models_dir: Path, params: SampleParams) -> tuple[str, dict[st
         "tokens_per_sec": round(new_tokens / seconds, 1),
         "generated_tokens": new_tokens,
         "samples": len(params.prompts) * params.num_samples,
-        "device": device_name(published.device),
     }
     return samples_markdown(published, params, results), metrics
 

@@ -25,13 +25,18 @@ from typing import Any
 from gptlab.errors import GptlabError
 
 HASH_CHUNK_BYTES = 1 << 20
-# gptlab's own caches (verified downloads, resume checkpoints), outside git and DVC's outputs.
-CACHE_DIR = Path(".gptlab")
+# Where DVC runs queued and temporary experiments: copies of the project inside it.
+EXPERIMENT_COPIES = (".dvc", "tmp", "exps")
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 class DiskFull(GptlabError):
     """A write the file system refused for want of space (or of quota)."""
+
+    def __init__(self, path: Path, what: str) -> None:
+        super().__init__(f"{path}: no space left on device while writing {what}; free some "
+                         f"space and run again")
+        self.path = Path(path)
 
 
 def disk_full(error: BaseException) -> bool:
@@ -45,15 +50,22 @@ def disk_full(error: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def disk_full_named(final: Path, what: str) -> Iterator[None]:
-    """Turn a full disk inside the block into one DiskFull naming `final` and `what`."""
+def disk_full_named(final: Path, what: str, staging: Path | None = None) -> Iterator[None]:
+    """Turn a full disk inside the block into one DiskFull naming `final` and `what`.
+
+    A DiskFull already named keeps its name, unless it names a file of `staging` (the folder
+    being built for `final`): the output is the folder, not its temporary parts.
+    """
     try:
         yield
+    except DiskFull as error:
+        if staging is None or not error.path.is_relative_to(staging):
+            raise
+        raise DiskFull(final, what) from None
     except BaseException as error:
         if not disk_full(error):
             raise
-        raise DiskFull(f"{final}: no space left on device while writing {what}; free some "
-                       f"space and run again") from None
+        raise DiskFull(final, what) from None
 
 
 @contextlib.contextmanager
@@ -92,7 +104,7 @@ def atomic_dir(path: str | os.PathLike, what: str = "it") -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     tmp.chmod(0o777 & ~_current_umask())
     try:
-        with disk_full_named(final, what):
+        with disk_full_named(final, what, staging=tmp):
             yield tmp
             _fsync_tree(tmp)
             _swap_in(tmp, final)
@@ -111,6 +123,21 @@ def _swap_in(tmp: Path, final: Path) -> None:
     os.replace(final, old / final.name)
     os.replace(tmp, final)
     shutil.rmtree(old)
+
+
+def cache_dir(kind: str) -> Path:
+    """gptlab's cache of `kind` (verified downloads, resume checkpoints): `.gptlab/<kind>` in
+    the project, outside git and DVC's outputs.
+
+    A queued or temporary DVC experiment runs in a copy of the project under
+    `.dvc/tmp/exps/`, which DVC deletes afterwards: it uses the project's own cache instead, so
+    it downloads nothing twice, and a killed experiment resumes when it is run again.
+    """
+    here = Path.cwd().resolve().parts
+    for start in range(len(here) - len(EXPERIMENT_COPIES) + 1):
+        if here[start : start + len(EXPERIMENT_COPIES)] == EXPERIMENT_COPIES:
+            return Path(*here[:start]) / ".gptlab" / kind
+    return Path(".gptlab") / kind
 
 
 def read_text(path: str | os.PathLike, missing: str) -> str:

@@ -69,7 +69,8 @@ class KVCache:
         end = self.length + k.size(2)
         self.keys[layer][:, :, self.length : end] = k
         self.values[layer][:, :, self.length : end] = v
-        # Under autocast the cache may hold a wider dtype than the fresh keys.
+        # A cache made in another dtype than the keys (float32 under autocast, say) is read in
+        # theirs; generate() makes it in the compute dtype, so this converts nothing.
         return self.keys[layer][:, :, :end].to(k.dtype), self.values[layer][:, :, :end].to(v.dtype)
 
     def advance(self, num_new: int) -> None:

@@ -188,19 +188,29 @@ class TrainParams(Section):
             problems.append(("grad_accum", f"{self.grad_accum} is not divisible by "
                                            f"train.nproc={self.nproc}: each process does "
                                            f"grad_accum / nproc micro-batches"))
-        micro_batches = self.grad_accum // self.nproc
-        if self.compile and self.compile_mode in CUDA_GRAPH_MODES and micro_batches > 1:
-            # A CUDA graph's outputs, gradients among them, live in its memory pool: the next
-            # micro-batch's replay overwrites the gradients the previous one accumulated.
-            problems.append(("compile_mode", f"{self.compile_mode} replays CUDA graphs, which "
-                                             f"cannot accumulate gradients over the "
-                                             f"{micro_batches} micro-batches per process; use "
-                                             f"max-autotune-no-cudagraphs or default"))
+        if problem := self.cuda_graph_problem(self.nproc):
+            problems.append(("compile_mode", problem))
         if self.nproc > 1 and self.device == "mps":
-            problems.append(("nproc", f"{self.nproc} processes on mps, but data-parallel "
-                                      f"training needs CUDA GPUs or CPU processes; set "
-                                      f"train.nproc: 1"))
+            problems.append(("nproc", mps_processes_problem(self.nproc)))
         return problems
+
+    def cuda_graph_problem(self, processes: int) -> str | None:
+        """Why this compile mode cannot train with `processes` processes, if it cannot.
+
+        A CUDA graph's outputs, gradients among them, live in its memory pool: the replay for
+        the next micro-batch overwrites the gradients the previous one accumulated.
+        """
+        micro_batches = self.grad_accum // processes
+        if self.compile and self.compile_mode in CUDA_GRAPH_MODES and micro_batches > 1:
+            return (f"{self.compile_mode} replays CUDA graphs, which cannot accumulate "
+                    f"gradients over the {micro_batches} micro-batches per process; use "
+                    f"max-autotune-no-cudagraphs or default")
+        return None
+
+
+def mps_processes_problem(processes: int) -> str:
+    return (f"{processes} processes on mps, but data-parallel training needs CUDA GPUs or CPU "
+            f"processes; set train.nproc: 1")
 
 
 class EvalParams(Section):
@@ -343,7 +353,7 @@ def _describe_one(detail: dict[str, Any], schema: type[BaseModel],
         return [f"{key_name('.'.join(filter(None, (key, name))))}: {problem}"
                 for name, problem in detail["ctx"]["problems"]]
     if kind == "extra_forbidden":
-        return [f"unknown key {key_name(key)!r}{_did_you_mean(detail['loc'], schema)}"]
+        return [f"unknown key {key_name(key)!r}{_did_you_mean(detail['loc'], schema, key_name)}"]
     if kind == "missing":
         return [f"{key_name(key)}: missing"]
     message = detail["msg"].removeprefix("Value error, ")
@@ -352,7 +362,7 @@ def _describe_one(detail: dict[str, Any], schema: type[BaseModel],
     return [f"{key_name(key)}: {message} (got {detail['input']!r})"]
 
 
-def _did_you_mean(loc: tuple, schema: type[BaseModel]) -> str:
+def _did_you_mean(loc: tuple, schema: type[BaseModel], key_name: Callable[[str], str]) -> str:
     """Suggest the closest known key at the same place in the schema."""
     model = schema
     for part in loc[:-1]:
@@ -363,4 +373,4 @@ def _did_you_mean(loc: tuple, schema: type[BaseModel]) -> str:
     close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
     if not close:
         return ""
-    return f" (did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?)"
+    return f" (did you mean {key_name('.'.join([*map(str, loc[:-1]), close[0]]))!r}?)"

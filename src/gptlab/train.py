@@ -29,7 +29,6 @@ from tqdm import tqdm
 from gptlab import __version__
 from gptlab.batches import SPLITS, RandomWindows, batch_seed, open_training_splits
 from gptlab.checkpoint import (
-    IncompatibleCheckpoint,
     ResumeState,
     agree_on_checkpoint,
     load_resume,
@@ -83,6 +82,9 @@ def train(params: RunParams, paths: TrainPaths, world: World | None = None) -> d
     if params.train.grad_accum % world.size:
         raise GptlabError(f"train.grad_accum: {params.train.grad_accum} is not divisible by the "
                           f"{world.size} processes of this run")
+    # params.yaml was checked against train.nproc; torchrun started by hand may start others.
+    if problem := params.train.cuda_graph_problem(world.size):
+        raise GptlabError(f"train.compile_mode: {problem}")
     device = device_for_rank(pick_device(params.train.device, "train.device"), world)
     with process_group(world, device):
         session = TrainingSession(params, paths, world, device)
@@ -176,11 +178,7 @@ class TrainingSession:
             if damaged:
                 self.say("no good resume checkpoint left: starting afresh")
             return fresh
-        try:
-            state = load_resume(folder, self.model, self.optimizer, self.device)
-        except IncompatibleCheckpoint as error:
-            self.say(f"ignoring {error}; starting afresh")
-            return fresh
+        state = load_resume(folder, self.model, self.optimizer, self.device)
         restore_rank_state(state, self.world, self.batches.rng, self.device)
         if state.scaler:
             self.scaler.load_state_dict(state.scaler)
@@ -223,8 +221,8 @@ class TrainingSession:
                 at_log = due(step, t.log_interval, t.max_iters)
                 if at_log:
                     self.close_interval(step, interval, lr, grad_norm, progress)
-                # Under DDP the stop requests travel with the interval's losses, so that every
-                # process stops at the same step.
+                # Under DDP the processes exchange their stop requests at log steps only (one
+                # small all-reduce), so that every process stops at the same step.
                 stopping = ((at_log or not self.world.distributed)
                             and any_rank(stop.requested, self.world, self.device))
                 evaluate = due(step, t.eval_interval, t.max_iters)
@@ -274,7 +272,11 @@ class TrainingSession:
         rate = steps * self.tokens_per_step / seconds
         self.log(step, train_loss=mean_loss, lr=lr, grad_norm=float(grad_norm),
                  tokens_per_sec=rate)
-        progress.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{rate:,.0f}")
+        progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
+        if progress.disable and self.world.is_main:  # no terminal for a bar: a line instead
+            left = (self.t.max_iters - step) * seconds / steps
+            print(f"step {step}/{self.t.max_iters}: loss {mean_loss:.4f}, lr {lr:.2e}, "
+                  f"{rate:,.0f} tokens/s, {format_duration(left)} left", file=sys.stderr)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -307,11 +309,14 @@ class TrainingSession:
                        f"{losses['val']:.4f}", file=sys.stderr)
 
     def log(self, step: int, **values: float) -> None:
-        """Add values to the log row of `step`, creating it if this is the step's first entry."""
+        """Add values to the log row of `step` (creating it if this is the step's first entry)
+        and write the log, so that `dvc plots show` draws a run in progress."""
         rows = self.state.log
         if not rows or rows[-1]["step"] != step:
             rows.append({"step": step, "tokens": step * self.tokens_per_step})
         rows[-1].update(values)
+        if self.world.is_main:
+            write_log(rows, self.paths.log_csv)
 
     def check_finite(self, loss: float, step: int) -> None:
         if not math.isfinite(loss):
@@ -327,6 +332,9 @@ class TrainingSession:
         state = self.state
         state.interval_steps, state.interval_seconds = interval.steps, interval.seconds
         state.interval_loss_sum = interval.loss_sum.item()
+        # The steps since the last log row are checked too: no checkpoint holds a NaN.
+        if any_rank(not math.isfinite(state.interval_loss_sum), self.world, self.device):
+            self.check_finite(math.nan, state.step)
         ranks = gather_to_all(rank_state(self.batches.rng, self.device, state.interval_loss_sum),
                               self.world)
         state.batch_rng = ranks[0]["batch_rng"]
@@ -347,12 +355,16 @@ class TrainingSession:
             return
         save_published(self.model, self.config, self.paths.tokens_dir / "tokenizer.json",
                        self.summary(), self.paths.models_dir)
-        write_log(self.state.log, self.paths.log_csv)
+        write_log(self.state.log, self.paths.log_csv)  # again: a republished run's log is gone
 
     def summary(self) -> dict[str, Any]:
+        """What produced the published weights, for models/config.json: how far training got,
+        with which params, and on what."""
         return {"step": self.state.step, "seed": self.params.seed,
                 "train": self.params.train.model_dump(),
                 "val_loss": self.state.last_eval.get("val"),
+                "device": device_name(self.device), "processes": self.world.size,
+                "dtype": str(self.dtype).removeprefix("torch."),
                 "torch_version": torch.__version__, "gptlab_version": __version__}
 
     def finished_metrics(self) -> dict[str, Any]:
@@ -374,18 +386,19 @@ class TrainingSession:
             "tokens_per_sec": round(tokens_per_sec, 1) if tokens_per_sec else None,
             "mfu": round(mfu, 4) if mfu is not None else None,
             "peak_memory_mb": round(peak_memory_mb(self.device), 1),
-            "params": self.model.num_params(),
+            "parameters": self.model.num_params(),
             "wall_seconds": round(self.state.wall_seconds, 2),
-            "device": device_name(self.device),
-            "processes": self.world.size,
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "torch_version": torch.__version__,
-            "tokenizer": self.meta["kind"],
         }
 
     def say(self, message: str) -> None:
         if self.world.is_main:
             print(message, file=sys.stderr)
+
+
+def format_duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
 
 
 def due(step: int, interval: int, last_step: int) -> bool:

@@ -3,6 +3,7 @@ stage, then the GPU speed ladder (gptlab.bench.ladder) where there is a GPU."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -32,18 +33,18 @@ from gptlab.published import load_published
 from gptlab.tokenizers import BPETokenizer, CharTokenizer, TiktokenTokenizer, Tokenizer
 from gptlab.train import TrainPaths, train
 
-SHARED_CORPUS = Path(__file__).resolve().parents[4] / "shared" / "data" / "tinyshakespeare.txt"
-PROJECT_CORPUS = Path("data/clean/train.txt")
 SHARD_TOKENS = 100_000_000
 # Copies of the corpus in the parallel tokenize figure: tinyshakespeare x 64 is about 70 MB.
 PARALLEL_COPIES = 64
 
 
 def main() -> None:
-    corpus = SHARED_CORPUS if SHARED_CORPUS.exists() else PROJECT_CORPUS
-    if not corpus.exists():
-        sys.exit(f"error: no corpus to measure: neither {SHARED_CORPUS} nor {PROJECT_CORPUS} "
-                 f"exists (run `make repro` first)")
+    parser = argparse.ArgumentParser(prog="python -m gptlab.bench", description=__doc__)
+    parser.add_argument("corpus", type=Path, help="a UTF-8 text file to measure on (`make "
+                        "bench` gives tests/data/tinyshakespeare.txt)")
+    corpus = parser.parse_args().corpus
+    if not corpus.is_file():
+        sys.exit(f"error: {corpus}: not found")
     print(f"machine: {cpu_model_name()}, {os.cpu_count()} cores, Python "
           f"{platform.python_version()}, torch {torch.__version__}")
     print(f"corpus: {corpus} ({corpus.stat().st_size / 1e6:.2f} MB)\n")

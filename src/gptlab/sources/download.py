@@ -19,6 +19,7 @@ from typing import BinaryIO, TypeVar
 from tqdm import tqdm
 
 from gptlab.errors import GptlabError
+from gptlab.io import disk_full, disk_full_named
 from gptlab.sources.cache import Artifact, cached, store_verified
 
 URL_TIMEOUT_SECONDS = 30.0
@@ -62,7 +63,8 @@ def fetch_url(url: str, sha256: str, cache: Path,
             # 416: killed after the last byte, so the partial file is whole; the hash decides
 
     try:
-        retrying(download, f"download of {url}", attempts)
+        with disk_full_named(partial, f"the download of {url}"):
+            retrying(download, f"download of {url}", attempts)
     except urllib.error.HTTPError as error:
         raise DownloadRefused(f"data.spec: HTTP {error.code} {error.reason} from {url}",
                               error.code) from None
@@ -86,6 +88,8 @@ def retrying(request: Callable[[], T], what: str, attempts: int) -> T:
                 raise
             problem = f"HTTP {error.code} {error.reason}"
         except (urllib.error.URLError, HTTPException, OSError) as error:
+            if disk_full(error):  # no retry will make room
+                raise
             problem = str(getattr(error, "reason", error)) or type(error).__name__
         if attempt == attempts:
             raise GptlabError(f"data.spec: {what} failed after {attempts} attempts: {problem}")
