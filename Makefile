@@ -12,7 +12,7 @@ PLOTS_TEMPLATE := .gptlab/plots-template.html
 # dvc, and the workers `dvc queue start` spawns, come from the virtual environment.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro test lint bench plots plots-template lock check-fresh clean-venv
+.PHONY: setup repro test lint bench exps plots plots-template lock check-fresh clean-venv
 
 setup: $(STAMP)
 
@@ -53,6 +53,12 @@ lint: setup
 
 bench: repro
 	$(BIN)/python -m gptlab.bench tests/data/tinyshakespeare.txt
+
+# The experiments: the params they changed and the metrics that compare them, legible at 100
+# columns (speeds, memory and the outputs' hashes left out).
+exps: setup
+	$(BIN)/dvc exp show --only-changed \
+	    --drop '.*(_sec|_seconds|_mb|perplexity|final_|best_|Created|State|Executor|models|plots).*'
 
 # Loss curves of the workspace and of experiments, e.g. `make plots REVS="exp-a exp-b"`, as an
 # HTML page in dvc_plots/ (offline where `make setup` could build the page template).

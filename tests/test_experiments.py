@@ -5,6 +5,7 @@ shell, the log grows while training runs, and the model is a registered artifact
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 import yaml
 from conftest import (
     DVC_YAML,
+    ROOT,
     copy_project,
     dvc,
     dvc_run,
@@ -24,6 +26,7 @@ from conftest import (
 )
 
 VENV = Path(sys.executable).parents[1]
+README = (ROOT / "README.md").read_text()
 EDIT_MARK = '    return {**metrics, "tokens_per_sec"'
 
 
@@ -113,3 +116,16 @@ def test_the_trained_model_is_a_registered_artifact(pipeline, tmp_path):
     assert result.returncode == 0, result.stderr
     assert ((out / "model.safetensors").read_bytes()
             == (project / "models" / "model.safetensors").read_bytes())
+
+
+def test_going_back_as_the_readme_says_restores_the_committed_state(pipeline, tmp_path):
+    project = with_venv(copy_project(pipeline[0], tmp_path))
+    committed = {name: (project / name).read_bytes()
+                 for name in ("params.yaml", "dvc.lock", "metrics/eval.json")}
+    dvc(project, "exp", "run", "-S", "sample.temperature=0.5", "-n", "cooler")
+    assert (project / "params.yaml").read_bytes() != committed["params.yaml"]
+    recipe = re.search(r"Back to the committed state.*?```\n(.+?)\n```", README, re.DOTALL)[1]
+    subprocess.run(recipe, shell=True, cwd=project, check=True, capture_output=True,
+                   env={"PATH": f"{VENV / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert {name: (project / name).read_bytes() for name in committed} == committed
+    assert "up to date" in dvc(project, "status")

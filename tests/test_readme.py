@@ -1,0 +1,53 @@
+"""The README's figures are the committed ones: its first table is checked against the metrics
+files, so the two cannot drift apart; and it speaks of the product only."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from conftest import ROOT
+
+README = (ROOT / "README.md").read_text()
+
+
+def first_table() -> list[list[str]]:
+    """The rows of the README's first table (the figures of a run), as cells."""
+    start = README.index("| figure | value | from |")
+    rows = []
+    for line in README[start:].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def number(text: str) -> float:
+    return float(text.replace(",", ""))
+
+
+@pytest.mark.parametrize("row", first_table(), ids=lambda row: row[0])
+def test_each_figure_of_the_first_table_is_the_committed_metric(row):
+    _, value, source = row
+    file, key = re.fullmatch(r"`(metrics/\w+\.json)` `(\w+)`", source).groups()
+    metric = json.loads((ROOT / file).read_text())[key]
+    if found := re.match(r"([\d,]+)-([\d,]+)", value):
+        low, high = map(number, found.groups())
+        assert low <= metric <= high, f"{key}: {metric} is outside {value}"
+    else:
+        shown = re.match(r"[\d,.]+", value).group()
+        decimals = len(shown.split(".")[1]) if "." in shown else 0
+        # Rounded as shown (a metric exactly half way may round either way).
+        assert abs(number(shown) - metric) <= 0.5 * 10**-decimals + 1e-9, f"{key}: {metric}"
+
+
+def test_the_first_table_covers_the_headline_metrics():
+    keys = {row[2].split("`")[3] for row in first_table()}
+    assert {"val_loss", "perplexity", "bits_per_byte", "tokens_per_sec"} <= keys
+
+
+@pytest.mark.parametrize("phrase", ["../shared", "DESIGN.md", "design notes", "the brief",
+                                    "device tool", "was lent", "development machine"])
+def test_the_readme_speaks_of_the_product_only(phrase):
+    assert phrase not in README
