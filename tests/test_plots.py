@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -211,3 +212,13 @@ def test_plain_dvc_plots_pages_render_offline_once_setup_set_the_template(pipeli
     drawn = re.sub(r"<script\b.*?</script>", "", dom, flags=re.DOTALL)
     assert drawn.count("<canvas") == len(SERIES)  # vega-embed drew every series
     assert drawn.count("<img") == 2 * len(FIGURES)  # the figures of both revisions
+
+
+def test_setup_without_npm_says_so_in_one_line_and_carries_on(tmp_path):
+    bin_dir = Path(sys.executable).parent
+    result = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "plots-template"],
+                            env={"PATH": f"{bin_dir}:{tmp_path}", "HOME": str(tmp_path)},
+                            capture_output=True, text=True, executable=shutil.which("make"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "note: npm not found: dvc plots pages will load their libraries from a CDN"]
