@@ -8,13 +8,24 @@ here, so running out of memory is simulated by a step function that raises it ab
 from __future__ import annotations
 
 import dataclasses
+import re
 from itertools import pairwise
 from typing import Any
 
 import pytest
 import torch
-from conftest import model_config
+from conftest import (
+    PROJECT_PARAMS,
+    TINY_MODEL,
+    TINY_TRAIN,
+    make_corpus,
+    model_config,
+    paths_in,
+    run_params,
+    write_tokens,
+)
 
+from gptlab.bench import __main__ as bench_main
 from gptlab.bench import ladder as bench
 from gptlab.bench.ladder import (
     GPT2_SHAPE,
@@ -29,6 +40,7 @@ from gptlab.bench.ladder import (
     train_step,
 )
 from gptlab.model import build_model
+from gptlab.train import train
 
 CPU = torch.device("cpu")
 # Vocabulary 100 pads to 128, so the padded-vocab row changes the tables.
@@ -218,3 +230,33 @@ def test_row_format_shows_gain_over_the_previous_row():
     assert format_row(first, None).split() == ["fp32", "8", "100.0", "1,000", "n/a"]
     assert format_row(second, first).split() == ["+", "TF32", "8", "50.0", "2,000", "45.7%",
                                                  "2.00x"]
+
+
+# --- the pipeline figures --------------------------------------------------------------------
+
+
+def test_training_and_sampling_figures_are_measured_and_printed(tmp_path, capsys,
+                                                                tinyshakespeare):
+    """The figures `make bench` prints, at a tiny size: every line it promises is there."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(tinyshakespeare.read_text()[:60_000])
+    params = PROJECT_PARAMS.model_copy(update={
+        "model": PROJECT_PARAMS.model.model_copy(update=TINY_MODEL),
+        "train": PROJECT_PARAMS.train.model_copy(update={**TINY_TRAIN, "max_iters": 4,
+                                                         "eval_interval": 4,
+                                                         "checkpoint_interval": 4}),
+    })
+    bench_main.bench_training(corpus, params)
+    out = capsys.readouterr().out
+    assert "seeds 1337, 1, 2" in out
+    rows = [line for line in out.splitlines() if "full-validation loss" in line]
+    assert [row.split()[1] for row in rows] == ["float32", "auto"]
+    assert all(re.search(r"[\d,]+ tokens/s \(median\)", row) for row in rows)
+
+    folder = tmp_path / "trained"
+    tokens_dir = write_tokens(folder, make_corpus(5_000))
+    train(run_params(train_overrides={"max_iters": 2, "eval_interval": 2,
+                                      "checkpoint_interval": 2}), paths_in(folder, tokens_dir))
+    bench_main.bench_sampling(folder / "models")
+    out = capsys.readouterr().out
+    assert re.search(r"batch 1: +[\d,]+ tokens/s", out) and re.search(r"batch 8: +[\d,]+", out)

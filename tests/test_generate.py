@@ -191,11 +191,13 @@ def chain_bigram(next_token: dict[int, list[int]]) -> Bigram:
 def test_generation_stops_at_end_of_text_and_leaves_it_out():
     model = chain_bigram({0: [1], 1: [2], 2: [3]})
     calls = []
-    model.register_forward_hook(lambda *_: calls.append(1))
+    model.register_forward_hook(lambda *_: calls.append("prompt"))
+    step = model.decode_step
+    model.decode_step = lambda *args: calls.append("token") or step(*args)
     assert run(model, [0], max_new_tokens=1000, eot_id=EOT, **GREEDY) == [[1, 2, 3]] * 3
     # The batch stopped at the first check after every sample had: checking every token would
     # wait for the device each time.
-    assert len(calls) == EOT_CHECK_EVERY
+    assert calls == ["prompt"] + ["token"] * (EOT_CHECK_EVERY - 1)
 
 
 def test_a_finished_sample_waits_while_the_others_go_on():

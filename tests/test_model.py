@@ -350,6 +350,27 @@ def test_cached_logits_match_full_sequence(pos, chunks):
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+@pytest.mark.parametrize("arch", ["gpt", "bigram"])
+def test_decode_step_gives_forwards_logits_for_each_new_token(pos, arch):
+    """The lean path generation takes after the prompt computes what forward() computes."""
+    model = tiny_model(pos=pos, arch=arch, n_layer=3).eval()
+    idx = random_tokens(2, BLOCK)
+    with torch.no_grad():
+        full, _ = model(idx)
+        forward_cache, decode_cache = model.new_cache(2), model.new_cache(2)
+        model(idx[:, :4], cache=forward_cache)
+        model(idx[:, :4], cache=decode_cache)
+        for position in range(4, BLOCK):
+            expected, _ = model(idx[:, position : position + 1], cache=forward_cache)
+            actual = model.decode_step(idx[:, position], decode_cache)
+            assert torch.equal(actual, expected[:, -1])  # bit for bit: sampled text is the same
+            torch.testing.assert_close(actual, full[:, position], atol=1e-5, rtol=1e-5)
+        assert decode_cache.length == BLOCK
+        with pytest.raises(ValueError, match="capacity"):
+            model.decode_step(idx[:, 0], decode_cache)
+
+
 def test_bigram_accepts_a_cache():
     model = tiny_model(arch="bigram")
     idx = random_tokens(2, BLOCK)

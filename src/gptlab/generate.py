@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from gptlab.device import autocast, has_bf16, pick_device
 from gptlab.errors import GptlabError
+from gptlab.model import KVCache
 from gptlab.params import SampleParams
 from gptlab.published import Published, load_published
 from gptlab.tokenizers import Tokenizer
@@ -122,22 +123,30 @@ def fill_continuations(model: nn.Module, tokens: Tensor, prompt_length: int,
     cache = model.new_cache(tokens.size(0), dtype)
     refill_length = max(1, cache.capacity // 2)  # a block_size of 1 still keeps one token
     finished = torch.zeros(tokens.size(0), dtype=torch.bool, device=tokens.device)
-    window = tokens[:, :prompt_length]
+    logits = last_logits(model, tokens[:, :prompt_length], cache)
     for position in range(prompt_length, tokens.size(1)):
-        if cache.length == cache.capacity:
-            cache.reset()
-            window = tokens[:, position - refill_length : position]
-        logits, _ = model(window, cache=cache)
-        new = pick(logits[:, -1].float())  # sampled in float32 whatever the compute dtype
+        new = pick(logits.float())  # sampled in float32 whatever the compute dtype
         tokens[:, position] = new
+        new_count = position + 1 - prompt_length
         if eot_id is not None:
             finished |= new == eot_id
             # Reading the flags waits for the device: once every few tokens, not every one.
-            new_count = position + 1 - prompt_length
             if new_count % EOT_CHECK_EVERY == 0 and finished.all():
                 return new_count
-        window = tokens[:, position : position + 1]
+        if position + 1 == tokens.size(1):
+            break
+        if cache.length == cache.capacity:  # slide: encode the last refill_length afresh
+            cache.reset()
+            logits = last_logits(model, tokens[:, position + 1 - refill_length : position + 1],
+                                 cache)
+        else:  # the common case: one token per row through the lean path
+            logits = model.decode_step(new, cache)
     return tokens.size(1) - prompt_length
+
+
+def last_logits(model: nn.Module, window: Tensor, cache: KVCache) -> Tensor:
+    """The logits after a window of several tokens (a prompt, a refill), through forward()."""
+    return model(window, cache=cache)[0][:, -1]
 
 
 def next_tokens(logits: Tensor, *, temperature: float, top_k: int | None, top_p: float,

@@ -27,13 +27,16 @@ from gptlab.clean import (
 )
 from gptlab.device import cpu_model_name
 from gptlab.encode import encode_file, encode_splits
+from gptlab.evaluate import evaluate_model
 from gptlab.generate import generate
-from gptlab.params import RunParams, load_params
-from gptlab.published import load_published
+from gptlab.params import CleanParams, Params, RunParams, load_params
+from gptlab.published import load_published, read_config
 from gptlab.tokenizers import BPETokenizer, CharTokenizer, TiktokenTokenizer, Tokenizer
 from gptlab.train import TrainPaths, train
 
 SHARD_TOKENS = 100_000_000
+# Seeds of the training runs: losses compare on their mean (nanoGPT's seed is 1337).
+SEEDS = (1337, 1, 2)
 # Copies of the corpus in the parallel tokenize figure: tinyshakespeare x 64 is about 70 MB.
 PARALLEL_COPIES = 64
 
@@ -48,9 +51,10 @@ def main() -> None:
     print(f"machine: {cpu_model_name()}, {os.cpu_count()} cores, Python "
           f"{platform.python_version()}, torch {torch.__version__}")
     print(f"corpus: {corpus} ({corpus.stat().st_size / 1e6:.2f} MB)\n")
+    params = load_params()
     bench_tokenizers(corpus)
-    bench_dedupe(corpus)
-    bench_training(corpus)
+    bench_dedupe(corpus, params.clean)
+    bench_training(corpus, params)
     bench_sampling(Path("models"))
     bench_dvc_overhead()
     bench_gpu()
@@ -108,11 +112,11 @@ if __name__ == "__main__":
 """
 
 
-def bench_dedupe(corpus: Path) -> None:
+def bench_dedupe(corpus: Path, clean_params: CleanParams) -> None:
     text = corpus.read_text(encoding="utf-8")
     step = len(text) // 8
     docs = [Document(f"part{i}", text[i * step : (i + 1) * step]) for i in range(8)]
-    clean = load_params().clean.model_copy(update={"dedupe": "near", "min_chars": 0})
+    clean = clean_params.model_copy(update={"dedupe": "near", "min_chars": 0})
     seconds, _ = _timed(lambda: drop_near_duplicates([facts_of(d, clean) for d in docs], 0.5))
     fold_seconds, _ = _timed(lambda: fold_words(text))
     facts = [facts_of(d, clean) for d in docs]
@@ -122,13 +126,13 @@ def bench_dedupe(corpus: Path) -> None:
           f"MB/s, split {split_seconds * 1000:.1f} ms)")
 
 
-def bench_training(corpus: Path) -> None:
+def bench_training(corpus: Path, params: Params) -> None:
     """The train stage's default model and schedule on the corpus, split as nanoGPT splits it,
-    in float32 and in the `auto` dtype (bf16 autocast where the CPU has it)."""
-    params = load_params()
+    in float32 and in the `auto` dtype (bf16 autocast where the CPU has it), over three seeds:
+    tokens/s, and the loss on every token of the validation split."""
     print(f"\ntrain ({params.model.n_layer} layers, {params.model.n_embd} wide, block "
           f"{params.model.block_size}, batch {params.train.batch_size}, "
-          f"{params.train.max_iters} iters, char tokens)")
+          f"{params.train.max_iters} iters, char tokens, seeds {', '.join(map(str, SEEDS))})")
     with tempfile.TemporaryDirectory() as tmp:
         tokens_dir = Path(tmp) / "tokens"
         tokens_dir.mkdir()
@@ -139,26 +143,32 @@ def bench_training(corpus: Path) -> None:
             (Path(tmp) / f"{name}.txt").write_text(text, encoding="utf-8")
         encode_splits(CharTokenizer.from_texts(texts.values()), {
             name: Path(tmp) / f"{name}.txt" for name in texts}, tokens_dir, SHARD_TOKENS)
+        scoring = params.eval.model_copy(update={"device": "cpu", "train_split": False})
         for dtype in ("float32", "auto"):
-            run = RunParams(params.seed, params.model,
-                            params.train.model_copy(update={"dtype": dtype}))
-            paths = TrainPaths(tokens_dir, Path(tmp) / dtype, Path(tmp) / f"{dtype}.csv",
-                               Path(tmp) / "runs")
-            metrics = train(run, paths)
-            print(f"  dtype {dtype:8s} -> {metrics['dtype']:9s} {metrics['tokens_per_sec']:9,.0f} "
-                  f"tokens/s  val loss {metrics['final_val_loss']:.4f}  "
-                  f"wall {metrics['wall_seconds']:.0f} s  on {metrics['device']}")
+            rates, losses = [], []
+            for seed in SEEDS:
+                run = RunParams(seed, params.model,
+                                params.train.model_copy(update={"dtype": dtype}))
+                name = f"{dtype}-{seed}"
+                paths = TrainPaths(tokens_dir, Path(tmp) / name, Path(tmp) / f"{name}.csv",
+                                   Path(tmp) / "runs")
+                rates.append(train(run, paths)["tokens_per_sec"])
+                losses.append(evaluate_model(paths.models_dir, tokens_dir, scoring)["val_loss"])
+            used = read_config(paths.models_dir).training["dtype"]
+            print(f"  dtype {dtype:8s} -> {used:9s} {statistics.median(rates):9,.0f} tokens/s "
+                  f"(median)  full-validation loss {statistics.mean(losses):.4f} (mean; "
+                  f"{min(losses):.4f}-{max(losses):.4f})")
 
 
 def bench_sampling(models_dir: Path) -> None:
-    """Generation speed of the trained model for 500 new tokens, one sample and a batch of 3."""
+    """Generation speed of the trained model for 500 new tokens, one sample and a batch of 8."""
     print(f"\nsample (500 new tokens, {models_dir})")
     if not (models_dir / "model.safetensors").exists():
         print("  skipped: no trained model (run `make repro` first)")
         return
     published = load_published(models_dir, torch.device("cpu"))
     prompt = published.tokenizer.encode("\n").tolist()
-    for batch in (1, 3):
+    for batch in (1, 8):
         seconds = min(
             _timed(lambda b=batch: generate(
                 published.model, prompt, num_samples=b, max_new_tokens=500, temperature=0.8,
