@@ -181,7 +181,8 @@ class GeluMLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.up_proj = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
+        # GPT-2 was trained with the tanh approximation: its weights need it to match exactly.
+        self.gelu = nn.GELU(approximate="tanh" if config.mlp == "gelu_tanh" else "none")
         self.down_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
