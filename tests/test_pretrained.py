@@ -22,9 +22,9 @@ from gptlab.generate import generate
 from gptlab.io import sha256_file
 from gptlab.model import build_model
 from gptlab.pretrained import (
-    CONFIG,
+    HF_CONFIG,
+    HF_WEIGHTS,
     HUB_GPT2,
-    WEIGHTS,
     check_sha256,
     convert_gpt2,
     fetch_gpt2,
@@ -55,11 +55,11 @@ def save_as_hub(model: GPT2LMHeadModel, folder: Path) -> Path:
     """`model` as the Hub stores OpenAI's GPT-2s: tensors without `transformer.`, and a
     config.json of a few keys."""
     model.save_pretrained(folder)
-    weights = load_file(folder / WEIGHTS)
+    weights = load_file(folder / HF_WEIGHTS)
     save_file({name.removeprefix("transformer."): tensor for name, tensor in weights.items()},
-              folder / WEIGHTS, metadata={"format": "pt"})
-    hf = json.loads((folder / CONFIG).read_text())
-    (folder / CONFIG).write_text(json.dumps({k: v for k, v in hf.items() if k in HUB_CONFIG_KEYS}
+              folder / HF_WEIGHTS, metadata={"format": "pt"})
+    hf = json.loads((folder / HF_CONFIG).read_text())
+    (folder / HF_CONFIG).write_text(json.dumps({k: v for k, v in hf.items() if k in HUB_CONFIG_KEYS}
                                             | {"n_ctx": hf["n_positions"]}))
     return folder
 
@@ -142,10 +142,10 @@ def copy_checkpoint(source: Path, folder: Path, config: dict[str, Any] | None = 
     """A copy of a checkpoint folder with config.json's keys changed and its tensors passed
     through `weights` (a function of the tensor dict)."""
     folder.mkdir(exist_ok=True)
-    hf = json.loads((source / CONFIG).read_text()) | (config or {})
-    (folder / CONFIG).write_text(json.dumps(hf))
-    tensors = load_file(source / WEIGHTS)
-    save_file(weights(tensors) if weights else tensors, folder / WEIGHTS)
+    hf = json.loads((source / HF_CONFIG).read_text()) | (config or {})
+    (folder / HF_CONFIG).write_text(json.dumps(hf))
+    tensors = load_file(source / HF_WEIGHTS)
+    save_file(weights(tensors) if weights else tensors, folder / HF_WEIGHTS)
     return folder
 
 
@@ -211,8 +211,8 @@ def test_a_saved_tied_head_and_the_mask_buffers_are_accepted(reference, tmp_path
     assert set(state) == set(build_model(config).state_dict())
 
 
-@pytest.mark.parametrize(("missing", "words"), [(CONFIG, "config.json: not found"),
-                                                (WEIGHTS, "model.safetensors: not found")])
+@pytest.mark.parametrize(("missing", "words"), [(HF_CONFIG, "config.json: not found"),
+                                                (HF_WEIGHTS, "model.safetensors: not found")])
 def test_a_missing_file_is_named(reference, tmp_path, missing, words):
     reference.save_pretrained(tmp_path)
     (tmp_path / missing).unlink()
@@ -222,7 +222,7 @@ def test_a_missing_file_is_named(reference, tmp_path, missing, words):
 
 def test_a_damaged_weights_file_is_named(reference, tmp_path):
     reference.save_pretrained(tmp_path)
-    (tmp_path / WEIGHTS).write_bytes(b"not safetensors")
+    (tmp_path / HF_WEIGHTS).write_bytes(b"not safetensors")
     with pytest.raises(GptlabError, match=r"model\.safetensors: not a safetensors weights file"):
         convert_gpt2(tmp_path)
 
@@ -243,7 +243,7 @@ def test_an_unknown_gpt2_is_refused_with_the_known_ones():
 
 
 def test_a_file_with_the_listed_sha256_passes_and_another_is_refused(tmp_path):
-    path = tmp_path / WEIGHTS
+    path = tmp_path / HF_WEIGHTS
     path.write_bytes(b"weights")
     check_sha256(path, sha256_file(path))
     with pytest.raises(GptlabError, match=r"model.safetensors: sha256 is [0-9a-f]{64}, but the "
@@ -257,11 +257,11 @@ def lfs_file(name: str, sha256: str) -> RepoSibling:
 
 
 def test_the_listed_sha256_is_the_weights_lfs_one():
-    siblings = [RepoSibling(rfilename=CONFIG, size=665), lfs_file(WEIGHTS, "a" * 64)]
-    assert listed_sha256(siblings, WEIGHTS, "openai-community/gpt2") == "a" * 64
+    siblings = [RepoSibling(rfilename=HF_CONFIG, size=665), lfs_file(HF_WEIGHTS, "a" * 64)]
+    assert listed_sha256(siblings, HF_WEIGHTS, "openai-community/gpt2") == "a" * 64
     with pytest.raises(GptlabError, match=re.escape(
             "openai-community/gpt2: the Hub lists no sha256 for config.json")):
-        listed_sha256(siblings, CONFIG, "openai-community/gpt2")
+        listed_sha256(siblings, HF_CONFIG, "openai-community/gpt2")
 
 
 class StandInHub:
@@ -272,7 +272,7 @@ class StandInHub:
 
     def model_info(self, repo: str, *, revision: str, files_metadata: bool) -> SimpleNamespace:
         self.calls.append(("model_info", repo, revision, files_metadata))
-        return SimpleNamespace(siblings=[lfs_file(WEIGHTS, self.listed_sha256)])
+        return SimpleNamespace(siblings=[lfs_file(HF_WEIGHTS, self.listed_sha256)])
 
     def snapshot_download(self, repo: str, *, revision: str, allow_patterns: list[str]) -> str:
         self.calls.append(("snapshot_download", repo, revision, sorted(allow_patterns)))
@@ -282,7 +282,7 @@ class StandInHub:
 @pytest.fixture
 def hub(monkeypatch, reference, tmp_path) -> StandInHub:
     folder = save_as_hub(reference, tmp_path / "snapshot")
-    stand_in = StandInHub(folder, sha256_file(folder / WEIGHTS))
+    stand_in = StandInHub(folder, sha256_file(folder / HF_WEIGHTS))
     monkeypatch.setattr(pretrained, "HfApi", lambda: stand_in)
     monkeypatch.setattr(pretrained, "snapshot_download", stand_in.snapshot_download)
     return stand_in
@@ -293,7 +293,7 @@ def test_fetch_downloads_the_pinned_commit_of_two_files_and_returns_them(hub):
     repo, pinned = HUB_GPT2["gpt2-medium"]
     assert (folder, commit) == (hub.folder, pinned)
     assert hub.calls == [("model_info", repo, pinned, True),
-                         ("snapshot_download", repo, pinned, [CONFIG, WEIGHTS])]
+                         ("snapshot_download", repo, pinned, [HF_CONFIG, HF_WEIGHTS])]
     config, _ = convert_gpt2(folder)
     assert config.n_layer == 2
 

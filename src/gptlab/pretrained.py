@@ -33,8 +33,9 @@ from gptlab.io import read_text, sha256_file
 from gptlab.model import build_model
 from gptlab.params import ModelConfig, describe
 
-CONFIG = "config.json"
-WEIGHTS = "model.safetensors"
+# A Hugging Face checkpoint folder's files.
+HF_CONFIG = "config.json"
+HF_WEIGHTS = "model.safetensors"
 # The Hub's GPT-2s, each pinned to the commit of its repository that was checked: a changed
 # repository cannot change the weights under a name.
 HUB_GPT2 = {
@@ -94,7 +95,7 @@ def convert_gpt2(folder: Path, dropout: float = 0.0) -> tuple[ModelConfig, dict[
 def gpt2_config(folder: Path, dropout: float = 0.0) -> ModelConfig:
     """gptlab's config of the GPT-2 whose Hugging Face config.json is in `folder`; anything of
     it that gptlab's GPT does not compute the same way is refused."""
-    path = folder / CONFIG
+    path = folder / HF_CONFIG
     hf = read_hf_config(path)
     refuse_unlike_gpt2(hf, path)
     fields = {"arch": "gpt", "n_layer": hf.get("n_layer"), "n_head": hf.get("n_head"),
@@ -155,7 +156,7 @@ def refuse_unlike_gpt2(hf: dict[str, Any], path: Path) -> None:
 def gpt2_state_dict(folder: Path, config: ModelConfig) -> dict[str, Tensor]:
     """The weights of `folder`'s model.safetensors, renamed, transposed and padded for
     `build_model(config)`."""
-    path = folder / WEIGHTS
+    path = folder / HF_WEIGHTS
     theirs = read_gpt2_tensors(path, config.n_layer)
     head = theirs.pop("lm_head.weight", None)
     if head is not None and not torch.equal(head, theirs["wte.weight"]):
@@ -205,7 +206,7 @@ def check_shapes(state: dict[str, Tensor], config: ModelConfig, path: Path) -> N
     for name, tensor in expected.items():
         if state[name].shape != tensor.shape:
             raise GptlabError(f"{path}: {name} has shape {tuple(state[name].shape)}, but "
-                              f"{CONFIG} describes {tuple(tensor.shape)}")
+                              f"{HF_CONFIG} describes {tuple(tensor.shape)}")
 
 
 def fetch_gpt2(name: str) -> tuple[Path, str]:
@@ -221,11 +222,12 @@ def fetch_gpt2(name: str) -> tuple[Path, str]:
     repo, commit = HUB_GPT2[name]
     try:
         listed = HfApi().model_info(repo, revision=commit, files_metadata=True).siblings
-        folder = Path(snapshot_download(repo, revision=commit, allow_patterns=[CONFIG, WEIGHTS]))
+        folder = Path(snapshot_download(repo, revision=commit,
+                                        allow_patterns=[HF_CONFIG, HF_WEIGHTS]))
     except Exception as error:  # huggingface_hub's HTTP, cache and offline errors alike
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         raise GptlabError(f"{repo}@{commit}: cannot download {name} ({first_line})") from None
-    check_sha256(folder / WEIGHTS, listed_sha256(listed or [], WEIGHTS, repo))
+    check_sha256(folder / HF_WEIGHTS, listed_sha256(listed or [], HF_WEIGHTS, repo))
     return folder, commit
 
 
