@@ -28,6 +28,8 @@ from gptlab.params import ModelConfig
 # Parameters that write into the residual stream; GPT-2 scales their init by 1/sqrt(2*n_layer)
 # so the variance of the stream does not grow with depth.
 RESIDUAL_PROJECTIONS = ("attn.out_proj.weight", "mlp.down_proj.weight")
+# The base of the rotary angles, as in RoFormer and LLaMA.
+ROPE_BASE = 10000.0
 
 class KVCache:
     """Keys and values of the tokens seen so far, one preallocated buffer per layer.
@@ -77,7 +79,7 @@ class KVCache:
         self.length += num_new
 
 
-def rope_tables(head_dim: int, length: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+def rope_tables(head_dim: int, length: int, base: float = ROPE_BASE) -> tuple[Tensor, Tensor]:
     """cos and sin of the rotary angles, (length, head_dim), in the rotate-half layout."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)
     angles = torch.outer(torch.arange(length).float(), inv_freq)
