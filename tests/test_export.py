@@ -15,6 +15,7 @@ import pytest
 import tiktoken
 import torch
 from conftest import VERSE, model_config, one_error_line
+from tiktoken_ext.openai_public import r50k_pat_str
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gptlab.errors import GptlabError
@@ -24,6 +25,7 @@ from gptlab.export import (
     hf_tokenizer,
     oniguruma_pattern,
     recovered_merges,
+    tiktoken_hf_tokenizer,
 )
 from gptlab.generate import generate
 from gptlab.model import build_model
@@ -149,6 +151,17 @@ def test_the_tiktoken_conversion_encodes_as_tiktoken(tokenizers):
         ids = converted.encode(text).ids
         assert ids == encoding.encode_ordinary(text), text
         assert converted.decode(ids) == text
+
+
+def test_gpt2s_split_pattern_converts_too():
+    """tiktoken's gpt2 needs the internet; its pattern over cl100k's ranks does not."""
+    cl100k = tiktoken.get_encoding(OFFLINE_ENCODING)
+    encoding = tiktoken.Encoding("gpt2_pattern", pat_str=r50k_pat_str,
+                                 mergeable_ranks=cl100k._mergeable_ranks,
+                                 special_tokens={"<|endoftext|>": 100257})
+    converted = tiktoken_hf_tokenizer(encoding)
+    for text in [*TIKTOKEN_TEXTS, VERSE]:
+        assert converted.encode(text).ids == encoding.encode_ordinary(text), text
 
 
 def test_the_tiktoken_conversion_keeps_the_special_tokens_ids(tokenizers):
