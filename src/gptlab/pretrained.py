@@ -117,6 +117,7 @@ def gpt2_config(folder: Path, dropout: float = 0.0) -> ModelConfig:
 
 
 def read_hf_config(path: Path) -> dict[str, Any]:
+    """A Hugging Face config.json's keys and values."""
     text = read_text(path, missing="expected a Hugging Face GPT-2 checkpoint folder")
     try:
         hf = json.loads(text)
