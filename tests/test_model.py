@@ -191,6 +191,19 @@ def test_layernorm_bias_follows_bias_flag():
     assert tiny_model(bias=True).final_norm.bias is not None
 
 
+def gpt2_gelu(x: torch.Tensor) -> torch.Tensor:
+    """GELU as GPT-2's code computes it (its `gelu`, Hugging Face's `gelu_new`)."""
+    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+@pytest.mark.parametrize(("mlp", "matches_gpt2"), [("gelu", False), ("gelu_tanh", True)])
+def test_gelu_tanh_is_gpt2s_gelu_and_gelu_stays_exact(mlp, matches_gpt2):
+    x = torch.linspace(-6, 6, 1001, dtype=torch.float64)
+    activation = tiny_model(mlp=mlp).blocks[0].mlp.gelu.double()
+    assert torch.allclose(activation(x), gpt2_gelu(x), rtol=0, atol=1e-12) == matches_gpt2
+    assert torch.equal(activation(x), F.gelu(x)) != matches_gpt2
+
+
 def test_swiglu_matches_gelu_mlp_size():
     n_embd = 768
     gelu_params = 2 * 4 * n_embd * n_embd

@@ -48,6 +48,17 @@ def main(argv: list[str] | None = None) -> None:
     chat = commands.add_parser("chat", help="continue each line typed, until EOF or /quit",
                                description=SAMPLING_DEFAULTS)
     add_sampling_options(chat)
+    export = commands.add_parser(
+        "export", help="write the trained model in another format",
+        description="hf: a folder that transformers' AutoModelForCausalLM and AutoTokenizer "
+                    "load: GPT-2's layout for learned positions, LayerNorm and GELU, Llama's "
+                    "for rope, RMSNorm and SwiGLU.")
+    export.add_argument("--format", choices=["hf"], required=True,
+                        help="hf: Hugging Face transformers")
+    export.add_argument("models_dir", type=Path, metavar="MODELS",
+                        help="folder written by the train stage, such as models")
+    export.add_argument("out_dir", type=Path, metavar="OUT",
+                        help="folder to write; an earlier export there is replaced")
     template = commands.add_parser(
         "plots-template", help="build the page template that lets `dvc plots` pages render "
                                "offline (make setup does)")
@@ -60,6 +71,14 @@ def build_plots_template(args: argparse.Namespace) -> None:
     from gptlab.plots import build_offline_template  # matplotlib is slow to import
 
     print(f"wrote {build_offline_template(Path(args.file))}")
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from gptlab.export import export_hf  # torch and tokenizers are slow to import
+
+    layout = export_hf(args.models_dir, args.out_dir)
+    print(f"wrote {args.out_dir} ({layout} layout): load it with transformers' "
+          f"AutoModelForCausalLM.from_pretrained and AutoTokenizer.from_pretrained")
 
 
 def show_params(args: argparse.Namespace) -> None:
@@ -161,7 +180,7 @@ def typed_lines(interactive: bool) -> Iterator[str]:
 
 
 COMMANDS = {"params": show_params, "tokens": show_tokens, "sample": run_sample,
-            "chat": run_chat, "plots-template": build_plots_template}
+            "chat": run_chat, "export": run_export, "plots-template": build_plots_template}
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ from gptlab.params import ModelConfig
 # Parameters that write into the residual stream; GPT-2 scales their init by 1/sqrt(2*n_layer)
 # so the variance of the stream does not grow with depth.
 RESIDUAL_PROJECTIONS = ("attn.out_proj.weight", "mlp.down_proj.weight")
+# The base of the rotary angles, as in RoFormer and LLaMA.
+ROPE_BASE = 10000.0
 
 class KVCache:
     """Keys and values of the tokens seen so far, one preallocated buffer per layer.
@@ -86,7 +88,7 @@ class KVCache:
         return self.keys[layer][:, :, : position + 1], self.values[layer][:, :, : position + 1]
 
 
-def rope_tables(head_dim: int, length: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+def rope_tables(head_dim: int, length: int, base: float = ROPE_BASE) -> tuple[Tensor, Tensor]:
     """cos and sin of the rotary angles, (length, head_dim), in the rotate-half layout."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)
     angles = torch.outer(torch.arange(length).float(), inv_freq)
@@ -204,7 +206,8 @@ class GeluMLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.up_proj = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
+        # GPT-2 was trained with the tanh approximation: its weights need it to match exactly.
+        self.gelu = nn.GELU(approximate="tanh" if config.mlp == "gelu_tanh" else "none")
         self.down_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 

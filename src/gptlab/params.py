@@ -119,7 +119,7 @@ class ModelParams(Section):
     tie_weights: bool
     pos: Literal["learned", "rope"]
     norm: Literal["layernorm", "rmsnorm"]
-    mlp: Literal["gelu", "swiglu"]
+    mlp: Literal["gelu", "gelu_tanh", "swiglu"]
 
     def cross_field_problems(self) -> list[tuple[str, str]]:
         if self.n_embd % self.n_head:
