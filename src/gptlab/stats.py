@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -190,7 +191,7 @@ def metric_values(group: Group, metric: str) -> list[float]:
             raise GptlabError(f"run {run.name}: no metric {metric!r} "
                               f"(it has {', '.join(sorted(run.metrics)) or 'none'})")
         value = run.metrics[metric]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) \
                 or not math.isfinite(value):
             raise GptlabError(f"run {run.name}: {metric} is {value!r}, not a finite number")
         values.append(float(value))
