@@ -148,7 +148,7 @@ TINY_TRAIN = {"device": "cpu", "dtype": "float32", "batch_size": 4, "max_iters":
 
 def model_config(**fields: Any) -> ModelConfig:
     """The project's model section with `fields` (vocab_size among them) replaced, validated."""
-    return ModelConfig(**{**PROJECT_PARAMS.model.model_dump(), **fields})
+    return ModelConfig(**{**PROJECT_PARAMS.model.model_dump(exclude={"init"}), **fields})
 
 
 def run_params(model: dict | None = None, train_overrides: dict | None = None,

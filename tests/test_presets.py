@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, paths_in
+from transformers import GPT2Config
 
 from gptlab.encode import encode_splits
 from gptlab.optim import learning_rate
-from gptlab.params import RunParams, load_params
+from gptlab.params import ModelConfig, RunParams, load_params
+from gptlab.pretrained import gpt2_config, refuse_another_shape
 from gptlab.tokenizers import TiktokenTokenizer
 from gptlab.train import train
 
@@ -60,3 +62,21 @@ def test_the_preset_trains_its_first_steps_on_cpu_at_a_tiny_batch(preset, tmp_pa
     # Freshly initialised, the loss is that of a uniform guess over the vocabulary.
     assert abs(metrics["final_train_loss"] - math.log(tokenizer.vocab_size)) < 1.0
     assert math.isfinite(metrics["final_val_loss"])
+
+
+FINETUNE = ROOT / "src" / "gptlab" / "presets" / "finetune-shakespeare.yaml"
+
+
+def test_the_finetune_preset_is_nanogpts_finetune_shakespeare_on_gpt2s_shape(tmp_path):
+    """GPT-2's weights are downloaded at first use: the test checks the preset's model section
+    against GPT-2 small's config (transformers' default GPT2Config) instead."""
+    preset = load_params(FINETUNE)
+    default = load_params(ROOT / "params.yaml")
+    assert preset.data == default.data  # the default Shakespeare corpus
+    assert (preset.tokenizer.kind, preset.tokenizer.encoding) == ("tiktoken", "gpt2")
+    assert preset.model.init == "gpt2"
+    GPT2Config().save_pretrained(tmp_path)  # GPT-2 small: 12 layers, 12 heads, 768 wide
+    refuse_another_shape(ModelConfig.of(preset.model, 50257), gpt2_config(tmp_path), "gpt2")
+    t = preset.train
+    assert {learning_rate(step, t) for step in range(t.max_iters)} == {3e-5}  # constant
+    assert (t.batch_size * t.grad_accum, t.max_iters) == (32, 20)

@@ -28,6 +28,8 @@ from gptlab.pretrained import (
     check_sha256,
     convert_gpt2,
     fetch_gpt2,
+    init_source,
+    initial_weights,
     listed_sha256,
 )
 
@@ -313,3 +315,43 @@ def test_a_failed_download_is_one_line(monkeypatch, hub):
         fetch_gpt2("gpt2")
     assert str(error.value) == (f"openai-community/gpt2@{HUB_GPT2['gpt2'][1]}: cannot download "
                                 f"gpt2 (We couldn't connect to 'https://huggingface.co'.)")
+
+
+# --- model.init: the weights training starts from ----------------------------------------------
+
+
+def gpt2_tokens(folder: Path, kind: str = "tiktoken", encoding: str = "gpt2") -> Path:
+    """A data/tokens folder's tokenizer.json as the tokenize stage writes it (the only file
+    the GPT-2 check reads: no token files, and no download of the gpt2 encoding)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(json.dumps({"kind": kind, "encoding": encoding}))
+    return folder
+
+
+def test_a_hub_gpt2_starts_a_run_whose_model_section_says_what_it_is(checkpoint, tmp_path,
+                                                                   monkeypatch):
+    monkeypatch.setattr(pretrained, "fetch_gpt2", lambda name: (checkpoint, "0" * 40))
+    config, _ = convert_gpt2(checkpoint)
+    state = initial_weights("gpt2", config, gpt2_tokens(tmp_path / "tokens"))
+    model = build_model(config)
+    model.load_state_dict(state)
+    assert init_source("gpt2") == {"init": "gpt2", "repo": "openai-community/gpt2",
+                                   "commit": HUB_GPT2["gpt2"][1]}
+    # A model section that contradicts the checkpoint is named by its key.
+    with pytest.raises(GptlabError, match=r"model\.n_layer: 3, but model\.init gpt2 has 2"):
+        initial_weights("gpt2", config.model_copy(update={"n_layer": 3}),
+                        gpt2_tokens(tmp_path / "tokens"))
+    with pytest.raises(GptlabError, match=r"model\.mlp: 'gelu', but model\.init gpt2 has "
+                                          r"'gelu_tanh'"):
+        initial_weights("gpt2", config.model_copy(update={"mlp": "gelu"}),
+                        gpt2_tokens(tmp_path / "tokens"))
+
+
+@pytest.mark.parametrize(("kind", "encoding"), [("char", ""), ("tiktoken", "cl100k_base")])
+def test_gpt2_weights_need_the_tokens_of_tiktoken_gpt2(checkpoint, tmp_path, monkeypatch, kind,
+                                                      encoding):
+    monkeypatch.setattr(pretrained, "fetch_gpt2", lambda name: pytest.fail("fetched"))
+    config, _ = convert_gpt2(checkpoint)
+    with pytest.raises(GptlabError, match=r"tokenizer\.kind: model\.init gpt2 needs the tokens "
+                                          r"of tiktoken gpt2"):
+        initial_weights("gpt2", config, gpt2_tokens(tmp_path / "tokens", kind, encoding))

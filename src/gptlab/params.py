@@ -106,8 +106,8 @@ class TokenizerParams(Section):
     shard_tokens: int = Field(ge=1)
 
 
-class ModelParams(Section):
-    """params.yaml's model section: the shape and the architectural choices."""
+class ModelShape(Section):
+    """What a model is: its shape and architectural choices."""
 
     arch: Literal["gpt", "bigram"]
     n_layer: int = Field(ge=1)
@@ -130,8 +130,19 @@ class ModelParams(Section):
         return []
 
 
-class ModelConfig(ModelParams):
-    """A model's whole description: the model section plus what the token files decide.
+class ModelParams(ModelShape):
+    """params.yaml's model section: the model's shape, and the weights training starts from."""
+
+    # scratch (random, seeded), a GPT-2 from the Hub, or a path to a gptlab models/ folder.
+    init: str = Field(min_length=1)
+
+    @property
+    def pretrained(self) -> bool:
+        return self.init != "scratch"
+
+
+class ModelConfig(ModelShape):
+    """A model's whole description: its shape plus what the token files decide.
 
     The one schema of a model: the model is built from it and models/config.json stores it.
     """
@@ -143,7 +154,7 @@ class ModelConfig(ModelParams):
 
     @classmethod
     def of(cls, model: ModelParams, vocab_size: int) -> ModelConfig:
-        return cls(**model.model_dump(), vocab_size=vocab_size)
+        return cls(**model.model_dump(exclude={"init"}), vocab_size=vocab_size)
 
     @property
     def head_dim(self) -> int:
@@ -155,6 +166,20 @@ class ModelConfig(ModelParams):
         if not self.pad_vocab:
             return self.vocab_size
         return math.ceil(self.vocab_size / 64) * 64
+
+
+class LoraParams(Section):
+    """Low-rank adapters (Hu et al., 2021): only they train, the model's weights stay frozen."""
+
+    rank: int = Field(ge=0)  # 0: no adapters, every weight trains
+    alpha: float = Field(gt=0)
+    dropout: float = Field(ge=0, lt=1)
+    targets: list[Literal["qkv_proj", "out_proj", "gate_proj", "up_proj", "down_proj"]]
+
+    def cross_field_problems(self) -> list[tuple[str, str]]:
+        if self.rank and not self.targets:
+            return [("targets", "adapters need at least one projection to adapt")]
+        return []
 
 
 class TrainParams(Section):
@@ -179,6 +204,7 @@ class TrainParams(Section):
     eval_iters: int = Field(ge=1)
     log_interval: int = Field(ge=1)
     checkpoint_interval: int = Field(ge=1)
+    lora: LoraParams
 
     def cross_field_problems(self) -> list[tuple[str, str]]:
         problems = []

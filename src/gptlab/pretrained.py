@@ -32,6 +32,8 @@ from gptlab.errors import GptlabError
 from gptlab.io import read_text, sha256_file
 from gptlab.model import build_model
 from gptlab.params import ModelConfig, describe
+from gptlab.published import Published, load_published
+from gptlab.tokens import read_meta
 
 # A Hugging Face checkpoint folder's files.
 HF_CONFIG = "config.json"
@@ -246,3 +248,60 @@ def check_sha256(path: Path, expected: str) -> None:
     if actual != expected:
         raise GptlabError(f"{path}: sha256 is {actual}, but the Hub lists {expected}; delete "
                           f"the file and download it again")
+
+
+# --- the weights training starts from (model.init) ---------------------------------------------
+
+
+def initial_weights(init: str, config: ModelConfig, tokens_dir: Path) -> dict[str, Tensor]:
+    """The weights `init` names (a Hub GPT-2, or a gptlab models/ folder) as a state dict for
+    `build_model(config)`, refused unless their shape is `config`'s (params.yaml's model
+    section must say what the checkpoint is) and the token files were made with their
+    tokenizer."""
+    if init in HUB_GPT2:
+        refuse_tokens_not_of_gpt2(tokens_dir, init)
+        folder, _ = fetch_gpt2(init)
+        pretrained, state = convert_gpt2(folder, dropout=config.dropout)
+    else:
+        published = load_published(Path(init))
+        refuse_tokens_of_another_tokenizer(tokens_dir, published, init)
+        pretrained, state = published.config.model, published.model.state_dict()
+    refuse_another_shape(config, pretrained, init)
+    return state
+
+
+def init_source(init: str) -> dict[str, str]:
+    """Where a run's first weights came from, for models/config.json: a Hub GPT-2 with the
+    commit it is pinned to, a gptlab models/ folder, or scratch."""
+    if init in HUB_GPT2:
+        repo, commit = HUB_GPT2[init]
+        return {"init": init, "repo": repo, "commit": commit}
+    return {"init": init}
+
+
+def refuse_another_shape(config: ModelConfig, pretrained: ModelConfig, init: str) -> None:
+    """One line naming the first model key that contradicts the checkpoint's shape (dropout is
+    a training choice, free to differ)."""
+    ours, theirs = config.model_dump(), pretrained.model_dump()
+    for key in ours:
+        if key != "dropout" and ours[key] != theirs[key]:
+            where = "tokenizer.vocab_size" if key == "vocab_size" else f"model.{key}"
+            raise GptlabError(f"{where}: {ours[key]!r}, but model.init {init} has "
+                              f"{theirs[key]!r}; the shape comes from the checkpoint")
+
+
+def refuse_tokens_not_of_gpt2(tokens_dir: Path, init: str) -> None:
+    path = tokens_dir / "tokenizer.json"
+    tokenizer = json.loads(read_text(path, missing="run the tokenize stage first"))
+    if (tokenizer.get("kind"), tokenizer.get("encoding")) != ("tiktoken", "gpt2"):
+        raise GptlabError(f"tokenizer.kind: model.init {init} needs the tokens of tiktoken "
+                          f"gpt2 (tokenizer.kind: tiktoken, tokenizer.encoding: gpt2), but "
+                          f"{path} is {tokenizer.get('kind')} {tokenizer.get('encoding', '')}")
+
+
+def refuse_tokens_of_another_tokenizer(tokens_dir: Path, published: Published,
+                                       init: str) -> None:
+    meta = read_meta(tokens_dir, [])
+    if meta["tokenizer_fingerprint"] != published.tokenizer.fingerprint:
+        raise GptlabError(f"model.init: {init} was trained with another tokenizer than the one "
+                          f"{tokens_dir} was made with; tokenize with its tokenizer")

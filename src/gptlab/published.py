@@ -1,9 +1,10 @@
 """The published model, `models/`: everything evaluation, sampling and export need, and nothing
 of how training got there.
 
-    model.safetensors   the weights
-    config.json         `PublishedConfig`: the model's config, its tokenizer, a training summary
-    tokenizer.json      the tokenizer the model was trained with
+    model.safetensors     the weights
+    config.json           `PublishedConfig`: the model's config, its tokenizer, a training summary
+    tokenizer.json        the tokenizer the model was trained with
+    adapters.safetensors  after LoRA training, the adapters alone (already merged in the weights)
 
 The folder is written whole or not at all, and loading it runs no code from its files (no
 pickle). Resume state lives elsewhere (gptlab.checkpoint).
@@ -20,7 +21,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
 from gptlab.errors import GptlabError
@@ -33,6 +34,7 @@ FORMAT = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
+ADAPTERS = "adapters.safetensors"
 
 
 class TokenizerReference(BaseModel):
@@ -66,9 +68,10 @@ class Published:
 
 
 def save_published(model: nn.Module, config: ModelConfig, tokenizer_path: Path,
-                   training: dict[str, Any], models_dir: Path) -> None:
-    """Write the weights, their config and a copy of the tokenizer file to `models_dir`,
-    swapped in whole."""
+                   training: dict[str, Any], models_dir: Path,
+                   adapters: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the weights, their config, a copy of the tokenizer file and any LoRA adapters to
+    `models_dir`, swapped in whole."""
     tokenizer = json.loads(tokenizer_path.read_text(encoding="utf-8"))
     published = PublishedConfig(
         format=FORMAT, model=config,
@@ -79,6 +82,8 @@ def save_published(model: nn.Module, config: ModelConfig, tokenizer_path: Path,
         save_model(model, str(staging / WEIGHTS))
         write_json(staging / CONFIG, published.model_dump())
         shutil.copyfile(tokenizer_path, staging / TOKENIZER)
+        if adapters:
+            save_file(adapters, str(staging / ADAPTERS))
 
 
 def load_published(models_dir: Path, device: torch.device | str = "cpu") -> Published:

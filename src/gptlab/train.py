@@ -59,9 +59,11 @@ from gptlab.distributed import (
     world_from_env,
 )
 from gptlab.errors import GptlabError
+from gptlab.lora import adapter_state_dict, add_adapters, has_adapters, merged_state_dict
 from gptlab.model import build_model
 from gptlab.optim import learning_rate, make_optimizer, set_learning_rate
 from gptlab.params import ModelConfig, RunParams
+from gptlab.pretrained import init_source, initial_weights
 from gptlab.published import save_published
 from gptlab.stop import StopRequest, sigint_as_stop_request
 from gptlab.tokens import read_meta
@@ -148,25 +150,29 @@ class TrainingSession:
         torch.manual_seed(params.seed)  # the same initial weights in every process
         self.config = ModelConfig.of(params.model, self.meta["vocab_size"])
         self.model = build_model(self.config).to(device)
+        self.run_dir = paths.runs_dir / run_key(params, self.meta, world.size)
+        checkpoint = self.newest_checkpoint()
+        if checkpoint is None and params.model.pretrained:  # a checkpoint has its own weights
+            self.model.load_state_dict(initial_weights(params.model.init, self.config,
+                                                       paths.tokens_dir))
+        if t.lora.rank:
+            add_adapters(self.model, t.lora)
         if world.rank > 0:
             torch.manual_seed(params.seed + world.rank)  # but dropout masks of its own
         self.optimizer = make_optimizer(self.model, t, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.batches = RandomWindows(self.splits["train"], params.model.block_size, t.batch_size,
                                      batch_seed(params.seed, world.rank))
-        self.run_dir = paths.runs_dir / run_key(params, self.meta, world.size)
-        self.state = self.resume()
+        self.state = self.resume(checkpoint)
         self.forward = self.fast_forward()
 
         self.micro_batches = t.grad_accum // world.size
         self.tokens_per_step = t.batch_size * t.grad_accum * params.model.block_size
         self._started = time.perf_counter()
 
-    def resume(self) -> ResumeState:
-        """The state of the newest good checkpoint, with model, optimizer and streams restored
-        to it; a fresh state when there is none. Damaged checkpoints are reported and removed."""
-        fresh = ResumeState(step=0, batch_rng=self.batches.rng.bit_generator.state,
-                            best_val_loss=None, wall_seconds=0.0)
+    def newest_checkpoint(self) -> Path | None:
+        """The newest checkpoint of this run that passes its checksums, the same for every
+        process; damaged ones are reported and removed."""
         folder, damaged = newest_good_checkpoint(self.run_dir)
         agree_on_checkpoint(folder, self.run_dir, self.world)
         for error in damaged:
@@ -174,10 +180,16 @@ class TrainingSession:
             self.say(f"{error}; removed it, {fallback}")
             if self.world.is_main:
                 shutil.rmtree(error.folder, ignore_errors=True)
+        if folder is None and damaged:
+            self.say("no good resume checkpoint left: starting afresh")
+        return folder
+
+    def resume(self, folder: Path | None) -> ResumeState:
+        """The state of checkpoint `folder`, with model, optimizer and streams restored to it;
+        a fresh state without one."""
         if folder is None:
-            if damaged:
-                self.say("no good resume checkpoint left: starting afresh")
-            return fresh
+            return ResumeState(step=0, batch_rng=self.batches.rng.bit_generator.state,
+                               best_val_loss=None, wall_seconds=0.0)
         state = load_resume(folder, self.model, self.optimizer, self.device)
         restore_rank_state(state, self.world, self.batches.rng, self.device)
         if state.scaler:
@@ -350,11 +362,17 @@ class TrainingSession:
         self.publish()
 
     def publish(self) -> None:
-        """The weights and the log as of the current state, for the stages after this one."""
+        """The weights (adapters merged in) and the log as of the current state, for the
+        stages after this one."""
         if not self.world.is_main:
             return
-        save_published(self.model, self.config, self.paths.tokens_dir / "tokenizer.json",
-                       self.summary(), self.paths.models_dir)
+        model, adapters = self.model, None
+        if has_adapters(self.model):
+            model = build_model(self.config).to(self.device)
+            model.load_state_dict(merged_state_dict(self.model))
+            adapters = adapter_state_dict(self.model)
+        save_published(model, self.config, self.paths.tokens_dir / "tokenizer.json",
+                       self.summary(), self.paths.models_dir, adapters)
         write_log(self.state.log, self.paths.log_csv)  # again: a republished run's log is gone
 
     def summary(self) -> dict[str, Any]:
@@ -363,6 +381,7 @@ class TrainingSession:
         return {"step": self.state.step, "seed": self.params.seed,
                 "train": self.params.train.model_dump(),
                 "val_loss": self.state.last_eval.get("val"),
+                **init_source(self.params.model.init), "lora": self.t.lora.model_dump(),
                 "device": device_name(self.device), "processes": self.world.size,
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "torch_version": torch.__version__, "gptlab_version": __version__}
@@ -387,6 +406,8 @@ class TrainingSession:
             "mfu": round(mfu, 4) if mfu is not None else None,
             "peak_memory_mb": round(peak_memory_mb(self.device), 1),
             "parameters": self.model.num_params(),
+            "trainable_parameters": sum(p.numel() for p in self.model.parameters()
+                                        if p.requires_grad),
             "wall_seconds": round(self.state.wall_seconds, 2),
         }
 

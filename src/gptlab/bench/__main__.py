@@ -56,6 +56,7 @@ def main() -> None:
     bench_dedupe(corpus, params.clean)
     bench_training(corpus, params)
     bench_sampling(Path("models"))
+    bench_finetune_memory()
     bench_dvc_overhead()
     bench_gpu()
 
@@ -177,6 +178,47 @@ def bench_sampling(models_dir: Path) -> None:
             for _ in range(3)
         )
         print(f"  batch {batch}: {batch * 500 / seconds:8,.0f} tokens/s (best of 3)")
+
+
+# One fine-tuning step of GPT-2 small's shape (random weights: the memory is the same) at batch 1
+# and block 1024, in a process of its own so that its peak memory is the step's alone.
+FINETUNE_STEP = """
+import sys, torch
+from gptlab.device import peak_memory_mb, pick_device
+from gptlab.lora import add_adapters
+from gptlab.model import build_model
+from gptlab.optim import make_optimizer
+from gptlab.params import LoraParams, ModelConfig, TrainParams, load_params
+params = load_params()
+device = pick_device("auto", "device")
+config = ModelConfig(arch="gpt", n_layer=12, n_head=12, n_embd=768, block_size=1024,
+                     dropout=0.0, bias=True, tie_weights=True, pos="learned", norm="layernorm",
+                     mlp="gelu_tanh", vocab_size=50257)
+model = build_model(config).to(device)
+rank = int(sys.argv[1])
+if rank:
+    add_adapters(model, LoraParams(rank=rank, alpha=16.0, dropout=0.0,
+                                   targets=["qkv_proj", "out_proj"]))
+optimizer = make_optimizer(model, params.train, device)
+tokens = torch.randint(0, 50257, (1, 1025), device=device)
+for _ in range(2):  # the second step holds the optimizer's state too
+    _, loss = model(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+print(f"{peak_memory_mb(device):.0f} {trainable}")
+"""
+
+
+def bench_finetune_memory() -> None:
+    """Peak memory of a fine-tuning step of GPT-2 small, every weight vs LoRA adapters."""
+    print("\nfine-tune GPT-2 small's shape, batch 1, block 1024 (peak memory of a step)")
+    for name, rank in (("every weight", 0), ("LoRA rank 8, qkv and out", 8)):
+        result = subprocess.run([sys.executable, "-c", FINETUNE_STEP, str(rank)],
+                                capture_output=True, text=True, check=True)
+        peak_mb, trainable = result.stdout.split()
+        print(f"  {name:26s} {float(peak_mb):8,.0f} MB  ({int(trainable):,} trainable)")
 
 
 def bench_dvc_overhead() -> None:
