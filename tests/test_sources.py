@@ -20,7 +20,8 @@ import tarfile
 import textwrap
 import threading
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path, PurePosixPath
@@ -29,11 +30,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import ROOT, one_error_line, run_stage, write_params
+from huggingface_hub import close_session
+from huggingface_hub import constants as hf_constants
 
 from gptlab import sources
 from gptlab.errors import GptlabError
 from gptlab.params import DataParams, load_params
 from gptlab.sources.archives import matches_include, unpack_tar, unpack_zip
+from gptlab.sources.cache import ChecksumMismatch
 from gptlab.sources.download import fetch_url, retrying
 from gptlab.sources.pip import fetch_pip
 
@@ -112,6 +116,7 @@ class SeenRequest:
     path: str
     range: str | None
     authorization: str | None = None
+    method: str = "GET"
 
 
 # A route answers one request; `attempt` counts the requests to its path so far (from 1).
@@ -140,13 +145,18 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         with self.server.lock:
             self.server.requests.append(SeenRequest(self.path, self.headers.get("Range"),
-                                                    self.headers.get("Authorization")))
+                                                    self.headers.get("Authorization"),
+                                                    self.command))
             attempt = len(self.server.hits(self.path))
         route = self.server.routes.get(self.path)
         if route is None:
             self.send_error(404, "Not Found")
         else:
             route(self, attempt)
+
+    # huggingface_hub asks for a file's metadata with a HEAD; the routes that answer one (the
+    # Hub's redirects, errors) send headers only.
+    do_HEAD = do_GET
 
     def log_message(self, *args) -> None:
         pass  # keep the test output clean
@@ -183,18 +193,32 @@ def failing_then(code: int, failures: int, then: Route) -> Route:
     return respond
 
 
+@contextmanager
+def serving(*servers: LoopbackServer) -> Iterator[None]:
+    """Answer requests to `servers`, each in a thread, for the duration of the block."""
+    for srv in servers:
+        threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
+    try:
+        yield
+    finally:
+        for srv in servers:
+            srv.shutdown()
+            srv.server_close()
+
+
 @pytest.fixture
-def server(monkeypatch):
+def no_proxy(monkeypatch) -> None:
     # A proxy set in the environment must not intercept loopback requests (ours or a stage's).
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     monkeypatch.setenv("no_proxy", "127.0.0.1")
+
+
+@pytest.fixture
+def server(no_proxy) -> Iterator[LoopbackServer]:
     srv = LoopbackServer()
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with serving(srv):
+        yield srv
 
 
 def closed_port() -> int:
@@ -464,10 +488,9 @@ def hf_files(texts: dict[str, list[str | None]] = HF_TEXTS) -> dict[str, bytes]:
     return {path: parquet_bytes(rows) for path, rows in texts.items()}
 
 
-def json_route(body: object, next_path: str | None = None, link_base: str | None = None,
-               ) -> Route:
+def json_route(body: object, next_path: str | None = None) -> Route:
     """Serve `body` as JSON; with `next_path`, name the next page in a Link header as the Hub
-    does: an absolute URL on its own host, or on `link_base` (a mirror passing on the Hub's)."""
+    does, an absolute URL on its own host."""
 
     def respond(handler: BaseHTTPRequestHandler, attempt: int) -> None:
         data = json.dumps(body).encode()
@@ -475,8 +498,8 @@ def json_route(body: object, next_path: str | None = None, link_base: str | None
         handler.send_header("Content-Type", "application/json")
         handler.send_header("Content-Length", str(len(data)))
         if next_path:
-            base = link_base or f"http://{handler.headers['Host']}"
-            handler.send_header("Link", f'<{base}{next_path}>; rel="next"')
+            handler.send_header("Link", f'<http://{handler.headers["Host"]}{next_path}>; '
+                                        f'rel="next"')
         handler.end_headers()
         handler.wfile.write(data)
 
@@ -495,18 +518,34 @@ def hub_error(code: int, error_code: str) -> Route:
     return respond
 
 
-def redirect_route(path: str) -> Route:
+def lfs_redirect_route(body: bytes, location: str) -> Route:
+    """The Hub's answer to a HEAD or GET of an LFS file: a redirect to `location` on its CDN,
+    with the headers huggingface_hub reads the file's commit, sha256 and size from."""
+
     def respond(handler: BaseHTTPRequestHandler, attempt: int) -> None:
         handler.send_response(302)
-        handler.send_header("Location", f"http://{handler.headers['Host']}{path}")
+        handler.send_header("Location", location)
+        handler.send_header("X-Repo-Commit", HF_COMMIT)
+        handler.send_header("ETag", f'"{"f" * 40}"')  # the git object of the LFS pointer
+        handler.send_header("X-Linked-Etag", f'"{sha256_of(body)}"')
+        handler.send_header("X-Linked-Size", str(len(body)))
         handler.send_header("Content-Length", "0")
         handler.end_headers()
 
     return respond
 
 
+def revision_path(revision: str, name: str = HF_NAME) -> str:
+    """Where huggingface_hub asks which commit `revision` is (only the sha, no file list)."""
+    return f"/api/datasets/{name}/revision/{revision}?expand=sha"
+
+
 def resolve_path(path: str, revision: str = HF_COMMIT) -> str:
     return f"/datasets/{HF_NAME}/resolve/{revision}/{path}"
+
+
+def cdn_path(body: bytes) -> str:
+    return f"/cdn/{sha256_of(body)}"
 
 
 def tree_entries(files: dict[str, bytes]) -> list[dict]:
@@ -522,32 +561,65 @@ def tree_entries(files: dict[str, bytes]) -> list[dict]:
     return entries[::-1]  # not in path order: sorting is the client's job
 
 
-def serve_dataset(server: LoopbackServer, files: dict[str, bytes] | None = None,
-                  page_size: int = 1000, link_base: str | None = None) -> list[str]:
+class FakeHub(LoopbackServer):
+    """A loopback server playing the Hub, and a second one playing its CDN: another origin,
+    as on the Hub, so the token must be dropped on the way there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cdn = LoopbackServer()
+
+
+def serve_dataset(hub: FakeHub, files: dict[str, bytes] | None = None,
+                  page_size: int = 1000) -> list[str]:
     """Route the Hub endpoints for HF_NAME at HF_COMMIT; return the tree pages' paths."""
     files = hf_files() if files is None else files
     for revision in ("main", HF_COMMIT):
-        server.routes[f"{HF_API}/revision/{revision}"] = json_route(
-            {"id": HF_NAME, "private": False, "sha": HF_COMMIT})
+        hub.routes[revision_path(revision)] = json_route({"id": HF_NAME, "sha": HF_COMMIT})
     entries = tree_entries(files)
     pages = [entries[i:i + page_size] for i in range(0, len(entries), page_size)]
-    first = f"{HF_API}/tree/{HF_COMMIT}?recursive=true"
+    first = f"{HF_API}/tree/{HF_COMMIT}?recursive=true&expand=false"
     paths = [first] + [f"{first}&cursor={n}" for n in range(1, len(pages))]
     for n, page in enumerate(pages):
-        following = paths[n + 1] if n + 1 < len(pages) else None
-        server.routes[paths[n]] = json_route(page, following, link_base)
+        hub.routes[paths[n]] = json_route(page, paths[n + 1] if n + 1 < len(pages) else None)
     for path, body in files.items():
         # LFS files resolve to a redirect, as on the Hub, which sends them on to its CDN.
-        server.routes[resolve_path(path)] = redirect_route(f"/cdn/{sha256_of(body)}")
-        server.routes[f"/cdn/{sha256_of(body)}"] = file_route(body)
+        hub.routes[resolve_path(path)] = lfs_redirect_route(body, hub.cdn.url(cdn_path(body)))
+        hub.cdn.routes[cdn_path(body)] = file_route(body)
     return paths
 
 
 @pytest.fixture
-def hub(server, monkeypatch) -> LoopbackServer:
-    monkeypatch.setenv("HF_ENDPOINT", server.url(""))
-    monkeypatch.delenv("HF_TOKEN", raising=False)  # a developer's own token must not leak in
-    return server
+def hf_home(tmp_path, no_proxy, monkeypatch) -> Path:
+    """huggingface_hub's home for this test alone, in this process and in the stages it runs:
+    the user's cache and token are never read or written, and no request is made but the
+    test's own (no telemetry)."""
+    home = tmp_path / "hf_home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    for variable in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_HUB_CACHE",
+                     "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(variable, raising=False)
+    # huggingface_hub read its variables once, when first imported: set what it made of them.
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(home / "token"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_TELEMETRY", True)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    # huggingface_hub keeps one HTTP client, which read the proxy settings when it was made.
+    close_session()
+    return home
+
+
+@pytest.fixture
+def hub(hf_home, monkeypatch) -> Iterator[FakeHub]:
+    """The Hub and its CDN played by loopback servers, and huggingface_hub pointed at them."""
+    fake = FakeHub()
+    monkeypatch.setenv("HF_ENDPOINT", fake.url(""))
+    monkeypatch.setattr(hf_constants, "ENDPOINT", fake.url(""))
+    monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        fake.url("/{repo_id}/resolve/{revision}/{filename}"))
+    with serving(fake, fake.cdn):
+        yield fake
 
 
 def hf_params(include: Iterable[str] = ("data/*.parquet",), **hf) -> DataParams:
@@ -572,8 +644,17 @@ def all_texts(dest: Path) -> list[str]:
     return [text for path in sorted(dest.rglob("*.jsonl")) for text in jsonl_texts(path)]
 
 
-def downloads(server: LoopbackServer) -> list[str]:
-    return [r.path for r in server.requests if "/resolve/" in r.path or "/cdn/" in r.path]
+def downloads(hub: FakeHub) -> list[str]:
+    """The files asked of the Hub (/resolve/, HEAD or GET), then those fetched from its CDN."""
+    return ([r.path for r in hub.requests if "/resolve/" in r.path]
+            + [r.path for r in hub.cdn.requests])
+
+
+def cached_shards(hf_home: Path) -> list[Path]:
+    """The files of the dataset in huggingface_hub's cache: its blobs and snapshots."""
+    repo = hf_home / "hub" / f"datasets--{HF_NAME.replace('/', '--')}"
+    return [p for p in repo.glob("*/**/*") if p.parts[len(repo.parts)] in ("blobs", "snapshots")
+            and not p.is_dir()]
 
 
 def test_hf_streams_every_document_in_order(tmp_path, hub):
@@ -640,10 +721,8 @@ def test_hf_max_bytes_stops_once_reached(tmp_path, hub):
     assert resolve_path(SHARDS[2]) not in downloads(hub)
 
 
-@pytest.mark.parametrize("link_base", [None, "https://huggingface.co"],
-                         ids=["hub", "mirror-passing-on-hub-links"])
-def test_hf_tree_pages_are_followed(tmp_path, hub, link_base):
-    pages = serve_dataset(hub, page_size=2, link_base=link_base)
+def test_hf_tree_pages_are_followed(tmp_path, hub):
+    pages = serve_dataset(hub, page_size=2)
     assert len(pages) >= 4
     manifest, dest = fetch_hf(tmp_path, hf_params(["*.parquet"]))
     assert [len(hub.hits(page)) for page in pages] == [1] * len(pages)
@@ -651,20 +730,35 @@ def test_hf_tree_pages_are_followed(tmp_path, hub, link_base):
     assert all_texts(dest) == [*DOCS, "held out"]  # data/ sorts before extra/
 
 
-def test_hf_shard_differing_from_its_listed_sha256_is_refused(tmp_path, hub):
+def test_hf_shard_differing_from_its_listed_sha256_is_refused(tmp_path, hub, hf_home):
     files = hf_files()
     serve_dataset(hub, files)
-    listed = sha256_of(files[SHARDS[0]])
-    served = parquet_bytes(["forged"])
-    hub.routes[f"/cdn/{listed}"] = file_route(served)
-    with pytest.raises(GptlabError) as excinfo:
+    listed = files[SHARDS[0]]
+    # One bit off and the same size: only the sha256 tells it from the listed file.
+    served = bytes([listed[0] ^ 1]) + listed[1:]
+    hub.cdn.routes[cdn_path(listed)] = file_route(served)
+    with pytest.raises(ChecksumMismatch) as excinfo:
         fetch_hf(tmp_path, hf_params())
     message = str(excinfo.value)
-    assert message.startswith(f"{SHARDS[0]}:") and listed in message
-    assert sha256_of(served) in message
+    assert message.startswith(f"{SHARDS[0]}:") and sha256_of(listed) in message
+    assert sha256_of(served) in message and "\n" not in message
     assert not any((tmp_path / "dest").iterdir())
-    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]  # nothing cached
+    assert cached_shards(hf_home) == []  # refused bytes are not kept
     assert resolve_path(SHARDS[1]) not in downloads(hub)
+    # So the next run downloads the shard again, and takes it once the CDN serves it right.
+    hub.cdn.routes[cdn_path(listed)] = file_route(listed)
+    manifest, _ = fetch_hf(tmp_path, hf_params())
+    assert manifest["documents"] == len(DOCS)
+
+
+def test_hf_shard_of_another_size_is_refused(tmp_path, hub, hf_home):
+    files = hf_files()
+    serve_dataset(hub, files)
+    hub.cdn.routes[cdn_path(files[SHARDS[0]])] = file_route(parquet_bytes(["forged"]))
+    with pytest.raises(GptlabError, match=rf"^data\.spec: downloading {SHARDS[0]} .*size") as e:
+        fetch_hf(tmp_path, hf_params())
+    assert "\n" not in str(e.value)
+    assert cached_shards(hf_home) == []
 
 
 def test_hf_missing_text_column_names_the_param(tmp_path, hub):
@@ -707,7 +801,7 @@ def test_hf_include_matching_nothing_lists_what_is_there(tmp_path, hub):
 
 @pytest.mark.parametrize("code", [401, 404])  # anonymous callers get 401, not to reveal
 def test_hf_unknown_dataset_names_data_spec(tmp_path, hub, code):  # private datasets
-    hub.routes["/api/datasets/acme/nothing/revision/main"] = hub_error(code, "RepoNotFound")
+    hub.routes[revision_path("main", "acme/nothing")] = hub_error(code, "RepoNotFound")
     params = hf_params().model_copy(update={"spec": "acme/nothing"})
     with pytest.raises(GptlabError) as excinfo:
         fetch_hf(tmp_path, params)
@@ -719,7 +813,7 @@ def test_hf_unknown_dataset_names_data_spec(tmp_path, hub, code):  # private dat
 
 def test_hf_unknown_revision_names_data_hf_revision(tmp_path, hub):
     serve_dataset(hub)
-    hub.routes[f"{HF_API}/revision/v9"] = hub_error(404, "RevisionNotFound")
+    hub.routes[revision_path("v9")] = hub_error(404, "RevisionNotFound")
     with pytest.raises(GptlabError, match=r"^data\.hf\.revision: .*'v9'"):
         fetch_hf(tmp_path, hf_params(revision="v9"))
 
@@ -728,13 +822,48 @@ def test_hf_token_goes_to_the_hub_but_not_to_its_cdn(tmp_path, hub, monkeypatch)
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     serve_dataset(hub)
     fetch_hf(tmp_path, hf_params(max_documents=1))
-    to_hub = [r for r in hub.requests if "/cdn/" not in r.path]
-    to_cdn = [r for r in hub.requests if "/cdn/" in r.path]
-    assert to_hub and all(r.authorization == "Bearer hf_secret" for r in to_hub)
-    assert to_cdn and all(r.authorization is None for r in to_cdn)
+    assert hub.requests and all(r.authorization == "Bearer hf_secret" for r in hub.requests)
+    assert hub.cdn.requests and all(r.authorization is None for r in hub.cdn.requests)
 
 
-def test_hf_rerun_uses_the_download_cache(tmp_path, hub):
+def test_hf_token_saved_by_hf_auth_login_is_used(tmp_path, hub, hf_home):
+    hf_home.mkdir()
+    (hf_home / "token").write_text("hf_saved\n")  # where `hf auth login` keeps it
+    serve_dataset(hub)
+    fetch_hf(tmp_path, hf_params(max_documents=1))
+    assert hub.requests and all(r.authorization == "Bearer hf_saved" for r in hub.requests)
+    assert hub.cdn.requests and all(r.authorization is None for r in hub.cdn.requests)
+
+
+@pytest.mark.parametrize("code", [401, 403])
+def test_hf_gated_dataset_says_how_to_get_access(tmp_path, hub, code):
+    serve_dataset(hub)  # a gated dataset lists its files to anyone, but serves them to few
+    hub.routes[resolve_path(SHARDS[0])] = hub_error(code, "GatedRepo")
+    with pytest.raises(GptlabError) as excinfo:
+        fetch_hf(tmp_path, hf_params())
+    message = str(excinfo.value)
+    assert message.startswith(f"data.spec: dataset {HF_NAME} is gated (HTTP {code} ")
+    assert "HF_TOKEN" in message and "hf auth login" in message and "\n" not in message
+    assert hub.cdn.requests == []
+
+
+def test_hf_unreachable_hub_names_data_spec(tmp_path, hf_home, monkeypatch):
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    monkeypatch.setattr(hf_constants, "ENDPOINT", endpoint)
+    with pytest.raises(GptlabError, match=rf"^data\.spec: looking up {HF_NAME}@main failed "
+                                          r"\(ConnectError: "):
+        fetch_hf(tmp_path, hf_params())
+
+
+def test_hf_offline_mode_makes_no_request(tmp_path, hub, monkeypatch):
+    serve_dataset(hub)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(GptlabError, match=r"^HF_HUB_OFFLINE: it is set, but looking up "):
+        fetch_hf(tmp_path, hf_params())
+    assert hub.requests == []
+
+
+def test_hf_rerun_uses_the_download_cache(tmp_path, hub, hf_home):
     serve_dataset(hub)
     first, _ = fetch_hf(tmp_path, hf_params())
     shutil.rmtree(tmp_path / "dest")
@@ -742,6 +871,7 @@ def test_hf_rerun_uses_the_download_cache(tmp_path, hub):
     second, _ = fetch_hf(tmp_path, hf_params())
     assert second == first
     assert len(downloads(hub)) == fetched  # the listing is asked again, the shards are not
+    assert cached_shards(hf_home)  # kept in huggingface_hub's cache, here the test's own
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1024,7 +1154,7 @@ def hf_overrides(**hf) -> dict:
 def test_stage_hf_writes_jsonl_and_manifest(tmp_path, hub, params_for):
     serve_dataset(hub)
     write_params(tmp_path, params_for(hf_overrides(max_documents=8)))
-    result = run_stage("download", tmp_path, env={"HF_ENDPOINT": hub.url("")})
+    result = run_stage("download", tmp_path)  # the hub fixture set HF_ENDPOINT and HF_HOME
     assert result.returncode == 0, result.stderr
     raw = tmp_path / "data" / "raw"
     # The clean stage's contract: *.jsonl files of {"text": str} lines.
@@ -1041,9 +1171,9 @@ def test_stage_hf_writes_jsonl_and_manifest(tmp_path, hub, params_for):
 
 def test_stage_hf_unknown_revision_is_one_error_line(tmp_path, hub, params_for):
     serve_dataset(hub)
-    hub.routes[f"{HF_API}/revision/v9"] = hub_error(404, "RevisionNotFound")
+    hub.routes[revision_path("v9")] = hub_error(404, "RevisionNotFound")
     write_params(tmp_path, params_for(hf_overrides(revision="v9")))
-    result = run_stage("download", tmp_path, env={"HF_ENDPOINT": hub.url("")})
+    result = run_stage("download", tmp_path)  # the hub fixture set HF_ENDPOINT and HF_HOME
     assert one_error_line(result).startswith("error: data.hf.revision:")
     assert not (tmp_path / "data" / "raw").exists()
     assert_no_staging_left(tmp_path)

@@ -1,6 +1,5 @@
-"""The url source, and the HTTP machinery the Hugging Face source shares: downloads that
-resume with a Range request, retries of what a retry may change, requests whose headers stay
-off a redirect."""
+"""The url source: downloads that resume with a Range request, and retries of what a retry
+may change."""
 
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from http.client import HTTPException
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, TypeVar
@@ -30,22 +29,9 @@ RETRYABLE_HTTP_CODES = {408, 425, 429}
 T = TypeVar("T")
 
 
-class DownloadRefused(GptlabError):
-    """An HTTP answer a retry will not change (401, 404...); `code` lets a caller explain it."""
-
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 def fetch_url(url: str, sha256: str, cache: Path,
-              timeout: float = URL_TIMEOUT_SECONDS, attempts: int = URL_ATTEMPTS,
-              headers: Mapping[str, str] | None = None) -> Artifact:
-    """Stream `url` into the cache with resume and retries, verified against `sha256`.
-
-    `headers` (a token, say) go to `url` only, never to a host it redirects to: the Hub sends
-    file downloads on to a CDN, which must not see the token.
-    """
+              timeout: float = URL_TIMEOUT_SECONDS, attempts: int = URL_ATTEMPTS) -> Artifact:
+    """Stream `url` into the cache with resume and retries, verified against `sha256`."""
     if urllib.parse.urlparse(url).scheme not in ("http", "https"):
         raise GptlabError(f"data.spec: {url!r} is not an http(s) URL")
     hit = cached(cache, sha256)
@@ -56,7 +42,7 @@ def fetch_url(url: str, sha256: str, cache: Path,
 
     def download() -> None:
         try:
-            _download_once(url, partial, timeout, headers or {})
+            _download_once(url, partial, timeout)
         except urllib.error.HTTPError as error:
             if error.code != 416 or not partial.exists():
                 raise
@@ -66,8 +52,7 @@ def fetch_url(url: str, sha256: str, cache: Path,
         with disk_full_named(partial, f"the download of {url}"):
             retrying(download, f"download of {url}", attempts)
     except urllib.error.HTTPError as error:
-        raise DownloadRefused(f"data.spec: HTTP {error.code} {error.reason} from {url}",
-                              error.code) from None
+        raise GptlabError(f"data.spec: HTTP {error.code} {error.reason} from {url}") from None
     named = partial.with_name(_url_file_name(url))
     os.replace(partial, named)
     try:
@@ -97,10 +82,10 @@ def retrying(request: Callable[[], T], what: str, attempts: int) -> T:
         time.sleep(0.5 * attempt)
 
 
-def _download_once(url: str, partial: Path, timeout: float, headers: Mapping[str, str]) -> None:
+def _download_once(url: str, partial: Path, timeout: float) -> None:
     """Append the rest of `url` to `partial`, asking the server to resume where it stopped."""
     have = partial.stat().st_size if partial.exists() else 0
-    request = build_request(url, headers)
+    request = urllib.request.Request(url, headers={"User-Agent": "gptlab"})
     if have:
         request.add_header("Range", f"bytes={have}-")
     with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -117,14 +102,6 @@ def _download_once(url: str, partial: Path, timeout: float, headers: Mapping[str
                 progress.update(len(chunk))
     if total is not None and partial.stat().st_size < total:
         raise HTTPException(f"connection closed after {partial.stat().st_size} of {total} bytes")
-
-
-def build_request(url: str, headers: Mapping[str, str]) -> urllib.request.Request:
-    """A GET of `url` whose `headers` urllib will not copy onto a redirect."""
-    request = urllib.request.Request(url, headers={"User-Agent": "gptlab"})
-    for key, value in headers.items():
-        request.add_unredirected_header(key, value)
-    return request
 
 
 def _read_chunks(stream: BinaryIO) -> Iterator[bytes]:

@@ -1,52 +1,51 @@
-"""The hf source: a Hugging Face dataset's parquet shards, streamed into JSON-lines documents."""
+"""The hf source: a Hugging Face dataset's parquet shards, streamed into JSON-lines documents.
+
+huggingface_hub talks to the Hub, as it does for GPT-2's weights (gptlab.pretrained), so the
+source follows its conventions: HF_ENDPOINT names a mirror, the token is HF_TOKEN or the one
+`hf auth login` saved (sent to the Hub, never to the CDN that the Hub sends downloads on to),
+HF_HUB_OFFLINE forbids the network, and shards are kept in huggingface_hub's shared cache
+(HF_HOME, ~/.cache/huggingface by default). gptlab adds what a reproducible corpus needs: the
+revision pinned to a commit recorded in the manifest, every shard checked against the sha256 the
+Hub lists for it, caps that stop before the shards they would not use, and one-line errors that
+name the param at fault.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from huggingface_hub import HfApi, constants, hf_hub_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.hf_api import RepoFile
 from tqdm import tqdm
 
 from gptlab.errors import GptlabError
-from gptlab.io import atomic_path
+from gptlab.io import DiskFull, atomic_path, disk_full, sha256_file
 from gptlab.params import SHA256_PATTERN, DataParams
 from gptlab.sources import describe_files
 from gptlab.sources.archives import matches_include
 from gptlab.sources.cache import ChecksumMismatch
-from gptlab.sources.download import (
-    URL_ATTEMPTS,
-    URL_TIMEOUT_SECONDS,
-    DownloadRefused,
-    build_request,
-    fetch_url,
-    retrying,
-)
 
-# The Hub's own address; HF_ENDPOINT (the variable huggingface_hub reads) points at a mirror.
-HF_DEFAULT_ENDPOINT = "https://huggingface.co"
 COMMIT_PATTERN = re.compile(r"^[0-9a-f]{40}$")
 # Rows per parquet batch: web documents average a few KB, so pyarrow's default of 65,536 rows
 # would hold hundreds of MB of text in memory at once.
 PARQUET_BATCH_ROWS = 1024
-
-
-@dataclass(frozen=True)
-class Hub:
-    """Where the Hugging Face Hub answers, and the headers that authenticate us to it."""
-
-    endpoint: str
-    auth: dict[str, str]
+# What the one-line errors suggest when the Hub refuses us.
+LOG_IN = "set HF_TOKEN or run `hf auth login`"
 
 
 @dataclass(frozen=True)
@@ -83,11 +82,13 @@ def fetch_hf(data: DataParams, dest: Path, cache: Path) -> dict:
     The revision is resolved to a commit first, so every shard comes from the same snapshot
     and the manifest pins it. Shards are fetched one at a time, in path order, and the caps
     are checked before each one, so a capped run never downloads the shards it would not use.
+    `cache`, the other sources' download cache, is not used: the shards are kept in
+    huggingface_hub's cache, which every tool of the Hub's shares.
     """
-    hub = hub_from_env()
+    api = HfApi()  # the endpoint and token huggingface_hub is configured with
     name, hf = data.spec, data.hf
-    commit = resolve_revision(hub, name, hf.revision)
-    shards = list_shards(hub, name, commit, data.include)
+    commit = resolve_revision(api, name, hf.revision)
+    shards = list_shards(api, name, commit, data.include)
     tally = Tally(hf.max_documents, hf.max_bytes)
     used = []
     with tqdm(total=hf.max_documents, desc=name, unit="doc", disable=None,
@@ -96,7 +97,7 @@ def fetch_hf(data: DataParams, dest: Path, cache: Path) -> dict:
             if tally.full():
                 tally.capped = True
                 break
-            local = _download_shard(hub, name, commit, shard, cache)
+            local = download_shard(api, name, commit, shard)
             target = dest / PurePosixPath(shard.path).with_suffix(".jsonl")
             write_documents(local, shard.path, target, hf.text_column, tally, progress.update)
             used.append({"path": shard.path, "sha256": shard.sha256})
@@ -119,132 +120,131 @@ def fetch_hf(data: DataParams, dest: Path, cache: Path) -> dict:
     }
 
 
-def hub_from_env() -> Hub:
-    """The Hub named by HF_ENDPOINT and HF_TOKEN, the variables huggingface_hub reads too."""
-    endpoint = (os.environ.get("HF_ENDPOINT") or HF_DEFAULT_ENDPOINT).rstrip("/")
-    if urllib.parse.urlparse(endpoint).scheme not in ("http", "https"):
-        raise GptlabError(f"HF_ENDPOINT: {endpoint!r} is not an http(s) URL")
-    token = os.environ.get("HF_TOKEN")
-    return Hub(endpoint, {"Authorization": f"Bearer {token}"} if token else {})
-
-
-def resolve_revision(hub: Hub, name: str, revision: str) -> str:
+def resolve_revision(api: HfApi, name: str, revision: str) -> str:
     """The commit that branch, tag or commit `revision` of dataset `name` points at now."""
-    url = (f"{hub.endpoint}/api/datasets/{urllib.parse.quote(name, safe='/')}/revision/"
-           f"{urllib.parse.quote(revision, safe='')}")
     try:
-        info, _ = _hub_json(url, hub)
-    except urllib.error.HTTPError as error:
-        raise _revision_error(error, name, revision, hub.endpoint) from None
-    commit = info.get("sha") if isinstance(info, dict) else None
+        # The sha alone: the whole answer lists every file, thousands in a large dataset.
+        commit = api.dataset_info(name, revision=revision, expand=["sha"]).sha
+    except Exception as error:  # HTTP, network, offline...: hub_error says which in a line
+        raise hub_error(error, api.endpoint, name, revision,
+                        f"looking up {name}@{revision}") from None
     if not isinstance(commit, str) or not COMMIT_PATTERN.match(commit):
-        raise GptlabError(f"HF_ENDPOINT: {url} gave no commit sha; is {hub.endpoint} a "
-                          f"Hugging Face Hub?")
+        raise GptlabError(f"HF_ENDPOINT: {api.endpoint} gave no commit sha for {name}@"
+                          f"{revision}; is it a Hugging Face Hub?")
     return commit
 
 
-def _revision_error(error: urllib.error.HTTPError, name: str, revision: str,
-                    endpoint: str) -> GptlabError:
-    """Say which param is wrong: the Hub tells a missing revision by its X-Error-Code header."""
-    answer = f"HTTP {error.code} {error.reason}"
-    if error.headers.get("X-Error-Code") == "RevisionNotFound":
-        return GptlabError(f"data.hf.revision: dataset {name} has no branch, tag or commit "
-                           f"{revision!r} ({answer})")
-    if error.code in (401, 403):
-        # The Hub answers 401 for a missing dataset too, so as not to reveal private ones.
-        return GptlabError(f"data.spec: no dataset {name} at {endpoint} that we may read "
-                           f"({answer}); for a private or gated dataset set HF_TOKEN")
-    if error.code == 404:
-        return GptlabError(f"data.spec: no dataset {name} at {endpoint} ({answer})")
-    return GptlabError(f"data.spec: looking up {name}@{revision} at {endpoint} gave {answer}")
-
-
-def list_shards(hub: Hub, name: str, commit: str, include: list[str]) -> list[Shard]:
+def list_shards(api: HfApi, name: str, commit: str, include: list[str]) -> list[Shard]:
     """The parquet files of `name` at `commit` that match `include`, in path order."""
-    url: str | None = (f"{hub.endpoint}/api/datasets/{urllib.parse.quote(name, safe='/')}/tree/"
-                       f"{commit}?recursive=true")
-    entries: list[Any] = []
-    while url:  # the Hub pages long listings, naming the next page in a Link header
-        try:
-            page, url = _hub_json(url, hub)
-        except urllib.error.HTTPError as error:
-            raise GptlabError(f"data.spec: listing the files of {name}@{commit} gave HTTP "
-                              f"{error.code} {error.reason}") from None
-        if not isinstance(page, list):
-            raise GptlabError(f"HF_ENDPOINT: the file listing of {name} is not a JSON list")
-        entries.extend(page)
-    parquet = sorted((e for e in entries if isinstance(e, dict) and e.get("type") == "file"
-                      and str(e.get("path", "")).endswith(".parquet")), key=lambda e: e["path"])
-    kept = [_shard(e) for e in parquet if matches_include(e["path"], include)]
+    try:
+        # Not expand=True: the LFS sha256s come without it, 1,000 files a page instead of 50.
+        entries = list(api.list_repo_tree(name, repo_type="dataset", revision=commit,
+                                          recursive=True))
+    except Exception as error:
+        raise hub_error(error, api.endpoint, name, commit,
+                        f"listing the files of {name}@{commit}") from None
+    parquet = sorted((e for e in entries if isinstance(e, RepoFile)
+                      and e.path.endswith(".parquet")), key=lambda e: e.path)
+    kept = [_shard(e) for e in parquet if matches_include(e.path, include)]
     if not kept:
-        found = ", ".join(e["path"] for e in parquet[:5]) or "none"
+        found = ", ".join(e.path for e in parquet[:5]) or "none"
         more = f", ... ({len(parquet)} in all)" if len(parquet) > 5 else ""
         raise GptlabError(f"data.include: no parquet file of {name}@{commit} matches "
                           f"{list(include)} (found: {found}{more})")
     return kept
 
 
-def _shard(entry: dict) -> Shard:
+def _shard(entry: RepoFile) -> Shard:
     """A listed parquet file, refused if its path or sha256 could not be used safely."""
-    path, lfs = entry["path"], entry.get("lfs") or {}
-    parts = PurePosixPath(path).parts
-    if PurePosixPath(path).is_absolute() or ".." in parts:
-        raise GptlabError(f"{path}: the Hub listed a path outside the dataset; refusing it")
-    sha256 = lfs.get("oid")
+    parts = PurePosixPath(entry.path).parts
+    if PurePosixPath(entry.path).is_absolute() or ".." in parts:
+        raise GptlabError(f"{entry.path}: the Hub listed a path outside the dataset; refusing it")
+    sha256 = entry.lfs.sha256 if entry.lfs else None
     if not isinstance(sha256, str) or not SHA256_PATTERN.match(sha256):
         # Only files stored with Git LFS come with a sha256 to check the download against.
-        raise GptlabError(f"{path}: the Hub lists no sha256 for it (not an LFS file), so it "
-                          f"cannot be verified")
-    return Shard(path, sha256)
+        raise GptlabError(f"{entry.path}: the Hub lists no sha256 for it (not an LFS file), so "
+                          f"it cannot be verified")
+    return Shard(entry.path, sha256)
 
 
-def _hub_json(url: str, hub: Hub) -> tuple[Any, str | None]:
-    """GET a Hub API `url`: its JSON and the next page's URL, retrying what may pass.
-
-    An HTTP error that a retry will not change is raised as it is: only the caller knows
-    which param a 404 points at.
-    """
-    def get() -> tuple[bytes, str | None]:
-        with urllib.request.urlopen(build_request(url, hub.auth),
-                                    timeout=URL_TIMEOUT_SECONDS) as response:
-            return response.read(), response.headers.get("Link")
-
-    body, link = retrying(get, f"Hub request {url}", URL_ATTEMPTS)
+def download_shard(api: HfApi, name: str, commit: str, shard: Shard) -> Path:
+    """The shard in huggingface_hub's cache, fetched from the commit (not the branch) unless
+    cached already, and checked against the sha256 the Hub lists for it."""
     try:
-        return json.loads(body), _next_page(link, url, hub.endpoint)
-    except ValueError:
-        raise GptlabError(f"HF_ENDPOINT: {url} did not answer JSON; is {hub.endpoint} a "
-                          f"Hugging Face Hub?") from None
+        local = Path(hf_hub_download(name, shard.path, repo_type="dataset", revision=commit,
+                                     endpoint=api.endpoint, token=api.token))
+    except Exception as error:
+        if disk_full(error):
+            raise DiskFull(Path(constants.HF_HUB_CACHE), f"{shard.path} of {name}") from None
+        raise hub_error(error, api.endpoint, name, commit,
+                        f"downloading {shard.path} of {name}@{commit}") from None
+    check_shard(local, shard)
+    return local
 
 
-def _next_page(link: str | None, url: str, endpoint: str) -> str | None:
-    """The rel="next" URL of a Link header, kept on `endpoint`.
+def check_shard(local: Path, shard: Shard) -> None:
+    """Refuse a shard whose bytes are not the ones the Hub lists, and drop it from the cache.
 
-    A mirror may pass on the Hub's own links; like huggingface_hub, follow them on the mirror.
+    Checked on every run, cached or not: huggingface_hub compares sizes only, and other tools
+    write to its cache too. A refused file is dropped so that the next run downloads it
+    again, rather than refusing the same bytes for ever.
     """
-    match = re.search(r'<([^>]*)>\s*;\s*rel="?next"?', link or "")
-    if not match:
-        return None
-    page = urllib.parse.urljoin(url, match.group(1))
-    if endpoint != HF_DEFAULT_ENDPOINT and page.startswith(HF_DEFAULT_ENDPOINT + "/"):
-        page = endpoint + page.removeprefix(HF_DEFAULT_ENDPOINT)
-    return page
+    digest = sha256_file(local)
+    if digest == shard.sha256:
+        return
+    blob = local.resolve()  # the snapshot's file links to the blob that holds the bytes
+    local.unlink()
+    blob.unlink(missing_ok=True)
+    raise ChecksumMismatch(f"{shard.path}: the Hub lists sha256 {shard.sha256} for it but "
+                           f"served a file with sha256 {digest}; refusing it", digest)
 
 
-def _download_shard(hub: Hub, name: str, commit: str, shard: Shard, cache: Path) -> Path:
-    """The verified shard in the download cache, fetched from the commit (not the branch)."""
-    url = (f"{hub.endpoint}/datasets/{urllib.parse.quote(name, safe='/')}/resolve/{commit}/"
-           f"{urllib.parse.quote(shard.path, safe='/')}")
-    try:
-        return fetch_url(url, shard.sha256, cache, headers=hub.auth).path
-    except ChecksumMismatch as error:
-        raise GptlabError(f"{shard.path}: the Hub lists sha256 {shard.sha256} for it but "
-                          f"served a file with sha256 {error.digest}; refusing it") from None
-    except DownloadRefused as error:
-        if error.code in (401, 403):  # a gated dataset lists its files but refuses them
-            raise GptlabError(f"{error}; for a private or gated dataset (accept its terms on "
-                              f"the Hub first) set HF_TOKEN") from None
-        raise
+def hub_error(error: Exception, endpoint: str, name: str, revision: str,
+              doing: str) -> GptlabError:
+    """One line for what huggingface_hub raised while `doing` something with dataset `name`
+    at `revision`, naming the param at fault."""
+    if isinstance(error, LocalEntryNotFoundError) and error.__cause__ is not None:
+        # hf_hub_download says a file is not cached when the Hub could not be asked: say why
+        return hub_error(error.__cause__, endpoint, name, revision, doing)
+    if isinstance(error, RevisionNotFoundError):
+        return GptlabError(f"data.hf.revision: dataset {name} has no branch, tag or commit "
+                           f"{revision!r} ({_answer(error)})")
+    if isinstance(error, GatedRepoError):
+        return GptlabError(f"data.spec: dataset {name} is gated ({_answer(error)}): accept its "
+                           f"terms on the Hub, then {LOG_IN}")
+    if isinstance(error, RepositoryNotFoundError):
+        if error.response.status_code in (401, 403):
+            # The Hub answers 401 for a missing dataset too, so as not to reveal private ones.
+            return GptlabError(f"data.spec: no dataset {name} at {endpoint} that we may read "
+                               f"({_answer(error)}); for a private or gated dataset {LOG_IN}")
+        return GptlabError(f"data.spec: no dataset {name} at {endpoint} ({_answer(error)})")
+    if isinstance(error, HfHubHTTPError):
+        if error.response.status_code in (401, 403):
+            return GptlabError(f"data.spec: {doing} was refused ({_answer(error)}); for a "
+                               f"private or gated dataset (accept its terms on the Hub first) "
+                               f"{LOG_IN}")
+        return GptlabError(f"data.spec: {doing} gave {_answer(error)}")
+    if isinstance(error, OfflineModeIsEnabled):
+        # The file list and its sha256s are asked of the Hub on every run: nothing is cached
+        # to check the shards against.
+        return GptlabError(f"HF_HUB_OFFLINE: it is set, but {doing} needs the Hub")
+    if isinstance(error, json.JSONDecodeError):
+        return GptlabError(f"HF_ENDPOINT: {doing} got an answer that is not JSON; is "
+                           f"{endpoint} a Hugging Face Hub?")
+    # Network failures (after huggingface_hub's retries), a malformed dataset name...
+    return GptlabError(f"data.spec: {doing} failed ({type(error).__name__}: "
+                       f"{_first_line(error)})")
+
+
+def _answer(error: HfHubHTTPError) -> str:
+    """The Hub's answer in a few words: the HTTP status, and the reason it gave if any."""
+    response = error.response
+    answer = f"HTTP {response.status_code} {response.reason_phrase}"
+    return f"{answer}: {_first_line(error.server_message)}" if error.server_message else answer
+
+
+def _first_line(message: object) -> str:
+    return str(message).strip().split("\n", 1)[0]
 
 
 def write_documents(parquet: Path, shard: str, target: Path, column: str, tally: Tally,
