@@ -1,9 +1,10 @@
 """Where raw text comes from: a pip package, a URL, local files, or a Hugging Face dataset.
 
 Every downloaded artifact is checked against a pinned sha256 (for a Hugging Face dataset, the
-sha256 the Hub lists for each parquet shard at a resolved commit) and kept in a download cache
-keyed by that hash (the folder the caller names; the download stage's is `.gptlab/downloads/`),
-so a rerun never fetches the same bytes twice and a killed download resumes where it stopped.
+sha256 the Hub lists for each parquet shard at a resolved commit). pip and url artifacts are
+kept in a download cache keyed by that hash (the folder the caller names; the download stage's
+is `.gptlab/downloads/`), so a rerun never fetches the same bytes twice and a killed download
+resumes where it stopped; Hugging Face shards are kept in huggingface_hub's own cache.
 
 One module per source kind (`pip`, `download` for url, `local`, `hf`), with what they share in
 `cache` (the sha256-keyed download cache), `download` (HTTP with retries and resume) and
@@ -27,7 +28,7 @@ def fetch(data: DataParams, dest: Path, cache: Path) -> dict:
     if data.source == "hf":
         from gptlab.sources.hf import fetch_hf  # pyarrow is slow to import; only hf needs it
 
-        return fetch_hf(data, dest, cache)
+        return fetch_hf(data, dest)
     if data.source == "local":
         artifact = place_local(data, dest)
     else:

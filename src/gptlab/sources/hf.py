@@ -76,14 +76,13 @@ class Tally:
                 or (self.max_bytes is not None and self.text_bytes >= self.max_bytes))
 
 
-def fetch_hf(data: DataParams, dest: Path, cache: Path) -> dict:
+def fetch_hf(data: DataParams, dest: Path) -> dict:
     """Stream the parquet shards of dataset `data.spec` into `dest` as JSON lines.
 
     The revision is resolved to a commit first, so every shard comes from the same snapshot
     and the manifest pins it. Shards are fetched one at a time, in path order, and the caps
     are checked before each one, so a capped run never downloads the shards it would not use.
-    `cache`, the other sources' download cache, is not used: the shards are kept in
-    huggingface_hub's cache, which every tool of the Hub's shares.
+    The shards are kept in huggingface_hub's cache, which every tool of the Hub's shares.
     """
     api = HfApi()  # the endpoint and token huggingface_hub is configured with
     name, hf = data.spec, data.hf
