@@ -1,6 +1,8 @@
 """The experiment workflow a user relies on, through DVC in a temporary git repo: queued runs use
 their own code and the project's caches, stages run with the project's environment from any
-shell, the log grows while training runs, and the model is a registered artifact."""
+shell, the log grows while training runs, and the model is a registered artifact; and
+gptlab.experiments, which reads the experiments back for `gptlab compare`, `scaling` and
+`report`."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import (
     DVC_YAML,
@@ -24,6 +27,9 @@ from conftest import (
     with_overrides,
     write_params,
 )
+
+from gptlab.errors import GptlabError
+from gptlab.experiments import parse_experiments, read_experiments
 
 VENV = Path(sys.executable).parents[1]
 README = (ROOT / "README.md").read_text()
@@ -129,3 +135,140 @@ def test_going_back_as_the_readme_says_restores_the_committed_state(pipeline, tm
                    env={"PATH": f"{VENV / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path)})
     assert {name: (project / name).read_bytes() for name in committed} == committed
     assert "up to date" in dvc(project, "status")
+
+
+# --- reading experiments (gptlab.experiments) ---------------------------------------------------
+
+def shown_revision(name: str, params: dict, metrics: dict[str, dict], state: str = "success",
+                   error: dict | None = None) -> dict:
+    """One experiment as `dvc exp show --json` lists it."""
+    data = {"params": {"params.yaml": {"data": params}},
+            "metrics": {path: {"data": values} for path, values in metrics.items()}}
+    return {"executor": {"state": state}, "name": name,
+            "revs": [{"rev": f"{name}-rev", "name": name, "data": data, "error": error}]}
+
+
+EVAL = {"val_loss": 1.9, "bits_per_byte": 2.7, "tokens_per_sec": 9e4}
+TRAIN = {"final_val_loss": 1.95, "tokens_per_sec": 4e4}
+SHOWN = [
+    {"rev": "workspace", "data": {"params": {"params.yaml": {"data": {
+        "seed": 1337, "model": {"norm": "layernorm"}}}}}, "experiments": None},
+    {"rev": "abc123", "name": "main", "data": {}, "experiments": [
+        shown_revision("done", {"seed": 1, "model": {"norm": "rmsnorm"}},
+                       {"metrics/eval.json": EVAL, "metrics/train.json": TRAIN}),
+        shown_revision("queued", {"seed": 2, "model": {"norm": "rmsnorm"}},
+                       {"metrics/eval.json": EVAL}, state="queued"),
+        shown_revision("broken", {"seed": 3, "model": {"norm": "rmsnorm"}}, {},
+                       state="failed"),
+        shown_revision("erred", {"seed": 4, "model": {"norm": "rmsnorm"}},
+                       {"metrics/eval.json": EVAL}, error={"msg": "boom"}),
+    ]},
+]
+
+
+def test_experiments_are_read_with_dotted_params_and_flat_metrics():
+    found = parse_experiments(SHOWN)
+    assert [experiment.name for experiment in found.finished] == ["done"]
+    done = found.finished[0]
+    assert done.rev == "done-rev"
+    assert done.params == {"seed": 1, "model.norm": "rmsnorm"}
+    # A key one file has keeps its name; one several files share is named by file and key.
+    assert done.metrics == {"val_loss": 1.9, "bits_per_byte": 2.7, "final_val_loss": 1.95,
+                            "eval.tokens_per_sec": 9e4, "train.tokens_per_sec": 4e4}
+    assert found.workspace == {"seed": 1337, "model.norm": "layernorm"}
+
+
+def test_queued_failed_and_erred_experiments_are_unfinished_even_with_metrics():
+    assert parse_experiments(SHOWN).unfinished == ["queued", "broken", "erred"]
+
+
+def test_a_failing_dvc_is_one_line(tmp_path):
+    with pytest.raises(GptlabError, match=r"^dvc exp show failed: .+"):
+        read_experiments(tmp_path)  # not a DVC repository
+
+
+# --- the lab commands on real experiments: compare, report, scaling ---------------------------
+
+SWEEP = ("--widths", "16,32", "--steps", "10,20,40")
+
+
+def gptlab(project: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gptlab.cli", *args], cwd=project,
+                          capture_output=True, text=True,
+                          env={"PATH": f"{VENV / 'bin'}:/usr/bin:/bin", "HOME": str(project)})
+
+
+@pytest.fixture(scope="module")
+def lab(pipeline, tmp_path_factory) -> Path:
+    """The pipeline's project after two seeds of each of two norms, and a 2 x 3 scaling sweep,
+    ran as queued experiments."""
+    project = with_venv(copy_project(pipeline[0], tmp_path_factory.mktemp("lab")))
+    dvc(project, "exp", "run", "--queue", "-S", "seed=1,2", "-S", "model.norm=layernorm,rmsnorm")
+    queued = gptlab(project, "scaling", "--queue", *SWEEP)
+    assert queued.returncode == 0, queued.stderr
+    assert "queued 6 experiments" in queued.stdout
+    dvc(project, "exp", "run", "--run-all", "--jobs", "2")
+    return project
+
+
+def test_compare_groups_the_seeds_of_each_choice_against_the_workspace(lab):
+    result = gptlab(lab, "compare", "--json")
+    assert result.returncode == 0, result.stderr
+    assert "left out the 6 experiments of the scaling sweep (scale-*)" in result.stderr
+    found = read_experiments(lab)
+    by_norm = {norm: [e for e in found.finished if e.params.get("model.norm") == norm
+                      and not e.name.startswith("scale-")] for norm in ("layernorm", "rmsnorm")}
+    for metric, table in json.loads(result.stdout).items():
+        # The workspace trains layernorm: that group is the baseline.
+        assert table["baseline"] == "model.norm=layernorm"
+        rows = {row["group"]: row for row in table["rows"]}
+        assert set(rows) == {"model.norm=layernorm", "model.norm=rmsnorm"}
+        means = {}
+        for norm, runs in by_norm.items():
+            row = rows[f"model.norm={norm}"]
+            assert sorted(row["runs"]) == sorted(e.name for e in runs) and row["n"] == 2
+            means[norm] = sum(e.metrics[metric] for e in runs) / 2
+            assert row["mean"] == pytest.approx(means[norm], rel=1e-12)
+            low, high = row["ci95"]
+            assert low < row["mean"] < high
+        versus = rows["model.norm=rmsnorm"]["vs_baseline"]
+        assert versus["diff"] == pytest.approx(means["rmsnorm"] - means["layernorm"])
+        assert 0 <= versus["p_value"] <= 1
+        assert [row["mean"] for row in table["rows"]] == sorted(means.values())
+    text = gptlab(lab, "compare", "--metric", "val_loss")
+    assert text.returncode == 0 and "val_loss (baseline: model.norm=layernorm)" in text.stdout
+
+
+def test_report_of_an_experiment_shows_its_own_results(lab, tmp_path):
+    found = read_experiments(lab)
+    chosen = next(e for e in found.finished if e.params.get("model.norm") == "rmsnorm")
+    result = gptlab(lab, "report", "--exp", chosen.name, "-o", str(tmp_path / "card.md"))
+    assert result.returncode == 0, result.stderr
+    text = (tmp_path / "card.md").read_text()
+    assert f"# Report: {chosen.name}" in text and f"commit `{chosen.rev[:12]}`" in text
+    assert f"loss {chosen.metrics['val_loss']:.4f} nats per token" in text
+    assert "rmsnorm" in text and f"seed {chosen.params['seed']}" in text
+    assert (tmp_path / "card-loss.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_scaling_fits_the_sweep_and_writes_its_summary_and_figure(lab):
+    result = gptlab(lab, "scaling")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("6 runs: L(N, D) = ")
+    summary = json.loads((lab / "metrics" / "scaling.json").read_text())
+    assert summary["runs"] == 6
+    assert set(summary["law"]) >= {"E", "A", "B", "alpha", "beta"}
+    assert (lab / "plots" / "scaling.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_scaling_with_a_failed_experiment_is_one_line(lab, tmp_path):
+    project = copy_project(lab, tmp_path)
+    # 15 is not divisible by the 2 heads: the train stage refuses it.
+    dvc(project, "exp", "run", "--queue", "-n", "scale-broken", "-S", "model.n_embd=15")
+    dvc_run(project, "exp", "run", "--run-all")
+    result = gptlab(project, "scaling")
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "error: experiment scale-broken of the sweep has no results: still queued, or failed "
+        "(`dvc queue status`, `dvc queue logs scale-broken`); run it or remove it with "
+        "`dvc exp remove`"]

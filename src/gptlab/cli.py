@@ -26,6 +26,10 @@ SAMPLING_DEFAULTS = ("Defaults come from the sample section of ./params.yaml if 
                      "valid one, else: one sample of 500 tokens after a newline, temperature "
                      "0.8, top_k 200, seed 1337.")
 SAMPLE_SEPARATOR = "-" * 15
+# `gptlab scaling --queue`'s grid: 12 runs of the default corpus and model, some 15 minutes on
+# two CPU cores.
+SWEEP_WIDTHS = (32, 64, 96, 128)
+SWEEP_STEPS = (500, 1000, 2000)
 DESCRIPTION = ("Tools around the gptlab pipeline (the stages themselves run with `dvc repro`). "
                "`sample` and `chat` take their defaults from the sample section of "
                "./params.yaml, and every option overrides its key.")
@@ -59,12 +63,145 @@ def main(argv: list[str] | None = None) -> None:
                         help="folder written by the train stage, such as models")
     export.add_argument("out_dir", type=Path, metavar="OUT",
                         help="folder to write; an earlier export there is replaced")
+    add_lab_commands(commands)
     template = commands.add_parser(
         "plots-template", help="build the page template that lets `dvc plots` pages render "
                                "offline (make setup does)")
     template.add_argument("file", nargs="?", default=".gptlab/plots-template.html")
     args = parser.parse_args(argv)
     run_main(lambda: COMMANDS[args.command](args))
+
+
+def add_lab_commands(commands: argparse._SubParsersAction) -> None:
+    """compare, scaling and report: questions answered from the project's DVC experiments."""
+    compare = commands.add_parser(
+        "compare", help="seed statistics of the experiments, grouped by their params",
+        description="Groups the experiments of this commit by their params, seed (and --ignore "
+                    "keys) left out; for each group and metric: runs, mean, standard deviation "
+                    "and 95% interval (Student's t); against the baseline group: the "
+                    "difference of means with its interval and Welch's t-test p-value. The "
+                    "scaling sweep's experiments (scale-*) are left out.")
+    compare.add_argument("--metric", dest="metrics", action="append", metavar="NAME",
+                         help="metric to compare (repeat; default: val_loss and bits_per_byte)")
+    compare.add_argument("--ignore", action="append", default=[], metavar="KEY",
+                         help="a param to leave out of the grouping too, e.g. train.device")
+    compare.add_argument("--baseline", metavar="GROUP",
+                         help="the group (or a run in it) to compare with (default: the "
+                              "group of the workspace's params)")
+    compare.add_argument("--all-commits", action="store_true",
+                         help="the experiments of every commit, not only the current one")
+    output = compare.add_mutually_exclusive_group()
+    output.add_argument("--md", action="store_true", help="Markdown tables")
+    output.add_argument("--json", action="store_true", help="JSON")
+    scaling = commands.add_parser(
+        "scaling", help="queue a scaling sweep, or fit scaling laws to the finished one",
+        description="With --queue: queue one experiment per model width and training length. "
+                    "Without: fit L(N, D) = E + A/N^alpha + B/D^beta (Hoffmann et al. 2022) "
+                    "and the compute frontier to the finished experiments of the sweep; write "
+                    "metrics/scaling.json and plots/scaling.png.")
+    scaling.add_argument("--queue", action="store_true", help="queue the sweep's experiments")
+    scaling.add_argument("--widths", type=int_list, default=list(SWEEP_WIDTHS),
+                         metavar="W,W,...", help="model.n_embd of the sweep (default: "
+                         f"{','.join(map(str, SWEEP_WIDTHS))})")
+    scaling.add_argument("--steps", type=int_list, default=list(SWEEP_STEPS),
+                         metavar="S,S,...", help="train.max_iters of the sweep (default: "
+                         f"{','.join(map(str, SWEEP_STEPS))})")
+    scaling.add_argument("--budget", type=float, metavar="FLOPS",
+                         help="compute for the compute-optimal N and D (default: the largest "
+                              "run's)")
+    scaling.add_argument("--all-commits", action="store_true",
+                         help="the experiments of every commit, not only the current one")
+    report = commands.add_parser(
+        "report", help="a Markdown report card of the workspace's run or of an experiment")
+    report.add_argument("--exp", metavar="NAME", help="a DVC experiment's run")
+    report.add_argument("-o", "--out", type=Path, default=Path("metrics/report.md"),
+                        metavar="FILE", help="where to write it, the figures beside it "
+                                             "(default: metrics/report.md)")
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of integers") from None
+
+
+def run_compare(args: argparse.Namespace) -> None:
+    from gptlab.experiments import read_experiments
+    from gptlab.stats import (
+        DEFAULT_METRICS,
+        Run,
+        compare,
+        comparisons_json,
+        group_runs,
+        render_markdown,
+        render_text,
+    )
+    from gptlab.sweep import PREFIX as SWEEP_PREFIX
+
+    metrics = args.metrics or list(DEFAULT_METRICS)
+    found = read_experiments(all_commits=args.all_commits)
+    sweep = [e.name for e in found.finished if e.name.startswith(SWEEP_PREFIX)]
+    runs = [Run(e.name, e.params, e.metrics) for e in found.finished
+            if e.name not in sweep and all(metric in e.metrics for metric in metrics)]
+    without_results = found.unfinished + [e.name for e in found.finished if e.name not in sweep
+                                          and e.name not in {run.name for run in runs}]
+    if without_results:
+        print(f"note: left out {len(without_results)} experiments without results: "
+              f"{', '.join(without_results)}", file=sys.stderr)
+    if sweep:
+        print(f"note: left out the {len(sweep)} experiments of the scaling sweep "
+              f"({SWEEP_PREFIX}*)", file=sys.stderr)
+    if not runs:
+        raise GptlabError("no finished experiments to compare (queue some: see the README)")
+    groups = group_runs(runs, args.ignore)
+    baseline = args.baseline or workspace_group(groups, found.workspace, args.ignore)
+    comparisons = compare(groups, metrics, baseline)
+    if args.json:
+        print(json.dumps(comparisons_json(comparisons), indent=2))
+    else:
+        print((render_markdown if args.md else render_text)(comparisons))
+
+
+def workspace_group(groups: list, workspace: dict, ignore: list[str]) -> str | None:
+    """The name of the group whose params are the workspace's, if one is."""
+    for group in groups:
+        if all(workspace.get(key) == value for key, value in group.params.items()
+               if key not in ignore):
+            return group.name
+    return None
+
+
+def run_scaling(args: argparse.Namespace) -> None:
+    from gptlab.experiments import read_experiments
+    from gptlab.io import write_json
+    from gptlab.scaling import analyse_sweep, scaling_summary, write_scaling_figure
+    from gptlab.sweep import queue_sweep, scaling_runs, sweep_grid
+
+    if args.queue:
+        grid = sweep_grid(load_params().model, args.widths, args.steps)
+        queue_sweep(grid)
+        print(f"queued {len(grid)} experiments ({', '.join(name for name, _ in grid)}); run "
+              f"them with `dvc queue start`, then `gptlab scaling`")
+        return
+    runs = scaling_runs(read_experiments(all_commits=args.all_commits))
+    sweep = analyse_sweep(runs)
+    summary = scaling_summary(sweep, args.budget or max(run.compute for run in runs))
+    write_json(Path("metrics/scaling.json"), summary, "the scaling fit")
+    figure = write_scaling_figure(sweep, Path("plots/scaling.png"))
+    law, best = summary["law"], summary["compute_optimal"]
+    print(f"{len(runs)} runs: L(N, D) = {law['E']:.3f} + {law['A']:.4g}/N^{law['alpha']:.3f} + "
+          f"{law['B']:.4g}/D^{law['beta']:.3f}")
+    print(f"compute-optimal at {best['compute']:.3g} FLOPs: N = {best['n_params']:.3g}, "
+          f"D = {best['n_tokens']:.3g} ({best['tokens_per_param']:.1f} tokens per parameter)")
+    print(f"wrote metrics/scaling.json and {figure}")
+
+
+def run_report(args: argparse.Namespace) -> None:
+    from gptlab.report import experiment_record, workspace_record, write_report
+
+    run = experiment_record(args.exp) if args.exp else workspace_record()
+    print(f"wrote {write_report(run, args.out)}")
 
 
 def build_plots_template(args: argparse.Namespace) -> None:
@@ -180,6 +317,7 @@ def typed_lines(interactive: bool) -> Iterator[str]:
 
 
 COMMANDS = {"params": show_params, "tokens": show_tokens, "sample": run_sample,
+            "compare": run_compare, "scaling": run_scaling, "report": run_report,
             "chat": run_chat, "export": run_export, "plots-template": build_plots_template}
 
 

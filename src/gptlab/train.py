@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import platform
 import shutil
 import statistics
 import sys
@@ -384,7 +385,8 @@ class TrainingSession:
                 **init_source(self.params.model.init), "lora": self.t.lora.model_dump(),
                 "device": device_name(self.device), "processes": self.world.size,
                 "dtype": str(self.dtype).removeprefix("torch."),
-                "torch_version": torch.__version__, "gptlab_version": __version__}
+                "python_version": platform.python_version(), "torch_version": torch.__version__,
+                "gptlab_version": __version__}
 
     def finished_metrics(self) -> dict[str, Any]:
         """The run's metrics, as its last checkpoint saved them."""

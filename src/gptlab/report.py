@@ -1,0 +1,168 @@
+"""A run's report card: one Markdown page with what its stages recorded, for the workspace or for
+one DVC experiment.
+
+Environment, data, tokenizer, model, training, evaluation, a sample and the figures, all read
+from the metrics and outputs the stages wrote (and, for an experiment, from its commit and DVC's
+cache): nothing is computed again, so the page says what the run was, not what it would be now.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gptlab.errors import GptlabError
+from gptlab.experiments import flatten, read_experiments
+from gptlab.io import atomic_path, write_text
+
+METRICS = ("clean", "tokenize", "train", "eval", "sample")
+FIGURES = ("loss.png", "lr.png", "throughput.png")
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What one run left behind."""
+
+    name: str
+    commit: str
+    dirty: bool
+    lock_sha256: str
+    params: dict[str, Any]  # dotted keys
+    metrics: dict[str, dict[str, Any]]  # by stage: "train" -> metrics/train.json
+    training: dict[str, Any]  # models/config.json's training summary
+    samples: str  # samples/samples.md
+    figures: dict[str, bytes]  # plots/*.png by file name
+
+
+def workspace_record(project: Path = Path(".")) -> RunRecord:
+    """The run in the project's folders now."""
+    def read(path: str) -> bytes:
+        try:
+            return (project / path).read_bytes()
+        except FileNotFoundError:
+            raise GptlabError(f"{project / path}: not found (run `dvc repro` first)") from None
+
+    commit = git(project, "rev-parse", "HEAD").strip()
+    dirty = bool(git(project, "status", "--porcelain", "--untracked-files=no").strip())
+    return record("workspace", commit, dirty, read)
+
+
+def experiment_record(name: str, project: Path = Path(".")) -> RunRecord:
+    """The DVC experiment `name`, from its commit and DVC's cache."""
+    experiments = read_experiments(project, all_commits=True).finished
+    revs = [experiment.rev for experiment in experiments if experiment.name == name]
+    if not revs:
+        known = ", ".join(sorted(experiment.name for experiment in experiments)) or "none"
+        raise GptlabError(f"--exp: no finished experiment {name!r} (experiments: {known})")
+    rev = revs[0]
+
+    def read(path: str) -> bytes:
+        if path.startswith("models/"):  # a DVC output: in the cache, not in git
+            import dvc.api
+
+            return dvc.api.read(path, repo=str(project), rev=rev, mode="rb")
+        return git_bytes(project, "show", f"{rev}:{path}")
+
+    return record(name, rev, False, read)
+
+
+def record(name: str, commit: str, dirty: bool, read: Callable[[str], bytes]) -> RunRecord:
+    metrics = {stage: json.loads(read(f"metrics/{stage}.json")) for stage in METRICS}
+    return RunRecord(
+        name, commit, dirty, hashlib.sha256(read("dvc.lock")).hexdigest(),
+        flatten(yaml.safe_load(read("params.yaml"))), metrics,
+        json.loads(read("models/config.json"))["training"], read("samples/samples.md").decode(),
+        {figure: read(f"plots/{figure}") for figure in FIGURES})
+
+
+def git(project: Path, *args: str) -> str:
+    return git_bytes(project, *args).decode()
+
+
+def git_bytes(project: Path, *args: str) -> bytes:
+    try:
+        return subprocess.run(["git", *args], cwd=project, capture_output=True,
+                              check=True).stdout
+    except subprocess.CalledProcessError as error:
+        raise GptlabError(f"git {' '.join(args)}: {error.stderr.decode().strip()}") from None
+
+
+def render(run: RunRecord, figures_prefix: str) -> str:
+    """The report's Markdown; figures are linked as `figures_prefix + file name`."""
+    p, m, t = run.params, run.metrics, run.training
+    # Runs from before gptlab could start from other weights or train adapters only.
+    init = p.get("model.init", "scratch")
+    trainable = m["train"].get("trainable_parameters", m["train"]["parameters"])
+    tokens_per_step = p["train.batch_size"] * p["train.grad_accum"] * p["model.block_size"]
+    lines = [
+        f"# Report: {run.name}", "",
+        "## Environment", "",
+        f"- commit `{run.commit[:12]}`{' (with uncommitted changes)' if run.dirty else ''}, "
+        f"dvc.lock sha256 `{run.lock_sha256[:12]}`",
+        f"- Python {t.get('python_version', 'unknown')}, torch {t['torch_version']}, gptlab "
+        f"{t['gptlab_version']}",
+        f"- trained on {t['device']} ({t['processes']} process{'es' if t['processes'] > 1 else ''}"
+        f", {t['dtype']})", "",
+        "## Data", "",
+        f"- source: {p['data.source']} `{p['data.spec']}`",
+        f"- documents: {m['clean']['docs_in']} read, {m['clean']['docs_exact_duplicates']} exact "
+        f"and {m['clean']['docs_near_duplicates']} near duplicates dropped, "
+        f"{m['clean']['docs_kept']} kept ({m['clean']['train_docs']} train, "
+        f"{m['clean']['val_docs']} validation)",
+        f"- validation text also in train (13-word shingles): {m['clean']['leak_fraction']:.1%}",
+        "",
+        "## Tokenizer", "",
+        f"- {p['tokenizer.kind']}, {m['tokenize']['vocab_size']:,} tokens, "
+        f"{m['tokenize']['chars_per_token']} characters per token",
+        f"- {m['tokenize']['train_tokens']:,} train and {m['tokenize']['val_tokens']:,} "
+        f"validation tokens", "",
+        "## Model", "",
+        f"- {p['model.arch']}, {p['model.n_layer']} layers, {p['model.n_head']} heads, "
+        f"{p['model.n_embd']} wide, block {p['model.block_size']}, {p['model.pos']} positions, "
+        f"{p['model.norm']}, {p['model.mlp']}; started from {init}",
+        f"- {m['train']['parameters']:,} parameters, {trainable:,} "
+        f"trained", "",
+        "## Training", "",
+        f"- {t['step']:,} steps of {tokens_per_step:,} tokens: {t['step'] * tokens_per_step:,} "
+        f"tokens, seed {p['seed']}",
+        f"- {m['train']['wall_seconds']:,.0f} s, {m['train']['tokens_per_sec']:,.0f} tokens/s"
+        + (f", MFU {m['train']['mfu']:.1%}" if m["train"].get("mfu") is not None else ""),
+        f"- final train loss {m['train']['final_train_loss']:.4f}, validation loss "
+        f"{m['train']['final_val_loss']:.4f} (estimates)", "",
+        "## Evaluation (every token of the validation split)", "",
+        f"- loss {m['eval']['val_loss']:.4f} nats per token, perplexity "
+        f"{m['eval']['perplexity']:.2f}, {m['eval']['bits_per_byte']:.3f} bits per byte", "",
+        "## A sample", "",
+        *first_sample(run.samples), "",
+        "## Figures", "",
+        *(f"![{figure}]({figures_prefix}{figure})" for figure in FIGURES), "",
+    ]
+    return "\n".join(lines)
+
+
+def first_sample(samples: str) -> list[str]:
+    """The first code block of samples.md (the first prompt's first sample), fences included."""
+    lines = samples.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("```")), None)
+    if start is None:
+        return ["(no samples)"]
+    fence = lines[start].removesuffix("text")  # "```text" opens the block, "```" closes it
+    end = next(i for i in range(start + 1, len(lines)) if lines[i] == fence)
+    return lines[start : end + 1]
+
+
+def write_report(run: RunRecord, out: Path) -> Path:
+    """The report at `out`, its figures beside it as `<out stem>-<figure>`."""
+    prefix = f"{out.stem}-"
+    for figure, data in run.figures.items():
+        with atomic_path(out.parent / f"{prefix}{figure}", "a figure") as tmp:
+            tmp.write_bytes(data)
+    write_text(out, render(run, prefix), "the report")
+    return out

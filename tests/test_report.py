@@ -1,0 +1,60 @@
+"""gptlab.report: a run's report card, built from what its stages wrote."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from conftest import copy_project
+
+from gptlab.errors import GptlabError
+from gptlab.report import FIGURES, experiment_record, render, workspace_record, write_report
+
+
+def test_the_workspace_report_says_what_the_stages_recorded(pipeline, tmp_path):
+    project = pipeline[0]
+    run = workspace_record(project)
+    assert not run.dirty
+    out = write_report(run, tmp_path / "card.md")
+    text = out.read_text()
+    evaluation = json.loads((project / "metrics" / "eval.json").read_text())
+    train = json.loads((project / "metrics" / "train.json").read_text())
+    config = json.loads((project / "models" / "config.json").read_text())
+    assert f"loss {evaluation['val_loss']:.4f} nats per token" in text
+    assert f"{evaluation['bits_per_byte']:.3f} bits per byte" in text
+    assert f"{train['parameters']:,} parameters" in text
+    assert f"trained on {config['training']['device']}" in text
+    assert f"{config['training']['step']:,} steps of" in text
+    head = re.search(r"commit `(\w+)`", text)[1]
+    assert run.commit.startswith(head) and len(head) == 12
+    # The first sample of samples.md, whole, and every figure beside the report.
+    samples = (project / "samples" / "samples.md").read_text()
+    block = re.search(r"## A sample\n\n(```text\n.*?\n```)\n", text, re.DOTALL)[1]
+    assert block in samples
+    for figure in FIGURES:
+        assert f"![{figure}](card-{figure})" in text
+        assert ((tmp_path / f"card-{figure}").read_bytes()
+                == (project / "plots" / figure).read_bytes())
+
+
+def test_a_changed_workspace_is_reported_dirty(pipeline, tmp_path):
+    project = copy_project(pipeline[0], tmp_path)
+    (project / "params.yaml").write_text((project / "params.yaml").read_text() + "\n")
+    run = workspace_record(project)
+    assert run.dirty
+    assert "(with uncommitted changes)" in render(run, "")
+
+
+def test_a_workspace_without_outputs_is_one_line_naming_the_file(pipeline, tmp_path):
+    project = copy_project(pipeline[0], tmp_path)
+    (project / "metrics" / "eval.json").unlink()
+    with pytest.raises(GptlabError, match=r"metrics/eval.json: not found \(run `dvc repro` "
+                                          r"first\)$"):
+        workspace_record(project)
+
+
+def test_an_unknown_experiment_is_one_line(pipeline):
+    with pytest.raises(GptlabError, match=r"^--exp: no finished experiment 'nope' "
+                                          r"\(experiments: none\)$"):
+        experiment_record("nope", pipeline[0])
