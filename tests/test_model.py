@@ -256,6 +256,10 @@ def test_num_params_and_flops_for_a_known_config():
     rope = tiny_model(pos="rope")
     assert rope.num_params() == rope.num_params(non_embedding=False) == total - T * C
 
+    # Frozen weights are left out of the trainable count, the position table either way.
+    model.blocks[0].requires_grad_(False)
+    assert model.num_params(trainable=True) == total - T * C - per_block
+
     bigram = tiny_model(arch="bigram")
     assert bigram.num_params() == VOCAB * VOCAB
     assert bigram.flops_per_token() == 6 * VOCAB * VOCAB

@@ -372,12 +372,13 @@ class GPT(nn.Module):
             dtype=dtype or param.dtype,
         )
 
-    def num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count, tied weights once; non_embedding leaves out the position table."""
-        n = sum(p.numel() for p in self.parameters())
+    def num_params(self, non_embedding: bool = True, trainable: bool = False) -> int:
+        """Parameter count, tied weights once; non_embedding leaves out the position table,
+        trainable the frozen weights (all but the adapters when LoRA trains)."""
+        counted = [p for p in self.parameters() if p.requires_grad or not trainable]
         if non_embedding and self.pos_emb is not None:
-            n -= self.pos_emb.weight.numel()
-        return n
+            counted = [p for p in counted if p is not self.pos_emb.weight]
+        return sum(p.numel() for p in counted)
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token (forward + backward), as in nanoGPT's estimate_mfu."""
@@ -422,9 +423,9 @@ class Bigram(nn.Module):
             0, batch_size, 0, c.block_size, 0, device=param.device, dtype=dtype or param.dtype
         )
 
-    def num_params(self, non_embedding: bool = True) -> int:
+    def num_params(self, non_embedding: bool = True, trainable: bool = False) -> int:
         """All parameters: the table is the whole model, and there is no position table."""
-        return sum(p.numel() for p in self.parameters())
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable)
 
     def flops_per_token(self) -> int:
         return 6 * self.num_params()

@@ -408,8 +408,7 @@ class TrainingSession:
             "mfu": round(mfu, 4) if mfu is not None else None,
             "peak_memory_mb": round(peak_memory_mb(self.device), 1),
             "parameters": self.model.num_params(),
-            "trainable_parameters": sum(p.numel() for p in self.model.parameters()
-                                        if p.requires_grad),
+            "trainable_parameters": self.model.num_params(trainable=True),
             "wall_seconds": round(self.state.wall_seconds, 2),
         }
 
