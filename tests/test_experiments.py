@@ -29,7 +29,7 @@ from conftest import (
 )
 
 from gptlab.errors import GptlabError
-from gptlab.experiments import parse_experiments, read_experiments
+from gptlab.experiments import flat_metrics, parse_experiments, read_experiments
 
 VENV = Path(sys.executable).parents[1]
 README = (ROOT / "README.md").read_text()
@@ -172,10 +172,20 @@ def test_experiments_are_read_with_dotted_params_and_flat_metrics():
     done = found.finished[0]
     assert done.rev == "done-rev"
     assert done.params == {"seed": 1, "model.norm": "rmsnorm"}
-    # A key one file has keeps its name; one several files share is named by file and key.
-    assert done.metrics == {"val_loss": 1.9, "bits_per_byte": 2.7, "final_val_loss": 1.95,
-                            "eval.tokens_per_sec": 9e4, "train.tokens_per_sec": 4e4}
+    # Every value by file and key; by key alone too where no other file has that key.
+    assert done.metrics == {"eval.val_loss": 1.9, "eval.bits_per_byte": 2.7,
+                            "eval.tokens_per_sec": 9e4, "train.final_val_loss": 1.95,
+                            "train.tokens_per_sec": 4e4, "val_loss": 1.9, "bits_per_byte": 2.7,
+                            "final_val_loss": 1.95}
     assert found.workspace == {"seed": 1337, "model.norm": "layernorm"}
+
+
+def test_a_key_that_is_also_a_files_qualified_name_is_not_given_bare():
+    metrics = {"metrics/train.json": {"data": {"loss": 1.0}},
+               "metrics/eval.json": {"data": {"loss": 2.0, "train": {"loss": 3.0}}}}
+    # "train.loss" is train.json's loss, and eval.json's nested train.loss keeps its file name.
+    assert flat_metrics({"metrics": metrics}) == {"train.loss": 1.0, "eval.loss": 2.0,
+                                                  "eval.train.loss": 3.0}
 
 
 def test_queued_failed_and_erred_experiments_are_unfinished_even_with_metrics():
@@ -214,7 +224,7 @@ def lab(pipeline, tmp_path_factory) -> Path:
 def test_compare_groups_the_seeds_of_each_choice_against_the_workspace(lab):
     result = gptlab(lab, "compare", "--json")
     assert result.returncode == 0, result.stderr
-    assert "left out the 6 experiments of the scaling sweep (scale-*)" in result.stderr
+    assert "left out the scaling sweep's 6 experiments (scale-*)" in result.stderr
     found = read_experiments(lab)
     by_norm = {norm: [e for e in found.finished if e.params.get("model.norm") == norm
                       and not e.name.startswith("scale-")] for norm in ("layernorm", "rmsnorm")}
@@ -237,6 +247,10 @@ def test_compare_groups_the_seeds_of_each_choice_against_the_workspace(lab):
         assert [row["mean"] for row in table["rows"]] == sorted(means.values())
     text = gptlab(lab, "compare", "--metric", "val_loss")
     assert text.returncode == 0 and "val_loss (baseline: model.norm=layernorm)" in text.stdout
+    unknown = gptlab(lab, "compare", "--metric", "tokens_per_sec")
+    assert unknown.returncode == 1
+    assert unknown.stderr.splitlines()[-1].startswith(
+        "error: --metric tokens_per_sec: no experiment has it (did you mean ")
 
 
 def test_report_of_an_experiment_shows_its_own_results(lab, tmp_path):
@@ -269,6 +283,6 @@ def test_scaling_with_a_failed_experiment_is_one_line(lab, tmp_path):
     result = gptlab(project, "scaling")
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
-        "error: experiment scale-broken of the sweep has no results: still queued, or failed "
-        "(`dvc queue status`, `dvc queue logs scale-broken`); run it or remove it with "
-        "`dvc exp remove`"]
+        "error: experiment scale-broken of the sweep has no results: still queued or running, "
+        "or failed (`dvc queue status`, `dvc queue logs scale-broken`); wait for it, or remove "
+        "it with `dvc exp remove`"]

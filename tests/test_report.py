@@ -6,7 +6,7 @@ import json
 import re
 
 import pytest
-from conftest import copy_project
+from conftest import change_params, copy_project
 
 from gptlab.errors import GptlabError
 from gptlab.report import FIGURES, experiment_record, render, workspace_record, write_report
@@ -38,12 +38,17 @@ def test_the_workspace_report_says_what_the_stages_recorded(pipeline, tmp_path):
                 == (project / "plots" / figure).read_bytes())
 
 
-def test_a_changed_workspace_is_reported_dirty(pipeline, tmp_path):
+def test_a_changed_workspace_is_reported_dirty_with_the_params_the_run_had(pipeline, tmp_path):
     project = copy_project(pipeline[0], tmp_path)
-    (project / "params.yaml").write_text((project / "params.yaml").read_text() + "\n")
+    before = render(workspace_record(project), "")
+    assert "- gpt, 2 layers, 2 heads, 32 wide" in before  # the pipeline's tiny model
+    change_params(project, {"model.n_layer": 6, "seed": 7})  # edited, not run
     run = workspace_record(project)
     assert run.dirty
-    assert "(with uncommitted changes)" in render(run, "")
+    after = render(run, "")
+    assert "(with uncommitted changes)" in after
+    # The report describes the run as dvc.lock recorded it, not the params edited since.
+    assert after.replace(" (with uncommitted changes)", "") == before
 
 
 def test_a_workspace_without_outputs_is_one_line_naming_the_file(pipeline, tmp_path):

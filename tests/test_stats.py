@@ -15,6 +15,7 @@ from gptlab.stats import (
     Run,
     compare,
     comparisons_json,
+    group_of,
     group_runs,
     regularized_incomplete_beta,
     render_markdown,
@@ -186,6 +187,15 @@ def test_a_param_some_runs_lack_names_its_groups():
     runs = [Run("a", {"seed": 1}, {}), Run("b", {"seed": 1, "model.bias": False}, {})]
     assert [group.name for group in group_runs(runs)] == ["model.bias=(unset)",
                                                           "model.bias=false"]
+
+
+def test_the_group_of_some_params_shares_them_all_and_no_more():
+    groups = group_runs(RUNS, ignore=["train.device"])
+    workspace = {**SHARED, "model.norm": "rmsnorm", "seed": 1337, "train.device": "mps"}
+    assert group_of(groups, workspace, ignore=["train.device"]).name == "model.norm=rmsnorm"
+    # A key the groups lack, or one fewer, is another configuration.
+    assert group_of(groups, {**workspace, "model.mlp": "gelu"}, ["train.device"]) is None
+    assert group_of(groups, {"model.norm": "rmsnorm"}) is None
 
 
 # --- summaries and Welch's test ---------------------------------------------------------------

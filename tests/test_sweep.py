@@ -11,7 +11,7 @@ from gptlab.sweep import block_params, scaling_runs, sweep_grid, training_tokens
 
 MODEL = {f"model.{key}": value for key, value in PROJECT_PARAMS.model.model_dump().items()}
 TRAIN = {"train.batch_size": 12, "train.grad_accum": 2, "train.max_iters": 500}
-METRICS = {"val_loss": 2.1, "vocab_size": 65}
+METRICS = {"eval.val_loss": 2.1, "tokenize.vocab_size": 65}
 
 
 def experiment(name: str, width: int = 64, steps: int = 500, **metrics: float) -> Experiment:
@@ -24,7 +24,9 @@ def test_the_grid_is_every_width_with_every_step_count():
     assert [name for name, _ in grid] == [
         "scale-w32-s100", "scale-w32-s200", "scale-w32-s400",
         "scale-w64-s100", "scale-w64-s200", "scale-w64-s400"]
-    assert grid[4][1] == {"model.n_embd": 64, "train.max_iters": 200}
+    # Every run trains every weight from random ones, whatever the workspace starts from.
+    assert grid[4][1] == {"model.init": "scratch", "train.lora.rank": 0, "model.n_embd": 64,
+                          "train.max_iters": 200}
 
 
 @pytest.mark.parametrize(("widths", "steps", "message"), [
@@ -57,7 +59,8 @@ def test_d_is_tokens_per_step_times_steps():
 
 def test_scaling_runs_are_the_sweeps_experiments_only():
     found = Experiments([experiment("scale-w32-s500", width=32), experiment("seed-2"),
-                         experiment("scale-w64-s1000", width=64, steps=1000, val_loss=1.8)],
+                         experiment("scale-w64-s1000", width=64, steps=1000,
+                                    **{"eval.val_loss": 1.8})],
                         [], {})
     runs = scaling_runs(found)
     assert [(run.name, run.loss) for run in runs] == [("scale-w32-s500", 2.1),
@@ -69,15 +72,29 @@ def test_scaling_runs_are_the_sweeps_experiments_only():
 def test_a_sweep_experiment_without_results_is_one_line():
     found = Experiments([experiment("scale-w32-s500")], ["seed-3", "scale-w64-s500"], {})
     with pytest.raises(GptlabError, match=r"^experiment scale-w64-s500 of the sweep has no "
-                                          r"results: still queued, or failed"):
+                                          r"results: still queued or running, or failed"):
         scaling_runs(found)
 
 
 def test_a_sweep_experiment_without_its_metrics_is_one_line():
-    lacking = Experiment("scale-w32-s500", "rev", experiment("x").params, {"val_loss": 2.0})
-    with pytest.raises(GptlabError, match=r"^experiment scale-w32-s500: no val_loss or "
-                                          r"vocab_size"):
+    lacking = Experiment("scale-w32-s500", "rev", experiment("x").params,
+                         {"eval.val_loss": 2.0})
+    with pytest.raises(GptlabError, match=r"^experiment scale-w32-s500: no eval.val_loss or "
+                                          r"tokenize.vocab_size"):
         scaling_runs(Experiments([lacking], [], {}))
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("model.n_head", 5, r"params.yaml: .*n_head"),  # 5 heads do not divide 64
+    ("train.batch_size", None, r"params.yaml: no train.batch_size$"),  # None: not there
+])
+def test_a_sweep_experiment_with_params_that_cannot_be_counted_is_one_line(key, value, message):
+    params = {**experiment("x").params, key: value}
+    if value is None:
+        del params[key]
+    odd = Experiment("scale-w64-s500", "rev", params, METRICS)
+    with pytest.raises(GptlabError, match=r"^experiment scale-w64-s500: " + message):
+        scaling_runs(Experiments([odd], [], {}))
 
 
 def test_no_sweep_at_all_says_how_to_queue_one():

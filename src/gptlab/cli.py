@@ -7,6 +7,7 @@ a valid one, else from BUILTIN_SAMPLE; every option overrides its key.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 from collections.abc import Iterator
@@ -16,7 +17,18 @@ from pydantic import ValidationError
 
 from gptlab import __version__
 from gptlab.errors import GptlabError, run_main
+from gptlab.experiments import Experiments, read_experiments
 from gptlab.params import PARAMS_FILE, SampleParams, describe, load_params
+from gptlab.stats import (
+    DEFAULT_METRICS,
+    Run,
+    compare,
+    comparisons_json,
+    group_of,
+    group_runs,
+    render_markdown,
+    render_text,
+)
 from gptlab.tokens import read_header
 
 # The project's params.yaml sampling settings, one sample of a newline prompt.
@@ -127,35 +139,16 @@ def int_list(text: str) -> list[int]:
 
 
 def run_compare(args: argparse.Namespace) -> None:
-    from gptlab.experiments import read_experiments
-    from gptlab.stats import (
-        DEFAULT_METRICS,
-        Run,
-        compare,
-        comparisons_json,
-        group_runs,
-        render_markdown,
-        render_text,
-    )
-    from gptlab.sweep import PREFIX as SWEEP_PREFIX
-
     metrics = args.metrics or list(DEFAULT_METRICS)
     found = read_experiments(all_commits=args.all_commits)
-    sweep = [e.name for e in found.finished if e.name.startswith(SWEEP_PREFIX)]
-    runs = [Run(e.name, e.params, e.metrics) for e in found.finished
-            if e.name not in sweep and all(metric in e.metrics for metric in metrics)]
-    without_results = found.unfinished + [e.name for e in found.finished if e.name not in sweep
-                                          and e.name not in {run.name for run in runs}]
-    if without_results:
-        print(f"note: left out {len(without_results)} experiments without results: "
-              f"{', '.join(without_results)}", file=sys.stderr)
-    if sweep:
-        print(f"note: left out the {len(sweep)} experiments of the scaling sweep "
-              f"({SWEEP_PREFIX}*)", file=sys.stderr)
-    if not runs:
-        raise GptlabError("no finished experiments to compare (queue some: see the README)")
-    groups = group_runs(runs, args.ignore)
-    baseline = args.baseline or workspace_group(groups, found.workspace, args.ignore)
+    groups = group_runs(comparable_runs(found, metrics), args.ignore)
+    baseline = args.baseline
+    if baseline is None:
+        workspace = group_of(groups, found.workspace, args.ignore)
+        if workspace is None:
+            print(f"note: no experiment has the workspace's params; the baseline is the first "
+                  f"group, {groups[0].name} (choose one with --baseline)", file=sys.stderr)
+        baseline = groups[0].name if workspace is None else workspace.name
     comparisons = compare(groups, metrics, baseline)
     if args.json:
         print(json.dumps(comparisons_json(comparisons), indent=2))
@@ -163,17 +156,40 @@ def run_compare(args: argparse.Namespace) -> None:
         print((render_markdown if args.md else render_text)(comparisons))
 
 
-def workspace_group(groups: list, workspace: dict, ignore: list[str]) -> str | None:
-    """The name of the group whose params are the workspace's, if one is."""
-    for group in groups:
-        if all(workspace.get(key) == value for key, value in group.params.items()
-               if key not in ignore):
-            return group.name
-    return None
+def comparable_runs(found: Experiments, metrics: list[str]) -> list[Run]:
+    """The finished experiments that have every metric, but not the scaling sweep's (another
+    question); a note on stderr says what was left out."""
+    from gptlab.sweep import PREFIX as SWEEP_PREFIX
+
+    names = [*found.unfinished, *(e.name for e in found.finished)]
+    sweep = [name for name in names if name.startswith(SWEEP_PREFIX)]
+    candidates = [e for e in found.finished if e.name not in sweep]
+    known = sorted({metric for e in candidates for metric in e.metrics})
+    for metric in metrics:
+        if candidates and all(metric not in e.metrics for e in candidates):
+            close = difflib.get_close_matches(metric, known, n=3, cutoff=0.5)
+            hint = f"did you mean {', '.join(close)}?" if close else f"metrics: {', '.join(known)}"
+            raise GptlabError(f"--metric {metric}: no experiment has it ({hint})")
+    runs = [Run(e.name, e.params, e.metrics) for e in candidates
+            if all(metric in e.metrics for metric in metrics)]
+    compared = {run.name for run in runs}
+    without_results = [name for name in names if name not in compared and name not in sweep]
+    if without_results:
+        print(f"note: left out {counted(without_results, 'experiment')} without results: "
+              f"{', '.join(without_results)}", file=sys.stderr)
+    if sweep:
+        print(f"note: left out the scaling sweep's {counted(sweep, 'experiment')} "
+              f"({SWEEP_PREFIX}*)", file=sys.stderr)
+    if not runs:
+        raise GptlabError("no finished experiments to compare (queue some: see the README)")
+    return runs
+
+
+def counted(items: list, noun: str) -> str:
+    return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
 
 
 def run_scaling(args: argparse.Namespace) -> None:
-    from gptlab.experiments import read_experiments
     from gptlab.io import write_json
     from gptlab.scaling import analyse_sweep, scaling_summary, write_scaling_figure
     from gptlab.sweep import queue_sweep, scaling_runs, sweep_grid
@@ -186,7 +202,8 @@ def run_scaling(args: argparse.Namespace) -> None:
         return
     runs = scaling_runs(read_experiments(all_commits=args.all_commits))
     sweep = analyse_sweep(runs)
-    summary = scaling_summary(sweep, args.budget or max(run.compute for run in runs))
+    budget = max(run.compute for run in runs) if args.budget is None else args.budget
+    summary = scaling_summary(sweep, budget)
     write_json(Path("metrics/scaling.json"), summary, "the scaling fit")
     figure = write_scaling_figure(sweep, Path("plots/scaling.png"))
     law, best = summary["law"], summary["compute_optimal"]

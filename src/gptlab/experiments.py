@@ -1,9 +1,9 @@
 """The project's DVC experiments, as gptlab's lab commands read them.
 
 gptlab keeps no record of its own: an experiment is what `dvc exp show --json` says it is, its
-params (params.yaml, dotted keys) and the numbers of its metrics files. A metric is named by
-its key where one file has it (`val_loss`), and by file and key where several do
-(`train.tokens_per_sec`, `eval.tokens_per_sec`).
+params (params.yaml, dotted keys) and the numbers of its metrics files. Every metric is named
+by its file and key (`eval.val_loss`, `train.tokens_per_sec`), and also by its key alone where
+no other file has that key (`val_loss`, but not `tokens_per_sec`).
 """
 
 from __future__ import annotations
@@ -78,12 +78,16 @@ def flat_params(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def flat_metrics(data: dict[str, Any]) -> dict[str, Any]:
-    """Every metrics file's values, by key, or by file stem and key where files share one."""
+    """Every metrics file's values by file stem and key, and by key alone where that names
+    one value only."""
     files = {PurePosixPath(path).stem: flatten(content.get("data") or {})
              for path, content in (data.get("metrics") or {}).items()}
+    qualified = {f"{stem}.{key}": value for stem, values in files.items()
+                 for key, value in values.items()}
     counts = Counter(key for values in files.values() for key in values)
-    return {key if counts[key] == 1 else f"{stem}.{key}": value
-            for stem, values in files.items() for key, value in values.items()}
+    bare = {key: value for values in files.values() for key, value in values.items()
+            if counts[key] == 1 and key not in qualified}
+    return qualified | bare
 
 
 def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:

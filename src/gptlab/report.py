@@ -18,12 +18,16 @@ from typing import Any
 
 import yaml
 
+from gptlab.clean import LEAK_SHINGLE_WORDS
 from gptlab.errors import GptlabError
-from gptlab.experiments import flatten, read_experiments
+from gptlab.experiments import flatten
 from gptlab.io import atomic_path, write_text
+from gptlab.params import PARAMS_FILE
 
 METRICS = ("clean", "tokenize", "train", "eval", "sample")
 FIGURES = ("loss.png", "lr.png", "throughput.png")
+# DVC's queue keeps its own refs there (queued and failed runs), not experiments.
+CELERY_REFS = "refs/exps/celery/"
 
 
 @dataclass(frozen=True)
@@ -56,30 +60,59 @@ def workspace_record(project: Path = Path(".")) -> RunRecord:
 
 def experiment_record(name: str, project: Path = Path(".")) -> RunRecord:
     """The DVC experiment `name`, from its commit and DVC's cache."""
-    experiments = read_experiments(project, all_commits=True).finished
-    revs = [experiment.rev for experiment in experiments if experiment.name == name]
-    if not revs:
-        known = ", ".join(sorted(experiment.name for experiment in experiments)) or "none"
-        raise GptlabError(f"--exp: no finished experiment {name!r} (experiments: {known})")
-    rev = revs[0]
+    rev = experiment_commit(name, project)
 
     def read(path: str) -> bytes:
         if path.startswith("models/"):  # a DVC output: in the cache, not in git
             import dvc.api
+            from dvc.exceptions import DvcException
 
-            return dvc.api.read(path, repo=str(project), rev=rev, mode="rb")
+            try:
+                return dvc.api.read(path, repo=str(project), rev=rev, mode="rb")
+            except DvcException as error:
+                raise GptlabError(f"{path} of experiment {name}: not in DVC's cache ({error}); "
+                                  f"fetch it with `dvc exp pull <remote> {name}`") from None
         return git_bytes(project, "show", f"{rev}:{path}")
 
     return record(name, rev, False, read)
 
 
+def experiment_commit(name: str, project: Path) -> str:
+    """The commit of the finished experiment `name` (DVC keeps one ref per experiment, under
+    refs/exps/<baseline commit>/<name>; queued and failed ones have none)."""
+    refs = git(project, "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps")
+    experiments: dict[str, list[str]] = {}
+    for line in refs.splitlines():
+        commit, ref = line.split(" ", 1)
+        if not ref.startswith(CELERY_REFS):
+            experiments.setdefault(ref.rsplit("/", 1)[-1], []).append(commit)
+    commits = experiments.get(name, [])
+    if not commits:
+        known = ", ".join(sorted(experiments)) or "none"
+        raise GptlabError(f"--exp: no finished experiment {name!r} (experiments: {known})")
+    if len(commits) > 1:
+        raise GptlabError(f"--exp: {len(commits)} experiments are named {name!r}, on different "
+                          f"commits; rename one with `dvc exp rename`")
+    return commits[0]
+
+
 def record(name: str, commit: str, dirty: bool, read: Callable[[str], bytes]) -> RunRecord:
+    lock = read("dvc.lock")
     metrics = {stage: json.loads(read(f"metrics/{stage}.json")) for stage in METRICS}
     return RunRecord(
-        name, commit, dirty, hashlib.sha256(read("dvc.lock")).hexdigest(),
-        flatten(yaml.safe_load(read("params.yaml"))), metrics,
+        name, commit, dirty, hashlib.sha256(lock).hexdigest(), locked_params(lock), metrics,
         json.loads(read("models/config.json"))["training"], read("samples/samples.md").decode(),
         {figure: read(f"plots/{figure}") for figure in FIGURES})
+
+
+def locked_params(lock: bytes) -> dict[str, Any]:
+    """The params each stage ran with, as dvc.lock recorded them: params.yaml may have changed
+    since, and the report describes the run."""
+    stages = (yaml.safe_load(lock) or {}).get("stages") or {}
+    params: dict[str, Any] = {}
+    for stage in stages.values():
+        params |= (stage.get("params") or {}).get(PARAMS_FILE) or {}
+    return flatten(params)
 
 
 def git(project: Path, *args: str) -> str:
@@ -116,7 +149,8 @@ def render(run: RunRecord, figures_prefix: str) -> str:
         f"and {m['clean']['docs_near_duplicates']} near duplicates dropped, "
         f"{m['clean']['docs_kept']} kept ({m['clean']['train_docs']} train, "
         f"{m['clean']['val_docs']} validation)",
-        f"- validation text also in train (13-word shingles): {m['clean']['leak_fraction']:.1%}",
+        f"- validation text also in train ({LEAK_SHINGLE_WORDS}-word shingles): "
+        f"{m['clean']['leak_fraction']:.1%}",
         "",
         "## Tokenizer", "",
         f"- {p['tokenizer.kind']}, {m['tokenize']['vocab_size']:,} tokens, "
@@ -132,8 +166,8 @@ def render(run: RunRecord, figures_prefix: str) -> str:
         "## Training", "",
         f"- {t['step']:,} steps of {tokens_per_step:,} tokens: {t['step'] * tokens_per_step:,} "
         f"tokens, seed {p['seed']}",
-        f"- {m['train']['wall_seconds']:,.0f} s, {m['train']['tokens_per_sec']:,.0f} tokens/s"
-        + (f", MFU {m['train']['mfu']:.1%}" if m["train"].get("mfu") is not None else ""),
+        f"- {m['train']['wall_seconds']:,.0f} s, {m['train']['tokens_per_sec']:,.0f} tokens/s, "
+        f"MFU {mfu(m['train'].get('mfu'))}",
         f"- final train loss {m['train']['final_train_loss']:.4f}, validation loss "
         f"{m['train']['final_val_loss']:.4f} (estimates)", "",
         "## Evaluation (every token of the validation split)", "",
@@ -147,14 +181,19 @@ def render(run: RunRecord, figures_prefix: str) -> str:
     return "\n".join(lines)
 
 
+def mfu(value: float | None) -> str:
+    return "n/a (no known peak for the device)" if value is None else f"{value:.1%}"
+
+
 def first_sample(samples: str) -> list[str]:
     """The first code block of samples.md (the first prompt's first sample), fences included."""
     lines = samples.splitlines()
     start = next((i for i, line in enumerate(lines) if line.startswith("```")), None)
-    if start is None:
-        return ["(no samples)"]
-    fence = lines[start].removesuffix("text")  # "```text" opens the block, "```" closes it
-    end = next(i for i in range(start + 1, len(lines)) if lines[i] == fence)
+    fence = "" if start is None else lines[start].removesuffix("text")  # "```text" ... "```"
+    end = None if start is None else next(
+        (i for i in range(start + 1, len(lines)) if lines[i] == fence), None)
+    if start is None or end is None:
+        return ["(no complete sample in samples/samples.md)"]
     return lines[start : end + 1]
 
 

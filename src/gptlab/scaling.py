@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,6 +32,7 @@ matplotlib.use("Agg")  # files only: no display needed, and none on a server
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib import ticker
+from tqdm import tqdm
 
 from gptlab.errors import GptlabError
 from gptlab.io import atomic_path
@@ -219,7 +221,9 @@ def _best_huber_fit(log_loss: Callable[..., Any], columns: list[np.ndarray],
                     ) -> tuple[list[float], float]:
     """The parameters, and the objective, of the best L-BFGS run over the starts."""
     best: tuple[list[float], float] | None = None
-    for start in starts:
+    # Some 40 ms a start, a few hundred starts: long enough to show progress at a terminal.
+    for start in tqdm(starts, desc="fitting", unit="start", leave=False, disable=None,
+                      file=sys.stderr):
         theta, objective = _lbfgs(log_loss, columns, observed, start)
         if math.isfinite(objective) and (best is None or objective < best[1]):
             best = theta, objective

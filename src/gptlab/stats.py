@@ -102,6 +102,14 @@ def group_runs(runs: Iterable[Run], ignore: Iterable[str] = ()) -> list[Group]:
             for key, grouped in members.items()]
 
 
+def group_of(groups: Iterable[Group], params: dict[str, Any],
+             ignore: Iterable[str] = ()) -> Group | None:
+    """The group whose runs share exactly these params (seed and `ignore` left out), if any."""
+    left_out = {SEED_KEY, *ignore}
+    wanted = _hashable({key: value for key, value in params.items() if key not in left_out})
+    return next((group for group in groups if _hashable(group.params) == wanted), None)
+
+
 def _hashable(params: dict[str, Any]) -> tuple[tuple[str, str], ...]:
     # Param values may be lists or dicts (data.include); their JSON text compares them.
     return tuple(sorted((key, json.dumps(value, sort_keys=True, default=str))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import ValidationError
@@ -23,10 +24,14 @@ from gptlab.scaling import ScalingRun
 
 PREFIX = "scale-"
 EMBEDDINGS = ("tok_emb.", "pos_emb.", "lm_head.")
+# Every run of a sweep trains every weight from random ones: N and D count nothing else.
+# The sweep's metrics: the loss on every token of the validation split, and the vocabulary.
+LOSS, VOCAB_SIZE = "eval.val_loss", "tokenize.vocab_size"
+FROM_SCRATCH = {"model.init": "scratch", "train.lora.rank": 0}
 
 
 def sweep_grid(model: ModelParams, widths: list[int],
-               steps: list[int]) -> list[tuple[str, dict[str, int]]]:
+               steps: list[int]) -> list[tuple[str, dict[str, Any]]]:
     """The sweep's experiments, each a name and its params, checked before any is queued."""
     grid = []
     for width in widths:
@@ -37,12 +42,12 @@ def sweep_grid(model: ModelParams, widths: list[int],
         for count in steps:
             if count < 1:
                 raise GptlabError(f"--steps: {count} is not a number of steps")
-            grid.append((f"{PREFIX}w{width}-s{count}",
-                         {"model.n_embd": width, "train.max_iters": count}))
+            grid.append((f"{PREFIX}w{width}-s{count}", {**FROM_SCRATCH, "model.n_embd": width,
+                                                       "train.max_iters": count}))
     return grid
 
 
-def queue_sweep(grid: list[tuple[str, dict[str, int]]], project: Path = Path(".")) -> None:
+def queue_sweep(grid: list[tuple[str, dict[str, Any]]], project: Path = Path(".")) -> None:
     """Queue each experiment of the grid (`dvc queue start` runs them)."""
     for name, params in grid:
         settings = [item for key, value in params.items() for item in ("-S", f"{key}={value}")]
@@ -58,22 +63,29 @@ def scaling_runs(experiments: Experiments, prefix: str = PREFIX) -> list[Scaling
     a GptlabError, since a fit without it would not be the sweep's."""
     unfinished = [name for name in experiments.unfinished if name.startswith(prefix)]
     if unfinished:
-        raise GptlabError(f"experiment {unfinished[0]} of the sweep has no results: still queued, "
-                          f"or failed (`dvc queue status`, `dvc queue logs {unfinished[0]}`); "
-                          f"run it or remove it with `dvc exp remove`")
+        raise GptlabError(f"experiment {unfinished[0]} of the sweep has no results: still queued "
+                          f"or running, or failed (`dvc queue status`, `dvc queue logs "
+                          f"{unfinished[0]}`); wait for it, or remove it with `dvc exp remove`")
     runs = []
     for experiment in experiments.finished:
         if not experiment.name.startswith(prefix):
             continue
-        params, metrics = experiment.params, experiment.metrics
-        if "val_loss" not in metrics or "vocab_size" not in metrics:
-            raise GptlabError(f"experiment {experiment.name}: no val_loss or vocab_size in its "
+        metrics = experiment.metrics
+        if LOSS not in metrics or VOCAB_SIZE not in metrics:
+            raise GptlabError(f"experiment {experiment.name}: no {LOSS} or {VOCAB_SIZE} in its "
                               f"metrics (did its evaluate and tokenize stages run?)")
-        runs.append(ScalingRun(experiment.name, block_params(params, metrics["vocab_size"]),
-                               training_tokens(params), metrics["val_loss"]))
+        try:
+            n_params = block_params(experiment.params, metrics[VOCAB_SIZE])
+            n_tokens = training_tokens(experiment.params)
+        except (ValidationError, KeyError) as error:
+            problem = (f"no {error.args[0]}" if isinstance(error, KeyError)
+                       else describe(error, ModelParams))
+            raise GptlabError(f"experiment {experiment.name}: params.yaml: {problem}") from None
+        runs.append(ScalingRun(experiment.name, n_params, n_tokens, metrics[LOSS]))
     if not runs:
-        raise GptlabError(f"no experiments of the sweep ({prefix}*) here; queue them with "
-                          f"`gptlab scaling --queue` and run them with `dvc queue start`")
+        raise GptlabError(f"no experiments of the sweep ({prefix}*) in this commit; queue them "
+                          f"with `gptlab scaling --queue` and run them with `dvc queue start` "
+                          f"(or add --all-commits for earlier commits' sweeps)")
     return runs
 
 
@@ -81,8 +93,8 @@ def block_params(params: dict[str, object], vocab_size: int) -> int:
     """N: the parameters of the model's blocks and final norm, counted on a copy without
     storage (meta device)."""
     model = {key.removeprefix("model."): value for key, value in params.items()
-             if key.startswith("model.") and key != "model.init"}
-    config = ModelConfig(**model, vocab_size=vocab_size)
+             if key.startswith("model.")}
+    config = ModelConfig.of(ModelParams(**model), vocab_size)
     with torch.device("meta"):
         built = build_model(config)
     return sum(p.numel() for name, p in built.named_parameters()
