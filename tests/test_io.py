@@ -53,6 +53,26 @@ def test_atomic_dir_swaps_whole_folders(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
 
 
+def test_outputs_get_the_permissions_the_umask_allows(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "file.txt") as tmp:
+            tmp.write_text("x")
+        with atomic_dir(tmp_path / "folder") as tmp:
+            # As safetensors writes its files: owner-only, whatever the umask.
+            fd = os.open(tmp / "weights.bin", os.O_WRONLY | os.O_CREAT, 0o600)
+            os.close(fd)
+            (tmp / "script.sh").write_text("")
+            (tmp / "script.sh").chmod(0o700)
+    finally:
+        os.umask(previous)
+    modes = {path.name: path.stat().st_mode & 0o777
+             for path in (tmp_path / "file.txt", tmp_path / "folder" / "weights.bin",
+                          tmp_path / "folder" / "script.sh", tmp_path / "folder")}
+    assert modes == {"file.txt": 0o644, "weights.bin": 0o644, "script.sh": 0o744,
+                     "folder": 0o755}
+
+
 def test_write_json_and_text_create_parent_folders(tmp_path):
     write_json(tmp_path / "metrics" / "m.json", {"val_loss": 1.5, "name": "ü"})
     assert json.loads((tmp_path / "metrics" / "m.json").read_text()) == {"val_loss": 1.5,

@@ -106,6 +106,7 @@ def atomic_dir(path: str | os.PathLike, what: str = "it") -> Iterator[Path]:
     try:
         with disk_full_named(final, what, staging=tmp):
             yield tmp
+            _share_files(tmp)
             _fsync_tree(tmp)
             _swap_in(tmp, final)
             _fsync_dir(final.parent)
@@ -195,6 +196,15 @@ def _fsync_file(path: Path) -> None:
     crash after the rename cannot leave an empty file under the final name."""
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
+
+
+def _share_files(folder: Path) -> None:
+    """Give the files written into `folder` the permissions the umask allows: some writers
+    (safetensors) make owner-only files, which a shared DVC cache or remote could not serve."""
+    allowed = 0o666 & ~_current_umask()
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(path.stat().st_mode | allowed)
 
 
 def _fsync_tree(folder: Path) -> None:
