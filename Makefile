@@ -9,6 +9,8 @@ LOCK := requirements.lock
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.gptlab-installed
 PLOTS_TEMPLATE := .gptlab/plots-template.html
+# Processes that share the test suite, a test file each at a time (its fixtures made once).
+TEST_WORKERS ?= 2
 # dvc, and the workers `dvc queue start` spawns, come from the virtual environment.
 export PATH := $(abspath $(BIN)):$(PATH)
 
@@ -46,7 +48,7 @@ repro: setup
 	$(BIN)/dvc repro
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: setup
 	$(BIN)/ruff check src stages tests

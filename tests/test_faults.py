@@ -36,7 +36,7 @@ from conftest import (
 
 from gptlab.sources import describe_files
 
-KILLS = 6
+KILLS = 4
 
 
 def kill_at(process: subprocess.Popen, seconds: float) -> None:
