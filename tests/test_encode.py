@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -280,18 +281,17 @@ def test_a_worker_error_names_the_file_and_leaves_no_shard(tmp_path, monkeypatch
 
 
 def kill_a_pool_worker(deadline: float) -> None:
-    """SIGKILL the first spawned worker process of this test process, as the OOM killer would."""
+    """SIGKILL a worker of the encoder's process pool as soon as one starts, as the OOM killer
+    would: the pool's processes are this process's multiprocessing children."""
     while time.monotonic() < deadline:
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-                command = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except (FileNotFoundError, ProcessLookupError, IndexError):
-                continue
-            if parent == os.getpid() and b"spawn_main" in command:
-                os.kill(int(pid), signal.SIGKILL)
-                return
-        time.sleep(0.01)
+        try:
+            workers = multiprocessing.active_children()
+        except RuntimeError:  # the pool started a worker while the children were listed
+            continue
+        if workers:
+            os.kill(workers[0].pid, signal.SIGKILL)
+            return
+        time.sleep(0.001)
 
 
 def test_a_killed_worker_fails_the_encoding_instead_of_hanging(tmp_path, monkeypatch):
