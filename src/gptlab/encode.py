@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,7 +174,7 @@ def _encoded_ranges(tokenizer: Tokenizer, text_path: Path, ranges: list[tuple[in
     try:
         in_flight: collections.deque = collections.deque()
         for task in tasks:
-            in_flight.append(pool.submit(_encode_range, task))
+            in_flight.append(_submit(pool, task))
             if len(in_flight) > workers:  # every worker busy, one result waiting: no more
                 yield in_flight.popleft().result()
         while in_flight:
@@ -189,6 +189,16 @@ def _encoded_ranges(tokenizer: Tokenizer, text_path: Path, ranges: list[tuple[in
                           f"rerun the tokenize stage") from None
     finally:
         pool.shutdown(cancel_futures=True)
+
+
+def _submit(pool: ProcessPoolExecutor, task: tuple[tuple[int, int], Path]) -> Future:
+    try:
+        return pool.submit(_encode_range, task)
+    except OSError as error:
+        # Python 3.11's pool starts a replacement worker on submit; when a worker has just died,
+        # the pool's pipes are already closed and that start fails before the pool reports
+        # itself broken.
+        raise BrokenProcessPool(f"starting a worker failed: {error}") from error
 
 
 _worker: dict[str, Any] = {}
