@@ -44,4 +44,5 @@ def test_a_fresh_clone_runs_the_readme_commands(tmp_path):
                                 capture_output=True, text=True, timeout=3000)
         assert result.returncode == 0, f"{command}:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
     metrics = {p.name for p in (clone / "metrics").iterdir()}
-    assert metrics == {"clean.json", "tokenize.json", "train.json", "eval.json", "sample.json"}
+    assert metrics == {"clean.json", "tokenize.json", "train.json", "eval.json", "sample.json",
+                       "scaling.json"}  # the committed scaling sweep's summary
