@@ -4,7 +4,8 @@
 so each new token costs one cached step instead of a pass over the whole context (nanoGPT
 recomputes its full window for every token). Past block_size tokens the window slides in
 jumps: the cache is refilled from the last block_size // 2 tokens, so every token is predicted
-from between block_size // 2 and block_size tokens of context.
+from between block_size // 2 and block_size tokens of context. `generate_steps` is the same
+loop one step at a time, for a caller that shows tokens as they come (`gptlab serve`).
 
 `sample_prompts` is the sample stage: the published model on each prompt of params.sample,
 rendered as Markdown, with the generation speed as metrics.
@@ -52,22 +53,57 @@ def generate(
 ) -> list[list[int]]:
     """`num_samples` continuations of one prompt, generated as one batch through the KV cache.
 
+    Each continuation excludes the prompt and stops before its first `eot_id` (when not None);
+    the batch stops once every sample has stopped, or after max_new_tokens. The tokens are
+    `generate_steps`' for the same arguments: the same generator state gives the same tokens.
+    """
+    columns = []
+    finished = torch.zeros(num_samples, dtype=torch.bool, device=next(model.parameters()).device)
+    steps = generate_steps(model, prompt_ids, num_samples=num_samples,
+                           max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                           top_p=top_p, greedy=greedy, eot_id=eot_id, generator=generator)
+    with contextlib.closing(steps):  # stopping early restores the thread count now, not at gc
+        for count, new in enumerate(steps, start=1):
+            columns.append(new)
+            if eot_id is not None:
+                finished |= new == eot_id
+                # Reading the flags waits for the device: once every few tokens, not every one.
+                if count % EOT_CHECK_EVERY == 0 and finished.all():
+                    break
+    rows = torch.stack(columns, dim=1).tolist()
+    return [cut_at_eot(row, eot_id) for row in rows]
+
+
+@torch.inference_mode()
+def generate_steps(
+    model: nn.Module,
+    prompt_ids: list[int],
+    *,
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float,
+    greedy: bool,
+    eot_id: int | None,
+    generator: torch.Generator,
+) -> Iterator[Tensor]:
+    """The new token of every sample (num_samples,), one step at a time, for up to
+    max_new_tokens steps: what `generate` collects and a server streams. The caller decides
+    when to stop (a sample goes on past its end-of-text token).
+
     A prompt longer than block_size is cropped to its last block_size tokens; an empty one
     starts from the end-of-text token (GPT-2's way to start from nothing), and is an error
-    when the tokenizer has none. Each continuation excludes the prompt and stops before its
-    first `eot_id` (when not None); the batch stops once every sample has stopped, or after
-    max_new_tokens.
+    when the tokenizer has none.
 
     When the cache is full it is refilled from the last block_size // 2 tokens of each sample
     and generation goes on one token at a time: positions restart at 0 in the refilled cache,
     which is right for learned and rotary positions alike since the window is encoded afresh.
-    The same generator state gives the same tokens.
     """
     model.eval()
     prompt = start_ids(prompt_ids, eot_id)[-model.config.block_size :]
     device = next(model.parameters()).device
-    # Finished samples keep generating (their tail is discarded) so that the batch stays one
-    # rectangle that can slide its window all at once.
+    # Every sample is one row of a rectangle that slides its window all at once.
     tokens = torch.empty(num_samples, len(prompt) + max_new_tokens, dtype=torch.long,
                          device=device)
     tokens[:, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
@@ -75,9 +111,7 @@ def generate(
                              greedy=greedy, generator=generator)
     dtype = generation_dtype(device)
     with one_cpu_thread(device), autocast(device, dtype):
-        filled = fill_continuations(model, tokens, len(prompt), pick, eot_id, dtype)
-    rows = tokens[:, len(prompt) : len(prompt) + filled].tolist()
-    return [cut_at_eot(row, eot_id) for row in rows]
+        yield from decode_steps(model, tokens, len(prompt), pick, dtype)
 
 
 @contextlib.contextmanager
@@ -112,27 +146,19 @@ def start_ids(prompt_ids: list[int], eot_id: int | None) -> list[int]:
     return [eot_id]
 
 
-def fill_continuations(model: nn.Module, tokens: Tensor, prompt_length: int,
-                       pick: Callable[[Tensor], Tensor], eot_id: int | None,
-                       dtype: torch.dtype) -> int:
-    """Write new tokens into tokens[:, prompt_length:] in place; return how many columns
-    (past the last end-of-text, up to EOT_CHECK_EVERY - 1 more, whose tokens are discarded).
+def decode_steps(model: nn.Module, tokens: Tensor, prompt_length: int,
+                 pick: Callable[[Tensor], Tensor], dtype: torch.dtype) -> Iterator[Tensor]:
+    """Write new tokens into tokens[:, prompt_length:] one column at a time, yielding each.
 
     The cache holds keys and values in the compute dtype, so no step converts the prefix.
     """
     cache = model.new_cache(tokens.size(0), dtype)
     refill_length = max(1, cache.capacity // 2)  # a block_size of 1 still keeps one token
-    finished = torch.zeros(tokens.size(0), dtype=torch.bool, device=tokens.device)
     logits = last_logits(model, tokens[:, :prompt_length], cache)
     for position in range(prompt_length, tokens.size(1)):
         new = pick(logits.float())  # sampled in float32 whatever the compute dtype
         tokens[:, position] = new
-        new_count = position + 1 - prompt_length
-        if eot_id is not None:
-            finished |= new == eot_id
-            # Reading the flags waits for the device: once every few tokens, not every one.
-            if new_count % EOT_CHECK_EVERY == 0 and finished.all():
-                return new_count
+        yield new
         if position + 1 == tokens.size(1):
             break
         if cache.length == cache.capacity:  # slide: encode the last refill_length afresh
@@ -141,7 +167,6 @@ def fill_continuations(model: nn.Module, tokens: Tensor, prompt_length: int,
                                  cache)
         else:  # the common case: one token per row through the lean path
             logits = model.decode_step(new, cache)
-    return tokens.size(1) - prompt_length
 
 
 def last_logits(model: nn.Module, window: Tensor, cache: KVCache) -> Tensor:
