@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     export.add_argument("out_dir", type=Path, metavar="OUT",
                         help="folder to write; an earlier export there is replaced")
     add_lab_commands(commands)
+    add_serve_command(commands)
     template = commands.add_parser(
         "plots-template", help="build the page template that lets `dvc plots` pages render "
                                "offline (make setup does)")
@@ -129,6 +130,41 @@ def add_lab_commands(commands: argparse._SubParsersAction) -> None:
     report.add_argument("-o", "--out", type=Path, default=Path("metrics/report.md"),
                         metavar="FILE", help="where to write it, the figures beside it "
                                              "(default: metrics/report.md)")
+
+
+def add_serve_command(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser(
+        "serve", help="serve trained models over an OpenAI-compatible API, with a chat page",
+        description="Answers POST /v1/completions and /v1/chat/completions (streamed or not), "
+                    "GET /v1/models and /health, and serves a chat page at /. Listens on "
+                    "127.0.0.1 only unless --host says otherwise.")
+    serve.add_argument("--models", action="append", metavar="[NAME=]DIR",
+                       help="a folder written by the train stage, named after the folder "
+                            "unless NAME is given (repeat to serve several; default: models)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default: 127.0.0.1, this machine only; "
+                            "0.0.0.0 for every network)")
+    serve.add_argument("--port", type=int, default=8000, help="default: 8000")
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    serve.add_argument("--concurrency", type=at_least(1), default=2, metavar="N",
+                       help="generations running at once (default: 2)")
+    serve.add_argument("--queue", type=at_least(0), default=16, metavar="N",
+                       help="requests waiting for a generation; more get 503 (default: 16)")
+    serve.add_argument("--max-tokens", type=at_least(1), default=1024, metavar="N",
+                       help="the most tokens one request may ask for (default: 1024)")
+
+
+def at_least(smallest: int):
+    """An argparse type: an integer no smaller than `smallest`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = smallest - 1
+        if value < smallest:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {smallest}, got {text!r}")
+        return value
+    return parse
 
 
 def int_list(text: str) -> list[int]:
@@ -320,6 +356,16 @@ def run_chat(args: argparse.Namespace) -> None:
         print(result.continuations[0], flush=True)
 
 
+def run_serve(args: argparse.Namespace) -> None:
+    # FastAPI, uvicorn and torch load only for this command.
+    from gptlab.device import pick_device
+    from gptlab.serve import Limits, serve
+
+    limits = Limits(max_tokens=args.max_tokens, concurrency=args.concurrency, queue=args.queue)
+    serve(args.models or ["models"], args.host, args.port, pick_device(args.device, "--device"),
+          limits)
+
+
 def typed_lines(interactive: bool) -> Iterator[str]:
     """Lines from stdin, without their newline, until EOF or /quit; blank lines are skipped."""
     while True:
@@ -335,7 +381,8 @@ def typed_lines(interactive: bool) -> Iterator[str]:
 
 COMMANDS = {"params": show_params, "tokens": show_tokens, "sample": run_sample,
             "compare": run_compare, "scaling": run_scaling, "report": run_report,
-            "chat": run_chat, "export": run_export, "plots-template": build_plots_template}
+            "chat": run_chat, "serve": run_serve, "export": run_export,
+            "plots-template": build_plots_template}
 
 
 if __name__ == "__main__":
