@@ -507,8 +507,7 @@ async def streamed_answer(job: Job, plan: Plan, shape: Shape, request: Request,
     """Server-sent events: a chunk per token and choice, usage if asked, then [DONE]."""
     head = {"id": shape.id_prefix + uuid.uuid4().hex, "object": shape.chunk,
             "created": int(time.time()), "model": plan.name}
-    if plan.notice:
-        head["notice"] = plan.notice
+    notice = {"notice": plan.notice} if plan.notice else {}  # on the first chunk only
     started = set()
     try:
         while not isinstance(event := await job.next_event(request), Done):
@@ -522,7 +521,8 @@ async def streamed_answer(job: Job, plan: Plan, shape: Shape, request: Request,
                 if text or reason or index not in started:
                     choice = shape.delta(index, text, reason, first=index not in started)
                     started.add(index)
-                    yield sse({**head, "choices": [choice]})
+                    yield sse({**head, **notice, "choices": [choice]})
+                    notice = {}
         if include_usage:
             yield sse({**head, "choices": [], "usage": usage(event)})
         yield "data: [DONE]\n\n"

@@ -1,5 +1,6 @@
 """`make bench` (`python -m gptlab.bench`): the pipeline's speed on this machine, stage by
-stage, then the GPU speed ladder (gptlab.bench.ladder) where there is a GPU."""
+stage, `gptlab serve` under load (gptlab.bench.serving), then the GPU speed ladder
+(gptlab.bench.ladder) where there is a GPU."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from gptlab.bench.ladder import bench_gpu
+from gptlab.bench.serving import bench_serving
 from gptlab.clean import (
     Document,
     drop_near_duplicates,
@@ -56,6 +58,7 @@ def main() -> None:
     bench_dedupe(corpus, params.clean)
     bench_training(corpus, params)
     bench_sampling(Path("models"))
+    bench_serving(Path("models"))
     bench_finetune_memory()
     bench_dvc_overhead()
     bench_gpu()
