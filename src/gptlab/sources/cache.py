@@ -33,12 +33,14 @@ def cached(cache: Path, sha256: str) -> Path | None:
     return files[0] if len(files) == 1 else None
 
 
-def store_verified(downloaded: Path, sha256: str, cache: Path) -> Artifact:
-    """Check `downloaded` against `sha256` and move it into the cache under that hash."""
+def store_verified(downloaded: Path, sha256: str, cache: Path,
+                   pin: str = "data.sha256") -> Artifact:
+    """Check `downloaded` against `sha256` (written at `pin`, which a mismatch names) and move
+    it into the cache under that hash."""
     digest = sha256_file(downloaded)
     if digest != sha256:
-        raise ChecksumMismatch(f"data.sha256: {downloaded.name} has sha256 {digest}, expected "
-                               f"{sha256} (a different file than pinned: update data.sha256 "
+        raise ChecksumMismatch(f"{pin}: {downloaded.name} has sha256 {digest}, expected "
+                               f"{sha256} (a different file than pinned: update {pin} "
                                f"only if you trust it)", digest)
     target = cache / sha256 / downloaded.name
     with atomic_path(target) as tmp:
