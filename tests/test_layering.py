@@ -11,11 +11,11 @@ from conftest import ROOT
 
 from gptlab.checkpoint import imported_modules
 
-# Formats (params, token files, the training log, atomic output) and what the download, clean,
-# tokenize and plot stages run: none needs a deep-learning framework to start.
+# Formats (params, token files, the training log, atomic output, downstream task data) and what
+# the download, clean, tokenize and plot stages run: none needs a deep-learning framework to start.
 WITHOUT_TORCH = ["gptlab.params", "gptlab.io", "gptlab.errors", "gptlab.trainlog",
                  "gptlab.tokens", "gptlab.plots", "gptlab.clean", "gptlab.encode",
-                 "gptlab.tokenizers", "gptlab.sources", "gptlab.sources.hf"]
+                 "gptlab.tokenizers", "gptlab.sources", "gptlab.sources.hf", "gptlab.tasks"]
 TOOLS = {"gptlab.bench", "gptlab.bench.ladder", "gptlab.bench.__main__", "gptlab.cli"}
 
 

@@ -239,12 +239,33 @@ def mps_processes_problem(processes: int) -> str:
             f"processes; set train.nproc: 1")
 
 
+# The downstream tasks gptlab scores (gptlab.tasks reads them).
+TASK_NAMES = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "lambada")
+
+
 class EvalParams(Section):
     device: Literal["auto", "cpu", "cuda", "mps"]
     dtype: Literal["auto", "float32", "bfloat16", "float16"]
     batch_size: int = Field(ge=1)
     train_split: bool
     train_tokens: int = Field(ge=1)
+    tasks: list[str]
+    task_limit: int | None = Field(ge=1)
+    task_seed: int
+    num_fewshot: int = Field(ge=0)
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name not in TASK_NAMES:
+                close = difflib.get_close_matches(name, TASK_NAMES, n=1, cutoff=0.6)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"unknown task {name!r}{hint}; expected some of "
+                                 f"{', '.join(TASK_NAMES)}")
+        if len(set(value)) < len(value):
+            raise ValueError("a task is listed twice")
+        return value
 
 
 class SampleParams(Section):
