@@ -9,7 +9,14 @@ import pytest
 from conftest import change_params, copy_project
 
 from gptlab.errors import GptlabError
-from gptlab.report import FIGURES, experiment_record, render, workspace_record, write_report
+from gptlab.report import (
+    FIGURES,
+    downstream,
+    experiment_record,
+    render,
+    workspace_record,
+    write_report,
+)
 
 
 def test_the_workspace_report_says_what_the_stages_recorded(pipeline, tmp_path):
@@ -63,3 +70,15 @@ def test_an_unknown_experiment_is_one_line(pipeline):
     with pytest.raises(GptlabError, match=r"^--exp: no finished experiment 'nope' "
                                           r"\(experiments: none\)$"):
         experiment_record("nope", pipeline[0])
+
+
+def test_downstream_scores_get_a_section_only_when_the_run_has_some():
+    metrics = {"val_loss": 1.9, "hellaswag_acc": 0.25, "hellaswag_acc_norm": 0.2625,
+               "hellaswag_items": 1000, "hellaswag_skipped": 0, "lambada_acc": 0.01,
+               "lambada_perplexity": 5123.456, "lambada_items": 200, "lambada_skipped": 3}
+    assert downstream(metrics, 0) == [
+        "## Downstream tasks (0-shot, scored as lm-evaluation-harness does)", "",
+        "- hellaswag: acc_norm 0.2625, acc 0.2500 (1,000 items)",
+        "- lambada: acc 0.0100, perplexity 5123.46 (200 items, 3 the tokenizer cannot encode left "
+        "out)", ""]
+    assert downstream({"val_loss": 1.9}, 0) == []

@@ -1,9 +1,10 @@
 """A run's report card: one Markdown page with what its stages recorded, for the workspace or for
 one DVC experiment.
 
-Environment, data, tokenizer, model, training, evaluation, a sample and the figures, all read
-from the metrics and outputs the stages wrote (and, for an experiment, from its commit and DVC's
-cache): nothing is computed again, so the page says what the run was, not what it would be now.
+Environment, data, tokenizer, model, training, evaluation (with any downstream task scores), a
+sample and the figures, all read from the metrics and outputs the stages wrote (and, for an
+experiment, from its commit and DVC's cache): nothing is computed again, so the page says what
+the run was, not what it would be now.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from gptlab.clean import LEAK_SHINGLE_WORDS
 from gptlab.errors import GptlabError
 from gptlab.experiments import flatten
 from gptlab.io import atomic_path, write_text
-from gptlab.params import PARAMS_FILE
+from gptlab.params import PARAMS_FILE, TASK_NAMES
 
 METRICS = ("clean", "tokenize", "train", "eval", "sample")
 FIGURES = ("loss.png", "lr.png", "throughput.png")
@@ -173,12 +174,31 @@ def render(run: RunRecord, figures_prefix: str) -> str:
         "## Evaluation (every token of the validation split)", "",
         f"- loss {m['eval']['val_loss']:.4f} nats per token, perplexity "
         f"{m['eval']['perplexity']:.2f}, {m['eval']['bits_per_byte']:.3f} bits per byte", "",
+        *downstream(m["eval"], p.get("eval.num_fewshot", 0)),
         "## A sample", "",
         *first_sample(run.samples), "",
         "## Figures", "",
         *(f"![{figure}]({figures_prefix}{figure})" for figure in FIGURES), "",
     ]
     return "\n".join(lines)
+
+
+def downstream(metrics: dict[str, Any], num_fewshot: int) -> list[str]:
+    """The section of the downstream task scores in metrics/eval.json, if the run has any."""
+    lines = []
+    for name in (name for name in TASK_NAMES if f"{name}_items" in metrics):
+        scores = [f"{key} {metrics[f'{name}_{key}']:.4f}" for key in ("acc_norm", "acc")
+                  if metrics.get(f"{name}_{key}") is not None]
+        if metrics.get(f"{name}_perplexity") is not None:
+            scores.append(f"perplexity {metrics[f'{name}_perplexity']:.2f}")
+        skipped = metrics.get(f"{name}_skipped") or 0
+        lines.append(f"- {name}: {', '.join(scores) or 'no item scored'} "
+                     f"({metrics[f'{name}_items']:,} items"
+                     f"{f', {skipped:,} the tokenizer cannot encode left out' if skipped else ''})")
+    if not lines:
+        return []
+    return [f"## Downstream tasks ({num_fewshot}-shot, scored as lm-evaluation-harness does)",
+            "", *lines, ""]
 
 
 def mfu(value: float | None) -> str:
