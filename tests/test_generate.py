@@ -325,8 +325,8 @@ def test_markdown_code_survives_backticks_in_the_text():
 
 
 def test_cli_help_speaks_of_the_product_only(tmp_path):
-    for args in (["--help"], ["sample", "--help"], ["chat", "--help"], ["compare", "--help"],
-                 ["scaling", "--help"], ["report", "--help"]):
+    for args in (["--help"], ["sample", "--help"], ["chat", "--help"], ["serve", "--help"],
+                 ["compare", "--help"], ["scaling", "--help"], ["report", "--help"]):
         result = gptlab(*args, cwd=tmp_path)
         assert result.returncode == 0
         assert not re.search(r"\b[A-Z]+_[A-Z_]+\b|\w+\(\)", result.stdout), result.stdout

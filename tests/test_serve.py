@@ -443,7 +443,7 @@ def test_the_page_streams_answers_side_by_side_in_chromium(server, client, tmp_p
 # --- the command -------------------------------------------------------------------------------
 
 
-def test_gptlab_serve_serves_named_models_on_loopback(tmp_path):
+def test_gptlab_serve_serves_the_named_models_of_its_options(tmp_path):
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
     first, second = built_model(tmp_path / "a", 0), built_model(tmp_path / "b", 1)
@@ -452,9 +452,23 @@ def test_gptlab_serve_serves_named_models_on_loopback(tmp_path):
     try:
         listed = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models").read())
         assert [model["id"] for model in listed["data"]] == ["models", "exp"]
+        if (address := outward_address()) is not None:  # loopback only, unless told
+            with pytest.raises(OSError):
+                socket.create_connection((address, port), timeout=5).close()
     finally:
         server.terminate()
         server.wait(10)
+
+
+def outward_address() -> str | None:
+    """This machine's address on the network its default route leads to, if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 1))  # UDP: chooses a route, sends nothing
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if address.startswith("127.") else address
 
 
 def test_named_models_refuses_two_of_one_name():
