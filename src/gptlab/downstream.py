@@ -94,14 +94,15 @@ def _score_batch(model: nn.Module, batch: list[Pair], device: torch.device,
     window = window.to(device)
     with autocast(device, dtype):
         logits, _ = model(window[:, :-1])
-    logprobs = F.log_softmax(logits.float(), dim=-1)
     results = []
     for row, pair in enumerate(batch):
         end = len(pair.tokens) - 1
-        positions = slice(end - pair.scored, end)
+        # Only the scored positions, in float32: a batch's whole log-softmax would be as large
+        # again as its logits.
+        logprobs = F.log_softmax(logits[row, end - pair.scored : end].float(), dim=-1)
         targets = window[row, end - pair.scored + 1 : end + 1]
-        chosen = logprobs[row, positions].gather(-1, targets[:, None]).squeeze(-1)
-        greedy = bool((logprobs[row, positions].argmax(-1) == targets).all())
+        chosen = logprobs.gather(-1, targets[:, None]).squeeze(-1)
+        greedy = bool((logprobs.argmax(-1) == targets).all())
         results.append(Loglikelihood(chosen.sum().item(), greedy))
     return results
 
