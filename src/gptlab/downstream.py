@@ -94,17 +94,18 @@ def _score_batch(model: nn.Module, batch: list[Pair], device: torch.device,
     window = window.to(device)
     with autocast(device, dtype):
         logits, _ = model(window[:, :-1])
-    results = []
+    sums, greedy = [], []
     for row, pair in enumerate(batch):
         end = len(pair.tokens) - 1
         # Only the scored positions, in float32: a batch's whole log-softmax would be as large
         # again as its logits.
         logprobs = F.log_softmax(logits[row, end - pair.scored : end].float(), dim=-1)
         targets = window[row, end - pair.scored + 1 : end + 1]
-        chosen = logprobs.gather(-1, targets[:, None]).squeeze(-1)
-        greedy = bool((logprobs.argmax(-1) == targets).all())
-        results.append(Loglikelihood(chosen.sum().item(), greedy))
-    return results
+        sums.append(logprobs.gather(-1, targets[:, None]).sum())
+        greedy.append((logprobs.argmax(-1) == targets).all())
+    # One copy to the host per batch rather than two per pair.
+    return [Loglikelihood(logprob, is_greedy) for logprob, is_greedy in
+            zip(torch.stack(sums).tolist(), torch.stack(greedy).tolist(), strict=True)]
 
 
 @dataclass(frozen=True)
