@@ -16,7 +16,8 @@ from gptlab.checkpoint import imported_modules
 WITHOUT_TORCH = ["gptlab.params", "gptlab.io", "gptlab.errors", "gptlab.trainlog",
                  "gptlab.tokens", "gptlab.plots", "gptlab.clean", "gptlab.encode",
                  "gptlab.tokenizers", "gptlab.sources", "gptlab.sources.hf", "gptlab.tasks"]
-TOOLS = {"gptlab.bench", "gptlab.bench.ladder", "gptlab.bench.__main__", "gptlab.cli"}
+TOOLS = {"gptlab.bench", "gptlab.bench.ladder", "gptlab.bench.serving", "gptlab.bench.__main__",
+         "gptlab.cli"}
 
 
 @pytest.mark.parametrize("module", WITHOUT_TORCH)
