@@ -30,13 +30,14 @@ from conftest import (
 from gptlab.downstream import (
     Loglikelihood,
     Pair,
-    _judge,
     encode_pair,
+    judge,
     make_pair,
     score_pairs,
     score_task,
 )
 from gptlab.encode import encode_splits
+from gptlab.errors import GptlabError
 from gptlab.export import export_hf
 from gptlab.model import build_model
 from gptlab.published import (
@@ -266,7 +267,7 @@ def lls(*values: float, greedy: bool = False):
 def test_acc_norm_divides_by_the_characters_of_each_choice():
     # "a": -2 in total but -2 per character; "bbbbbbbbbb": -5 in total, -0.5 per character.
     items = [Item("q", ("a", "bbbbbbbbbb"), 1)]
-    score = _judge("hellaswag", items, [0], lls(-2.0, -5.0), 1.0, 0)
+    score = judge("hellaswag", items, [0], lls(-2.0, -5.0), 1.0, 0)
     assert score.predictions == [0] and score.normalised == [1]
     assert score.correct == [False] and score.correct_norm == [True]
     assert score.metrics() == {"hellaswag_acc": 0.0, "hellaswag_acc_norm": 1.0,
@@ -277,12 +278,24 @@ def test_acc_norm_divides_by_the_characters_of_each_choice():
 def test_lambada_is_right_only_when_the_model_would_write_the_word_itself():
     items = [Item("q", ("word",), 0), Item("r", ("other",), 0)]
     results = lls(-1.0, greedy=True) + lls(-3.0, greedy=False)
-    score = _judge("lambada", items, [0, 1], results, 2.0, 0)
+    score = judge("lambada", items, [0, 1], results, 2.0, 0)
     assert score.correct == [True, False]
     metrics = score.metrics()
     assert metrics["lambada_acc"] == 0.5
     assert metrics["lambada_perplexity"] == pytest.approx(round(2.718281828 ** 2, 4))
     assert "lambada_acc_norm" not in metrics
+
+
+def test_a_task_with_no_item_scored_has_no_scores():
+    score = judge("piqa", [Item("q", ("a", "b"), 0)], [], [], 1.0, 1)
+    assert score.metrics() == {"piqa_acc": None, "piqa_acc_norm": None, "piqa_items": 0,
+                               "piqa_skipped": 1, "piqa_items_per_sec": 0.0}
+
+
+def test_a_perplexity_beyond_a_float_is_one_error():
+    score = judge("lambada", [Item("q", ("word",), 0)], [0], lls(-1000.0), 1.0, 0)
+    with pytest.raises(GptlabError, match=r"^eval: the lambada perplexity is beyond a float"):
+        score.metrics()
 
 
 def test_items_the_tokenizer_cannot_encode_are_skipped_and_counted():

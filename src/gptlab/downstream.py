@@ -123,17 +123,31 @@ class TaskScore:
     seconds: float
 
     def metrics(self) -> dict[str, Any]:
-        """The task's entries for metrics/eval.json."""
+        """The task's entries for metrics/eval.json (scores None when no item was scored)."""
         scored = len(self.correct)
-        metrics: dict[str, Any] = {"acc": round(sum(self.correct) / scored, 6) if scored else None}
+        metrics: dict[str, Any] = {"acc": _mean(self.correct)}
         if TASKS[self.name].kind == "choice":
-            metrics["acc_norm"] = round(sum(self.correct_norm) / scored, 6) if scored else None
-        else:  # the harness's perplexity: exp of minus the mean log-likelihood of the word
-            mean = sum(lp[0] for lp in self.logprobs) / scored if scored else math.nan
-            metrics["perplexity"] = round(math.exp(-mean), 4) if scored else None
+            metrics["acc_norm"] = _mean(self.correct_norm)
+        else:
+            metrics["perplexity"] = self.perplexity()
         metrics.update(items=scored, skipped=self.skipped,
                        items_per_sec=round(scored / self.seconds, 2) if self.seconds else None)
         return {f"{self.name}_{key}": value for key, value in metrics.items()}
+
+    def perplexity(self) -> float | None:
+        """The harness's perplexity of a one-choice task: exp(-mean log-likelihood)."""
+        if not self.logprobs:
+            return None
+        mean = sum(lls[0] for lls in self.logprobs) / len(self.logprobs)
+        try:
+            return round(math.exp(-mean), 4)
+        except OverflowError:
+            raise GptlabError(f"eval: the {self.name} perplexity is beyond a float (mean "
+                              f"log-likelihood {mean:.1f} nats)") from None
+
+
+def _mean(flags: list[bool]) -> float | None:
+    return round(sum(flags) / len(flags), 6) if flags else None
 
 
 def item_pairs(tokenizer: Tokenizer, context: str, item: Item,
@@ -165,11 +179,14 @@ def score_task(published: Published, items: list[Item], name: str, params: EvalP
             pairs.extend(encoded)
     results = score_pairs(published.model, pairs, params.batch_size, published.device, dtype,
                           name)
-    return _judge(name, items, kept, results, time.perf_counter() - started,
+    if any(math.isnan(result.logprob) for result in results):
+        raise GptlabError(f"eval: {name} log-likelihoods are NaN; with eval.dtype float16 the "
+                          f"logits may overflow, so try float32")
+    return judge(name, items, kept, results, time.perf_counter() - started,
                   len(chosen) - len(kept))
 
 
-def _judge(name: str, items: list[Item], kept: list[int], results: list[Loglikelihood],
+def judge(name: str, items: list[Item], kept: list[int], results: list[Loglikelihood],
            seconds: float, skipped: int) -> TaskScore:
     """Predictions and correctness of each item from its choices' log-likelihoods."""
     predictions, normalised, correct, correct_norm, logprobs = [], [], [], [], []
