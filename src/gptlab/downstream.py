@@ -5,8 +5,10 @@ Each (context, continuation) pair is tokenized as the harness does: spaces at th
 context move to the continuation, the whole text is encoded, and the continuation is what
 follows the context's own encoding. When context plus continuation are longer than the model's
 block_size + 1 tokens, the context is cut from the left (the continuation kept whole), as the
-harness does with its max_length. The score of a continuation is the sum of its tokens'
-log-probabilities; it is greedy when every one of its tokens is the model's most likely.
+harness does with its max_length; a continuation longer than block_size alone, which the
+harness refuses, is scored on its last block_size tokens. The score of a continuation is the
+sum of its tokens' log-probabilities; it is greedy when every one of its tokens is the model's
+most likely. An item whose text the tokenizer cannot encode is left out and counted.
 
 Pairs are scored in batches, longest first (like lengths pad least), one forward pass each.
 """
