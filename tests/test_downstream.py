@@ -8,8 +8,6 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
-import sys
-import types
 import zipfile
 from pathlib import Path
 
@@ -113,35 +111,12 @@ def agreement(tmp_path_factory):
     return folder, models_dir, wheel
 
 
-def without_accelerate(monkeypatch) -> None:
-    """Let lm_eval.models.huggingface import where accelerate is not installed.
-
-    The harness imports accelerate at the top of that module but calls it only to spread a
-    model over processes or to search for a batch size; given a loaded model and a fixed batch
-    size, HFLM scores without it. Stand-ins that refuse to run keep that true.
-    """
-    try:
-        import accelerate  # noqa: F401
-    except ImportError:
-        def refuse(*args, **kwargs):
-            raise AssertionError("the harness reached for accelerate")
-
-        stub, utils = types.ModuleType("accelerate"), types.ModuleType("accelerate.utils")
-        stub.Accelerator = stub.InitProcessGroupKwargs = refuse
-        stub.find_executable_batch_size = utils.get_max_memory = refuse
-        stub.utils = utils
-        monkeypatch.setitem(sys.modules, "accelerate", stub)
-        monkeypatch.setitem(sys.modules, "accelerate.utils", utils)
-
-
-def harness_results(folder: Path, wheel: Path, monkeypatch) -> tuple[dict[str, list[dict]],
-                                                                     dict[str, dict]]:
+def harness_results(folder: Path, wheel: Path) -> tuple[dict[str, list[dict]], dict[str, dict]]:
     """The harness's per-item results on the export of the model, each task's in item order,
     and its aggregate scores."""
     from transformers import AutoModelForCausalLM
 
     exported = AutoModelForCausalLM.from_pretrained(folder / "hf").eval()
-    without_accelerate(monkeypatch)  # after transformers has looked for it
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -160,7 +135,7 @@ def test_the_harness_and_gptlab_score_the_same_items_alike(agreement, monkeypatc
     folder, models_dir, wheel = agreement
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    theirs, aggregates = harness_results(folder, wheel, monkeypatch)
+    theirs, aggregates = harness_results(folder, wheel)
     published = load_published(models_dir)
     params = PROJECT_PARAMS.eval.model_copy(update={"batch_size": 5})
     for name, samples in theirs.items():
