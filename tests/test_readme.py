@@ -54,3 +54,13 @@ def test_each_figure_of_the_first_table_is_the_committed_metric(row):
 def test_the_first_table_covers_the_headline_metrics():
     keys = {row[2].split("`")[3] for row in first_table()}
     assert {"val_loss", "perplexity", "bits_per_byte", "tokens_per_sec"} <= keys
+
+
+@pytest.mark.parametrize("page", ["README.md", *sorted(
+    path.relative_to(ROOT).as_posix() for path in (ROOT / "docs").glob("*.md"))])
+def test_every_relative_link_of_the_docs_points_to_a_file_of_the_repository(page):
+    text = (ROOT / page).read_text()
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    relative = [t for t in targets if not re.match(r"[a-z]+:", t)]
+    missing = [t for t in relative if not ((ROOT / page).parent / t).exists()]
+    assert missing == []
