@@ -7,6 +7,8 @@ import json
 import os
 import pickle
 import re
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from gptlab.errors import GptlabError
+from gptlab.io import sha256_file
 from gptlab.model import build_model
 from gptlab.params import ModelConfig
 from gptlab.published import FORMAT, load_published, save_published
@@ -124,6 +127,8 @@ def test_config_json_describes_model_tokenizer_and_training(tokenizer_file, mode
         "model": config.model_dump(),
         "tokenizer": {"kind": "char", "vocab_size": len(CHARS), "file": "tokenizer.json"},
         "training": SUMMARY,
+        "sha256": {name: sha256_file(models_dir / name)
+                   for name in ("model.safetensors", "tokenizer.json")},
     }
     assert saved["model"]["vocab_size"] == len(CHARS)
     # The folder alone is enough to sample from: the tokenizer is copied, byte for byte.
@@ -342,3 +347,70 @@ def test_a_tokenizer_of_another_vocabulary_is_refused(tokenizer_file, models_dir
     with pytest.raises(GptlabError, match=file_error(models_dir / "tokenizer.json",
                                                      "4 tokens, but the model was trained on 3")):
         load_published(models_dir)
+
+
+# --- damaged files and readers while a new model is published ---------------------------------
+
+
+def flip_a_weight_bit(data: bytes) -> bytes:
+    return data[:-2] + bytes([data[-2] ^ 0x01]) + data[-1:]
+
+
+def add_a_space(data: bytes) -> bytes:
+    return data + b" "
+
+
+# Each damage leaves a well-formed file: only the recorded sha256 can tell.
+@pytest.mark.parametrize(("name", "damage"), [("model.safetensors", flip_a_weight_bit),
+                                              ("tokenizer.json", add_a_space)])
+def test_a_damaged_file_is_named_not_served(tokenizer_file, models_dir, name, damage):
+    publish(tiny_config(), tokenizer_file, models_dir)
+    path = models_dir / name
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(GptlabError, match=file_error(path, "damaged")):
+        load_published(models_dir)
+
+
+def test_a_folder_written_before_hashes_were_recorded_still_loads(tokenizer_file, models_dir):
+    model = publish(tiny_config(), tokenizer_file, models_dir)
+    config = models_dir / "config.json"
+    saved = json.loads(config.read_text())
+    del saved["sha256"]
+    config.write_text(json.dumps(saved))
+    assert_same_state_dict(model, load_published(models_dir).model)
+
+
+def test_readers_never_mix_two_published_models(tokenizer_file, models_dir):
+    """Readers in threads load the folder while it is republished, again and again, with models
+    of another shape each time: each load is one whole model, never one's config with another's
+    weights."""
+    configs = [tiny_config(n_embd=32), tiny_config(n_embd=64, n_layer=2)]
+    models = [tiny_model(config, seed) for seed, config in enumerate(configs)]
+    publish(configs[0], tokenizer_file, models_dir)
+    loads, failures, stop = [], [], threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            try:
+                published = load_published(models_dir)
+            except GptlabError as error:  # anything but a whole model is a failure
+                failures.append(str(error))
+                return
+            which = configs.index(published.model.config)
+            assert_same_state_dict(models[which], published.model)
+            loads.append(which)
+
+    readers = [threading.Thread(target=read) for _ in range(3)]
+    for reader in readers:
+        reader.start()
+    deadline = time.monotonic() + 4
+    publishes = 0
+    while time.monotonic() < deadline and not failures:
+        which = (publishes + 1) % 2
+        save_published(models[which], configs[which], tokenizer_file, SUMMARY, models_dir)
+        publishes += 1
+    stop.set()
+    for reader in readers:
+        reader.join(timeout=30)
+    assert not failures
+    assert publishes >= 20 and set(loads) == {0, 1}

@@ -36,7 +36,7 @@ from gptlab.pretrained import (
     PREFIX,
     gpt2_tensor_names,
 )
-from gptlab.published import CONFIG, load_published, read_config
+from gptlab.published import CONFIG, load_published
 from gptlab.tokenizers import (
     EOT_TOKEN,
     BPETokenizer,
@@ -67,9 +67,10 @@ INITIALIZER_RANGE = 0.02  # gptlab's init, for whoever fine-tunes the export
 def export_hf(models_dir: Path, out_dir: Path) -> str:
     """Write the model of `models_dir` and its tokenizer to `out_dir` in Hugging Face's format,
     the folder swapped in whole; the name of the layout written (gpt2 or llama)."""
-    layout = hf_layout(read_config(models_dir).model, models_dir / CONFIG)
     refuse_unsafe_out_dir(out_dir, models_dir)
+    # The config loaded with the weights, not read on its own: a new model may be swapped in.
     published = load_published(models_dir)
+    layout = hf_layout(published.config.model, models_dir / CONFIG)
     config, tokenizer = published.config.model, published.tokenizer
     to_layout = gpt2_weights if layout == "gpt2" else llama_weights
     weights = to_layout(published.model, config)

@@ -9,6 +9,7 @@ behind. A full disk is one clear error naming what was being written, and leaves
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import glob
 import hashlib
@@ -28,6 +29,10 @@ HASH_CHUNK_BYTES = 1 << 20
 # Where DVC runs queued and temporary experiments: copies of the project inside it.
 EXPERIMENT_COPIES = (".dvc", "tmp", "exps")
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# renameat2(2)'s arguments for an atomic swap of two paths (Linux 3.15 and later).
+_LIBC = ctypes.CDLL(None, use_errno=True)
+AT_FDCWD = -100
+RENAME_EXCHANGE = 2
 
 
 class DiskFull(GptlabError):
@@ -119,11 +124,22 @@ def _swap_in(tmp: Path, final: Path) -> None:
     if not final.exists():
         os.replace(tmp, final)
         return
+    if _exchange(tmp, final):
+        return  # the old folder is now at `tmp`, which atomic_dir deletes
     # Move the old folder aside first: a rename cannot replace a non-empty folder.
     old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
     os.replace(final, old / final.name)
     os.replace(tmp, final)
     shutil.rmtree(old)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders in one step (Linux's renameat2 with RENAME_EXCHANGE), so that a reader
+    of `b` never finds it missing; False where the platform or its file system cannot."""
+    renameat2 = getattr(_LIBC, "renameat2", None)
+    if renameat2 is None:
+        return False
+    return renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
 
 
 def cache_dir(kind: str) -> Path:

@@ -7,12 +7,16 @@ of how training got there.
     adapters.safetensors  after LoRA training, the adapters alone (already merged in the weights)
 
 The folder is written whole or not at all, and loading it runs no code from its files (no
-pickle). Resume state lives elsewhere (gptlab.checkpoint).
+pickle). config.json records the sha256 of the weights and the tokenizer, and loading checks
+them: a file damaged in a cache or a remote is named, not served, and a reader that meets a new
+folder swapped in mid-read reads again rather than mixing the config of one model with the
+weights of another. Resume state lives elsewhere (gptlab.checkpoint).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +29,7 @@ from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
 from gptlab.errors import GptlabError
-from gptlab.io import atomic_dir, read_text, write_json
+from gptlab.io import atomic_dir, read_text, sha256_file, write_json
 from gptlab.model import build_model
 from gptlab.params import ModelConfig, describe
 from gptlab.tokenizers import Tokenizer, load_tokenizer
@@ -35,6 +39,9 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
 ADAPTERS = "adapters.safetensors"
+HASHED = (WEIGHTS, TOKENIZER)
+# How often a reader starts over when the folder is replaced while it reads.
+READ_TRIES = 5
 
 
 class TokenizerReference(BaseModel):
@@ -55,6 +62,8 @@ class PublishedConfig(BaseModel):
     tokenizer: TokenizerReference
     # What produced the weights (steps, seed, train params, versions): for people and reports.
     training: dict[str, Any]
+    # The sha256 of each file of HASHED; folders written before it was recorded have none.
+    sha256: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -80,16 +89,46 @@ def save_published(model: nn.Module, config: ModelConfig, tokenizer_path: Path,
         training=training)
     with atomic_dir(models_dir, "the trained model") as staging:
         save_model(model, str(staging / WEIGHTS))
-        write_json(staging / CONFIG, published.model_dump())
         shutil.copyfile(tokenizer_path, staging / TOKENIZER)
         if adapters:
             save_file(adapters, str(staging / ADAPTERS))
+        hashes = {name: sha256_file(staging / name) for name in HASHED}
+        write_json(staging / CONFIG, published.model_copy(update={"sha256": hashes}).model_dump())
 
 
 def load_published(models_dir: Path, device: torch.device | str = "cpu") -> Published:
-    """The model saved by `save_published` on `device`, with its tokenizer and config."""
+    """The model saved by `save_published` on `device`, with its tokenizer and config.
+
+    A folder swapped in while it is read (the train stage publishing) is read again, whole: the
+    files read must be those its config.json recorded, all from the same folder.
+    """
     device = torch.device(device)
-    config = read_config(models_dir)
+    for _ in range(READ_TRIES):
+        before = folder_identity(models_dir)
+        try:
+            published = read_files(models_dir, read_config(models_dir), device)
+        except GptlabError:
+            if folder_identity(models_dir) == before:
+                raise
+            continue
+        if folder_identity(models_dir) == before:
+            return published
+    raise GptlabError(f"{models_dir}: replaced {READ_TRIES} times while being read; run again "
+                      f"once training has published")
+
+
+def folder_identity(models_dir: Path) -> tuple[int, int] | None:
+    """What tells one published folder from the next: a swap (a rename) gives the folder at
+    `models_dir` another inode, or at least another change time."""
+    try:
+        status = os.stat(models_dir)
+    except OSError:
+        return None
+    return status.st_ino, status.st_ctime_ns
+
+
+def read_files(models_dir: Path, config: PublishedConfig, device: torch.device) -> Published:
+    """The weights and tokenizer of `models_dir`, checked against `config`."""
     model = build_model(config.model)
     weights = models_dir / WEIGHTS
     try:
@@ -107,13 +146,31 @@ def load_published(models_dir: Path, device: torch.device | str = "cpu") -> Publ
     if tokenizer.vocab_size != config.model.vocab_size:
         raise GptlabError(f"{models_dir / TOKENIZER}: {tokenizer.vocab_size} tokens, but the "
                           f"model was trained on {config.model.vocab_size}")
+    check_sha256(models_dir, config)
     return Published(model.to(device), tokenizer, config, device)
+
+
+def check_sha256(models_dir: Path, config: PublishedConfig) -> None:
+    """Refuse a file whose bytes are not those config.json recorded (a damaged copy)."""
+    for name, expected in (config.sha256 or {}).items():
+        path = models_dir / name
+        try:
+            actual = sha256_file(path)
+        except OSError as error:
+            raise GptlabError(f"{path}: cannot be read: {error}") from None
+        if actual != expected:
+            raise GptlabError(f"{path}: damaged: its sha256 is not the one {models_dir / CONFIG} "
+                              f"records (pull it again with `dvc pull`, or train again)")
 
 
 def read_config(models_dir: Path) -> PublishedConfig:
     """models/config.json, validated."""
     path = models_dir / CONFIG
-    text = read_text(path, missing="run the train stage first")
+    return parse_config(read_text(path, missing="run the train stage first"), path)
+
+
+def parse_config(text: str, path: Path) -> PublishedConfig:
+    """The text of config.json at `path`, validated."""
     try:
         return PublishedConfig.model_validate_json(text)
     except ValidationError as error:
