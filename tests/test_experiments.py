@@ -33,7 +33,7 @@ from gptlab.experiments import flat_metrics, parse_experiments, read_experiments
 
 VENV = Path(sys.executable).parents[1]
 README = (ROOT / "README.md").read_text()
-EDIT_MARK = '    return {**metrics, "tokens_per_sec"'
+EDIT_MARK = '    metrics["tokens_per_sec"] = '
 
 
 def with_venv(project: Path) -> Path:
@@ -57,8 +57,7 @@ def test_a_queued_experiment_runs_the_code_it_was_queued_with(pipeline, tmp_path
     evaluate = project / "src" / "gptlab" / "evaluate.py"
     original = evaluate.read_text()
     assert EDIT_MARK in original
-    evaluate.write_text(original.replace(EDIT_MARK, '    return {**metrics, "queued_code": 1, '
-                                                    '"tokens_per_sec"'))
+    evaluate.write_text(original.replace(EDIT_MARK, '    metrics["queued_code"] = 1\n' + EDIT_MARK))
     dvc(project, "exp", "run", "--queue", "-S", "train.max_iters=30", "-n", "edited")
     evaluate.write_text(original)  # the workspace back as it was before the queue runs
     dvc(project, "exp", "run", "--run-all")  # in a copy of the project under .dvc/tmp/exps
