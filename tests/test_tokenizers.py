@@ -63,7 +63,8 @@ def any_tok(request: pytest.FixtureRequest) -> Tokenizer:
 
 def tokenizer_params(kind: str) -> TokenizerParams:
     return TokenizerParams(kind=kind, vocab_size=BPE_VOCAB, encoding=OFFLINE_ENCODING,
-                           shard_tokens=1 << 20)
+                           shard_tokens=1 << 20, from_model=None,
+                           chat_loss="answers")
 
 
 def write_texts(folder: Path, train: str, val: str) -> tuple[Path, Path]:

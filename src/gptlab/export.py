@@ -25,6 +25,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 from torch import Tensor, nn
 
+from gptlab.chat import HF_CHAT_TEMPLATE
 from gptlab.errors import GptlabError
 from gptlab.io import atomic_dir, write_json, write_text
 from gptlab.model import ROPE_BASE, swiglu_hidden_size
@@ -41,8 +42,10 @@ from gptlab.tokenizers import (
     EOT_TOKEN,
     BPETokenizer,
     CharTokenizer,
+    ChatTokenizer,
     TiktokenTokenizer,
     Tokenizer,
+    chat_tokens_of,
 )
 
 HF_TOKENIZER = "tokenizer.json"
@@ -175,8 +178,11 @@ def hf_config(config: ModelConfig, layout: str, eot_id: int | None) -> dict[str,
 
 
 def tokenizer_config(config: ModelConfig, tokenizer: Tokenizer) -> dict[str, Any]:
-    """tokenizer_config.json: the tokenizer as tokenizer.json alone, its text decoded as is."""
+    """tokenizer_config.json: the tokenizer as tokenizer.json alone, its text decoded as is,
+    and for a model with the chat tokens, gptlab's chat template for apply_chat_template."""
     special = {"eos_token": EOT_TOKEN} if tokenizer.eot_id is not None else {}
+    if chat_tokens_of(tokenizer):
+        special["chat_template"] = HF_CHAT_TEMPLATE
     # transformers' clean-up would delete spaces before punctuation: decode text as it was.
     return {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
             "model_max_length": config.block_size, **special}
@@ -184,6 +190,8 @@ def tokenizer_config(config: ModelConfig, tokenizer: Tokenizer) -> dict[str, Any
 
 def hf_tokenizer(tokenizer: Tokenizer) -> HFTokenizer:
     """The Hugging Face `tokenizers` tokenizer that gives the same ids for the same text."""
+    if isinstance(tokenizer, ChatTokenizer):
+        return with_chat_tokens(hf_tokenizer(tokenizer.base), tokenizer)
     if isinstance(tokenizer, CharTokenizer):
         return char_hf_tokenizer(tokenizer.chars)
     if isinstance(tokenizer, BPETokenizer):  # already a `tokenizers` tokenizer
@@ -191,6 +199,18 @@ def hf_tokenizer(tokenizer: Tokenizer) -> HFTokenizer:
     if isinstance(tokenizer, TiktokenTokenizer):
         return tiktoken_hf_tokenizer(tiktoken.get_encoding(tokenizer.encoding))
     raise GptlabError(f"a {tokenizer.kind} tokenizer has no Hugging Face export")
+
+
+def with_chat_tokens(hf: HFTokenizer, tokenizer: ChatTokenizer) -> HFTokenizer:
+    """`hf` with the chat tokens as special tokens of gptlab's ids: put in the model's
+    vocabulary first, since `add_special_tokens` would number new tokens itself (after the
+    largest id, which for tiktoken's cl100k_base is not the vocabulary's size)."""
+    definition = json.loads(hf.to_str())
+    definition["model"]["vocab"].update(tokenizer.special_ids)
+    hf = HFTokenizer.from_str(json.dumps(definition))
+    hf.add_special_tokens([AddedToken(token, special=True, normalized=False)
+                           for token in tokenizer.special_ids])
+    return hf
 
 
 def char_hf_tokenizer(chars: str) -> HFTokenizer:

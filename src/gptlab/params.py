@@ -104,6 +104,11 @@ class TokenizerParams(Section):
     vocab_size: int = Field(ge=260, le=1 << 31)
     encoding: str = Field(min_length=1)
     shard_tokens: int = Field(ge=1)
+    # A gptlab models/ folder whose tokenizer is used instead (kind and the rest ignored), so
+    # that model.init can start from that model.
+    from_model: str | None = Field(min_length=1)
+    # Conversations: the targets the loss counts, answers (the assistant's tokens) | all.
+    chat_loss: Literal["answers", "all"]
 
 
 class ModelShape(Section):

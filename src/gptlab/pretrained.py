@@ -33,6 +33,7 @@ from gptlab.io import read_text, sha256_file
 from gptlab.model import build_model
 from gptlab.params import ModelConfig, describe
 from gptlab.published import Published, load_published
+from gptlab.tokenizers import ChatTokenizer, load_tokenizer
 from gptlab.tokens import read_meta
 
 # A Hugging Face checkpoint folder's files.
@@ -266,8 +267,29 @@ def initial_weights(init: str, config: ModelConfig, tokens_dir: Path) -> dict[st
         published = load_published(Path(init))
         refuse_tokens_of_another_tokenizer(tokens_dir, published, init)
         pretrained, state = published.config.model, published.model.state_dict()
+        if config.vocab_size > pretrained.vocab_size:  # the chat tokens added to its vocabulary
+            state = grown_vocabulary(state, pretrained, config)
+            pretrained = pretrained.model_copy(update={"vocab_size": config.vocab_size})
     refuse_another_shape(config, pretrained, init)
     return state
+
+
+def grown_vocabulary(state: dict[str, Tensor], pretrained: ModelConfig,
+                     config: ModelConfig) -> dict[str, Tensor]:
+    """`state` with its token tables grown from `pretrained`'s vocabulary to `config`'s: the
+    old rows unchanged, each new one the mean of the old ones (an embedding like an average
+    token's, and at first an average logit, rather than a random one), padding rows zero."""
+    if pretrained.arch != "gpt":
+        raise GptlabError(f"model.init: a {pretrained.arch} model's vocabulary cannot grow "
+                          f"(to add the chat tokens); start from a gpt")
+    old, new = pretrained.vocab_size, config.vocab_size
+    grown = dict(state)
+    for name in ("tok_emb.weight", "lm_head.weight"):
+        table = state[name][:old]
+        rows = padded_rows(table, config.padded_vocab_size)
+        rows[old:new] = table.mean(dim=0)
+        grown[name] = rows
+    return grown
 
 
 def init_source(init: str) -> dict[str, str]:
@@ -302,6 +324,10 @@ def refuse_tokens_not_of_gpt2(tokens_dir: Path, init: str) -> None:
 def refuse_tokens_of_another_tokenizer(tokens_dir: Path, published: Published,
                                        init: str) -> None:
     meta = read_meta(tokens_dir, [])
-    if meta["tokenizer_fingerprint"] != published.tokenizer.fingerprint:
+    tokenizer = load_tokenizer(tokens_dir / "tokenizer.json")
+    # Tokens of its tokenizer with the chat tokens appended are its tokens too.
+    base = tokenizer.base if isinstance(tokenizer, ChatTokenizer) else tokenizer
+    if meta["tokenizer_fingerprint"] != published.tokenizer.fingerprint and (
+            base.fingerprint != published.tokenizer.fingerprint):
         raise GptlabError(f"model.init: {init} was trained with another tokenizer than the one "
                           f"{tokens_dir} was made with; tokenize with its tokenizer")

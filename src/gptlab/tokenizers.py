@@ -9,13 +9,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
+from gptlab.chat import CHAT_TOKENS
 from gptlab.errors import GptlabError
 from gptlab.io import write_json
 from gptlab.params import TokenizerParams
@@ -216,17 +218,85 @@ class TiktokenTokenizer(Tokenizer):
         return {"kind": self.kind, "vocab_size": self.vocab_size, "encoding": self.encoding}
 
 
-def build_tokenizer(params: TokenizerParams, train_path: Path, val_path: Path) -> Tokenizer:
-    """Make the tokenizer chosen in params, learning from the clean text where it needs to."""
+class ChatTokenizer(Tokenizer):
+    """A tokenizer with the chat template's special tokens appended after its vocabulary: the
+    ids of the vocabulary it extends are unchanged, so a model trained on it can be fine-tuned
+    on conversations. Their text in what it encodes is those tokens, as transformers'
+    tokenizers read added special tokens."""
+
+    def __init__(self, base: Tokenizer) -> None:
+        self.base = base
+        self.special_ids = {token: base.vocab_size + i for i, token in enumerate(CHAT_TOKENS)}
+        self._special = re.compile("(" + "|".join(map(re.escape, CHAT_TOKENS)) + ")")
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        return self.base.kind
+
+    @property
+    def vocab_size(self) -> int:
+        return self.base.vocab_size + len(CHAT_TOKENS)
+
+    @property
+    def eot_id(self) -> int | None:
+        return self.base.eot_id
+
+    def encode(self, text: str) -> np.ndarray:
+        pieces = [np.array([self.special_ids[piece]]) if piece in self.special_ids
+                  else self.base.encode(piece)
+                  for piece in self._special.split(text) if piece]
+        return np.concatenate(pieces).astype(np.int64) if pieces else np.zeros(0, np.int64)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        text, run = [], []
+        for i in map(int, ids):
+            if i < self.base.vocab_size:
+                run.append(i)
+                continue
+            text.append(self.base.decode(run))
+            run = []
+            if i >= self.vocab_size:
+                raise GptlabError(f"token id {i} is outside the vocabulary of {self.vocab_size}")
+            text.append(CHAT_TOKENS[i - self.base.vocab_size])
+        return "".join([*text, self.base.decode(run)])
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.base.to_json(), "vocab_size": self.vocab_size,
+                "chat_tokens": list(CHAT_TOKENS)}
+
+
+def chat_tokens_of(tokenizer: Tokenizer) -> ChatTokenizer | None:
+    """The tokenizer as a ChatTokenizer when it has the chat template's tokens, else None: a
+    model without them continues text rather than chats."""
+    return tokenizer if isinstance(tokenizer, ChatTokenizer) else None
+
+
+def build_tokenizer(params: TokenizerParams, train_path: Path, val_path: Path,
+                    chunks: Callable[[Path], Iterable[str]] | None = None) -> Tokenizer:
+    """Make the tokenizer chosen in params, learning from the clean text (read by `chunks`,
+    by default as plain text) where it needs to, or take that of params.from_model."""
+    if params.from_model is not None:
+        return model_tokenizer(Path(params.from_model))
+    chunks = chunks or iter_text_chunks
     if params.kind == "char":
         # Characters of both splits, as nanoGPT takes them from the whole input, so that a rare
         # character of the validation text is not an error.
         return CharTokenizer.from_texts(
-            chunk for path in (train_path, val_path) for chunk in iter_text_chunks(path)
+            chunk for path in (train_path, val_path) for chunk in chunks(path)
         )
     if params.kind == "bpe":
-        return BPETokenizer.train(iter_text_chunks(train_path), params.vocab_size)
+        return BPETokenizer.train(chunks(train_path), params.vocab_size)
     return TiktokenTokenizer(params.encoding)
+
+
+def model_tokenizer(models_dir: Path) -> Tokenizer:
+    """The tokenizer of a gptlab models/ folder, without any chat tokens it has (the tokenize
+    stage adds them to conversations' tokenizers only)."""
+    try:
+        tokenizer = load_tokenizer(models_dir / "tokenizer.json")
+    except GptlabError as error:
+        raise GptlabError(f"tokenizer.from_model: {error}") from None
+    return tokenizer.base if isinstance(tokenizer, ChatTokenizer) else tokenizer
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
@@ -250,7 +320,13 @@ def tokenizer_from_definition(definition: Any) -> Tokenizer:
         raise GptlabError(f"unknown tokenizer kind {kind!r}; expected one of "
                           f"{sorted(_REBUILDERS)}")
     try:
-        return _REBUILDERS[kind](definition)
+        base = _REBUILDERS[kind](definition)
+        if "chat_tokens" not in definition:
+            return base
+        if definition["chat_tokens"] != list(CHAT_TOKENS):
+            raise GptlabError(f"chat tokens {definition['chat_tokens']} are not this gptlab's "
+                              f"{list(CHAT_TOKENS)}")
+        return ChatTokenizer(base)
     except GptlabError:
         raise
     except Exception as error:  # a damaged definition can fail deep inside tokenizers' Rust code

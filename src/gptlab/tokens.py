@@ -11,6 +11,11 @@ tokenizer, instead of training on garbage. Beside the shards, meta.json names th
 (kind, vocabulary size, fingerprint) and counts each split's shards, tokens, characters and
 bytes, so readers need no tokenizer. gptlab.encode writes the files; this module is their
 format, and imports neither torch nor a tokenizer.
+
+Conversations (meta.json has "loss_mask": true) have beside each shard a mask shard of the same
+length, train_mask_000000.bin, in the same format with a "vocabulary" of the MASK_VALUES bit
+combinations of gptlab.chat (the loss counts this token as a target; a conversation starts
+here), written with the same fingerprint: a mask is refused unless it belongs to its shard.
 """
 
 from __future__ import annotations
@@ -51,6 +56,15 @@ class TokenHeader:
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
     """uint16 while every id fits, uint32 beyond: half the disk and memory for most tokenizers."""
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+# The values a mask shard may hold: every combination of gptlab.chat's two mask bits.
+MASK_VALUES = 4
+
+
+def mask_split(split: str) -> str:
+    """The name under which a split's mask shards are written."""
+    return f"{split}_mask"
 
 
 def shard_path(tokens_dir: Path, split: str, index: int) -> Path:
@@ -141,6 +155,21 @@ def open_split(tokens_dir: Path, split: str, meta: dict[str, Any]) -> list[np.me
                           f"but {tokens_dir / 'meta.json'} says {meta[f'{split}_tokens']} "
                           f"(rerun the tokenize stage)")
     return shards
+
+
+def open_masks(tokens_dir: Path, split: str, meta: dict[str, Any],
+               shards: list[np.ndarray]) -> list[np.ndarray] | None:
+    """The loss masks of a split's `shards` (see `open_split`), each checked to be as long as
+    its shard; None for token files of plain text."""
+    if not meta.get("loss_mask"):
+        return None
+    masks = [open_tokens(shard_path(tokens_dir, mask_split(split), index),
+                         meta["tokenizer_fingerprint"]) for index in range(len(shards))]
+    for index, (mask, shard) in enumerate(zip(masks, shards, strict=True)):
+        if len(mask) != len(shard):
+            raise GptlabError(f"{shard_path(tokens_dir, mask_split(split), index)}: {len(mask)} "
+                              f"mask values for {len(shard)} tokens (rerun the tokenize stage)")
+    return masks
 
 
 class TokenWriter:

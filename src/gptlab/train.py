@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from gptlab import __version__
-from gptlab.batches import SPLITS, RandomWindows, batch_seed, open_training_splits
+from gptlab.batches import SPLITS, batch_seed, open_training_splits, split_windows
 from gptlab.checkpoint import (
     ResumeState,
     agree_on_checkpoint,
@@ -162,7 +162,8 @@ class TrainingSession:
             torch.manual_seed(params.seed + world.rank)  # but dropout masks of its own
         self.optimizer = make_optimizer(self.model, t, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
-        self.batches = RandomWindows(self.splits["train"], params.model.block_size, t.batch_size,
+        self.batches = split_windows(paths.tokens_dir, self.meta, "train", self.splits["train"],
+                                     params.model.block_size, t.batch_size,
                                      batch_seed(params.seed, world.rank))
         self.state = self.resume(checkpoint)
         self.forward = self.fast_forward()
@@ -298,7 +299,8 @@ class TrainingSession:
         losses = {}
         for index, (name, tokens) in enumerate(self.splits.items()):
             # A generator of its own: evaluation must not move the training batch stream.
-            windows = RandomWindows(tokens, self.params.model.block_size, self.t.batch_size,
+            windows = split_windows(self.paths.tokens_dir, self.meta, name, tokens,
+                                    self.params.model.block_size, self.t.batch_size,
                                     batch_seed(self.params.seed + 1 + index, self.world.rank))
             total = torch.zeros((), device=self.device)
             for _ in range(self.t.eval_iters):
