@@ -12,6 +12,7 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
@@ -30,6 +31,12 @@ from gptlab.stats import (
     render_text,
 )
 from gptlab.tokens import read_header
+
+if TYPE_CHECKING:  # for annotations only: torch loads for the commands that use it
+    import torch
+
+    from gptlab.published import Published
+    from gptlab.tokenizers import ChatTokenizer
 
 # The project's params.yaml sampling settings, one sample of a newline prompt.
 BUILTIN_SAMPLE = SampleParams(device="auto", prompts=["\n"], num_samples=1, max_new_tokens=500,
@@ -339,21 +346,71 @@ def run_chat(args: argparse.Namespace) -> None:
     import torch
 
     from gptlab.device import pick_device
-    from gptlab.generate import encode_prompt, sample_prompt
     from gptlab.published import load_published
+    from gptlab.tokenizers import chat_tokens_of
 
     params = sampling_params(args).model_copy(update={"num_samples": 1})
     published = load_published(args.models, pick_device(params.device, "--device"))
     # One generator for the session: the same lines typed again give the same replies.
     generator = torch.Generator(published.device).manual_seed(params.seed)
+    chat = chat_tokens_of(published.tokenizer)
+    if chat is None:
+        print("This model has no chat template: it continues the text of each line you type. "
+              "/help lists the commands.", file=sys.stderr, flush=True)
+    messages: list[dict[str, str]] = []
     for line in typed_lines(interactive=sys.stdin.isatty()):
+        if line.strip() in CHAT_COMMANDS:
+            messages = chat_command(line.strip(), messages)
+            continue
         try:
-            ids = encode_prompt(published.tokenizer, line, "input")
+            if chat is None:
+                reply = continued(published, line, params, generator)
+            else:
+                messages = [*messages, {"role": "user", "content": line}]
+                reply = answered(published, chat, messages, params, generator)
+                messages = [*messages, {"role": "assistant", "content": reply}]
         except GptlabError as error:  # a typo should not end the session
             print(f"error: {error}", file=sys.stderr)
             continue
-        result = sample_prompt(published, line, ids, params, generator)
-        print(result.continuations[0], flush=True)
+        print(reply, flush=True)
+
+
+# `gptlab chat`'s commands; /quit is read by `typed_lines`.
+CHAT_COMMANDS = {"/help": "list these commands",
+                 "/reset": "start a new conversation (forget the turns so far)",
+                 "/quit": "end the session (as does the end of the input)"}
+
+
+def chat_command(command: str, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Run a chat command; the conversation after it."""
+    if command == "/reset":
+        return []
+    print("\n".join(f"{name:8}{what}" for name, what in CHAT_COMMANDS.items()), flush=True)
+    return messages
+
+
+def continued(published: Published, line: str, params: SampleParams,
+              generator: torch.Generator) -> str:
+    """A model without a chat template: the line continued as text."""
+    from gptlab.generate import encode_prompt, sample_prompt
+
+    ids = encode_prompt(published.tokenizer, line, "input")
+    return sample_prompt(published, line, ids, params, generator).continuations[0]
+
+
+def answered(published: Published, chat: ChatTokenizer, messages: list[dict[str, str]],
+             params: SampleParams, generator: torch.Generator) -> str:
+    """A model with a chat template: its answer to the conversation (as many of the latest
+    turns as fit its context), up to its end-of-turn token."""
+    from gptlab.chat import END_OF_TURN, fit_turns
+    from gptlab.generate import generate
+
+    ids = fit_turns(chat, messages, published.config.model.block_size)
+    [answer] = generate(published.model, ids, num_samples=1,
+                        max_new_tokens=params.max_new_tokens, temperature=params.temperature,
+                        top_k=params.top_k, top_p=params.top_p, greedy=params.greedy,
+                        eot_id=chat.special_ids[END_OF_TURN], generator=generator)
+    return chat.decode(answer)
 
 
 def run_serve(args: argparse.Namespace) -> None:

@@ -37,11 +37,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException
 
+from gptlab.chat import END_OF_TURN, ROLES, render
 from gptlab.errors import GptlabError
 from gptlab.generate import encode_prompt, generate_steps
 from gptlab.params import describe
 from gptlab.published import Published
-from gptlab.tokenizers import Tokenizer
+from gptlab.tokenizers import Tokenizer, chat_tokens_of
 
 log = logging.getLogger("gptlab.serve")
 
@@ -86,16 +87,26 @@ class ChatTemplate:
         return "".join(lines) + f"{self.names['assistant']}:"
 
 
+class ModelChatTemplate(ChatTemplate):
+    """gptlab's chat template (see gptlab.chat), for models whose tokenizer has its tokens."""
+
+    def render(self, turns: list[tuple[str, str]]) -> str:
+        messages = [{"role": role, "content": text} for role, text in turns]
+        return render(messages, add_generation_prompt=True)
+
+
 # For models that record no template of their own: a transcript any model trained on text can
 # continue, cut where it starts to write the user's next turn.
 PLAIN_CHAT = ChatTemplate({"system": "System", "user": "User", "assistant": "Assistant"},
                           stop=("\nUser:",))
+# For models fine-tuned on conversations: the answer ends at the end-of-turn token.
+MODEL_CHAT = ModelChatTemplate({role: f"<|{role}|>" for role in ROLES}, stop=(END_OF_TURN,))
 
 
 def chat_template(published: Published) -> ChatTemplate:
-    """The chat template of a model: its own where its config or tokenizer records one (no
-    model does yet), else PLAIN_CHAT."""
-    return PLAIN_CHAT
+    """The chat template of a model: its own where its tokenizer has the chat tokens, else
+    PLAIN_CHAT."""
+    return MODEL_CHAT if chat_tokens_of(published.tokenizer) else PLAIN_CHAT
 
 
 # --- requests --------------------------------------------------------------------------------
