@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import string
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
+    PROJECT_PARAMS,
+    ROOT,
     commit,
     dvc,
     git,
@@ -44,8 +47,9 @@ from gptlab.encode import encode_splits
 from gptlab.errors import GptlabError
 from gptlab.evaluate import conversation_metrics, conversations_of, last_answer
 from gptlab.export import export_hf
+from gptlab.io import sha256_file
 from gptlab.model import build_model
-from gptlab.params import CleanParams
+from gptlab.params import CleanParams, load_params
 from gptlab.pretrained import grown_vocabulary
 from gptlab.published import load_published, save_published
 from gptlab.tokenizers import (
@@ -374,3 +378,17 @@ def test_dvc_repro_fine_tunes_on_conversations_and_reports_exact_match(tmp_path,
     metrics = json.loads((project / "metrics" / "eval.json").read_text())
     assert metrics["answers"] == 10 and 0 <= metrics["exact_match"] <= 1
     shutil.rmtree(project)
+
+
+def test_the_preset_fine_tunes_the_default_model_on_the_generated_conversations():
+    preset = load_params(ROOT / "src" / "gptlab" / "presets" / "chat-reverse-words.yaml")
+    data = ROOT / preset.data.spec
+    assert data.read_text() == "".join(conversation_line(c) + "\n"
+                                       for c in reverse_words(3000, seed=1337))
+    assert sha256_file(data) == preset.data.sha256
+    assert preset.model.init == preset.tokenizer.from_model
+    assert preset.model.model_dump(exclude={"init"}) == PROJECT_PARAMS.model.model_dump(
+        exclude={"init"})  # the default model's shape
+    # Every character of the conversations is in the default model's vocabulary.
+    chars = set("".join(m["content"] for c in reverse_words(3000, seed=1337) for m in c))
+    assert chars <= set(string.ascii_lowercase)
