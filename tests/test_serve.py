@@ -26,12 +26,13 @@ import uvicorn
 from conftest import model_config
 
 from gptlab.bench.serving import free_port, load_test, start_server
+from gptlab.chat import render
 from gptlab.generate import sample_all
 from gptlab.model import build_model
 from gptlab.params import SampleParams
 from gptlab.published import Published, load_published, save_published
-from gptlab.serve import ChoiceText, Limits, create_app, named_models
-from gptlab.tokenizers import CharTokenizer, TiktokenTokenizer
+from gptlab.serve import ChatRequest, ChoiceText, Limits, chat_prompt, create_app, named_models
+from gptlab.tokenizers import CharTokenizer, ChatTokenizer, TiktokenTokenizer
 
 # The tiny models' characters: enough for English prompts and the plain chat template.
 CHARACTERS = "abcdefghijklmnopqrstuvwxyz \n.,:'!?ASU"
@@ -492,3 +493,23 @@ def test_serve_refuses_a_missing_model_in_one_line(tmp_path):
                              str(tmp_path / "none")], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+
+
+def test_a_model_with_the_chat_tokens_is_prompted_with_its_template_and_stops_at_its_end(
+        tmp_path):
+    chat = ChatTokenizer(CharTokenizer(CHARACTERS))
+    chat.save(tmp_path / "tokenizer.json")
+    config = model_config(vocab_size=chat.vocab_size, n_layer=1, n_head=2, n_embd=16,
+                          block_size=CONTEXT)
+    save_published(build_model(config), config, tmp_path / "tokenizer.json", {"step": 0},
+                   tmp_path / "models")
+    models = {"chat": load_published(tmp_path / "models")}
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "olleh"}]
+    plan = chat_prompt(ChatRequest(messages=messages), models, LIMITS)
+    assert plan.prompt_ids == chat.encode(render(messages, add_generation_prompt=True)).tolist()
+    assert plan.stop == ("<|end|>",)
+    # The answer ends at the end-of-turn token, which is not part of it.
+    text = ChoiceText(chat, plan.stop)
+    released = "".join(text.add(token) for token in [*chat.encode("hello"),
+                                                      chat.special_ids["<|end|>"]])
+    assert (released, text.finish_reason) == ("hello", "stop")
