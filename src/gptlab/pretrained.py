@@ -33,7 +33,7 @@ from gptlab.io import read_text, sha256_file
 from gptlab.model import build_model
 from gptlab.params import ModelConfig, describe
 from gptlab.published import Published, load_published
-from gptlab.tokenizers import ChatTokenizer, load_tokenizer
+from gptlab.tokenizers import load_tokenizer, without_chat_tokens
 from gptlab.tokens import read_meta
 
 # A Hugging Face checkpoint folder's files.
@@ -324,9 +324,8 @@ def refuse_tokens_not_of_gpt2(tokens_dir: Path, init: str) -> None:
 def refuse_tokens_of_another_tokenizer(tokens_dir: Path, published: Published,
                                        init: str) -> None:
     meta = read_meta(tokens_dir, [])
-    tokenizer = load_tokenizer(tokens_dir / "tokenizer.json")
     # Tokens of its tokenizer with the chat tokens appended are its tokens too.
-    base = tokenizer.base if isinstance(tokenizer, ChatTokenizer) else tokenizer
+    base = without_chat_tokens(load_tokenizer(tokens_dir / "tokenizer.json"))
     if meta["tokenizer_fingerprint"] != published.tokenizer.fingerprint and (
             base.fingerprint != published.tokenizer.fingerprint):
         raise GptlabError(f"model.init: {init} was trained with another tokenizer than the one "

@@ -271,6 +271,11 @@ def chat_tokens_of(tokenizer: Tokenizer) -> ChatTokenizer | None:
     return tokenizer if isinstance(tokenizer, ChatTokenizer) else None
 
 
+def without_chat_tokens(tokenizer: Tokenizer) -> Tokenizer:
+    """The tokenizer whose vocabulary the chat tokens extend (itself when it has none)."""
+    return tokenizer.base if isinstance(tokenizer, ChatTokenizer) else tokenizer
+
+
 def build_tokenizer(params: TokenizerParams, train_path: Path, val_path: Path,
                     chunks: Callable[[Path], Iterable[str]] | None = None) -> Tokenizer:
     """Make the tokenizer chosen in params, learning from the clean text (read by `chunks`,
@@ -296,7 +301,7 @@ def model_tokenizer(models_dir: Path) -> Tokenizer:
         tokenizer = load_tokenizer(models_dir / "tokenizer.json")
     except GptlabError as error:
         raise GptlabError(f"tokenizer.from_model: {error}") from None
-    return tokenizer.base if isinstance(tokenizer, ChatTokenizer) else tokenizer
+    return without_chat_tokens(tokenizer)
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
