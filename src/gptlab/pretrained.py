@@ -324,9 +324,10 @@ def refuse_tokens_not_of_gpt2(tokens_dir: Path, init: str) -> None:
 def refuse_tokens_of_another_tokenizer(tokens_dir: Path, published: Published,
                                        init: str) -> None:
     meta = read_meta(tokens_dir, [])
+    if meta["tokenizer_fingerprint"] == published.tokenizer.fingerprint:
+        return
     # Tokens of its tokenizer with the chat tokens appended are its tokens too.
     base = without_chat_tokens(load_tokenizer(tokens_dir / "tokenizer.json"))
-    if meta["tokenizer_fingerprint"] != published.tokenizer.fingerprint and (
-            base.fingerprint != published.tokenizer.fingerprint):
+    if base.fingerprint != published.tokenizer.fingerprint:
         raise GptlabError(f"model.init: {init} was trained with another tokenizer than the one "
                           f"{tokens_dir} was made with; tokenize with its tokenizer")
