@@ -6,8 +6,12 @@ gptlab.experiments, which reads the experiments back for `gptlab compare`, `scal
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -22,6 +26,7 @@ from conftest import (
     dvc,
     dvc_run,
     git,
+    run_stage,
     start_train,
     train_project,
     with_overrides,
@@ -29,7 +34,7 @@ from conftest import (
 )
 
 from gptlab.errors import GptlabError
-from gptlab.experiments import flat_metrics, parse_experiments, read_experiments
+from gptlab.experiments import flat_metrics, git_output, parse_experiments, read_experiments
 
 VENV = Path(sys.executable).parents[1]
 README = (ROOT / "README.md").read_text()
@@ -285,3 +290,71 @@ def test_scaling_with_a_failed_experiment_is_one_line(lab, tmp_path):
         "error: experiment scale-broken of the sweep has no results: still queued or running, "
         "or failed (`dvc queue status`, `dvc queue logs scale-broken`); wait for it, or remove "
         "it with `dvc exp remove`"]
+
+
+# --- a queued experiment whose worker is killed -----------------------------------------------
+
+KILLED_RUN = {"seed": 7, "train.max_iters": 80, "train.checkpoint_interval": 10}
+
+
+def wait_for(condition, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def kill_session(session: int) -> None:
+    """SIGKILL every process of a session: the queue's worker puts each run in a process group
+    of its own, so killing the worker's group would leave its run going."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        if int(fields[3]) == session:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(stat.parent.name), signal.SIGKILL)
+
+
+def test_a_queued_run_whose_worker_is_killed_is_recovered_by_one_command(pipeline, tmp_path):
+    """The worker, its run and its stages SIGKILLed mid-training (an out-of-memory kill, a
+    machine put to sleep): DVC shows the run Running for good with its parent's metrics;
+    `gptlab recover` reruns it from its checkpoint to an uninterrupted run's metrics."""
+    project = with_venv(copy_project(pipeline[0], tmp_path))
+    overrides = [item for key, value in KILLED_RUN.items() for item in ("-S", f"{key}={value}")]
+    dvc(project, "exp", "run", "--queue", "-n", "killed", *overrides)
+    runs = project / ".gptlab" / "runs"
+    known = set(runs.iterdir())
+    env = {"PATH": f"{VENV / 'bin'}:/usr/bin:/bin", "HOME": str(project.parent)}
+    worker = subprocess.Popen([sys.executable, "-m", "dvc", "queue", "start"], cwd=project,
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    wait_for(lambda: any(run.glob("step-*") for run in set(runs.iterdir()) - known), 120,
+             "the queued run's first checkpoint")
+    kill_session(worker.pid)
+    worker.wait()
+    experiments = read_experiments(project)  # DVC shows it running, with its parent's metrics
+    assert "killed" in experiments.unfinished  # compare, scaling and report never count it
+    assert "killed" not in {run.name for run in experiments.finished}
+
+    recovered = gptlab(project, "recover")
+    assert recovered.returncode == 0, recovered.stderr
+    assert recovered.stdout.strip() == "queued again and started: killed"
+    # Polled through git, not dvc: each dvc call would take a core from the run.
+    wait_for(lambda: "/killed\n" in git_output(project, "for-each-ref", "--format=%(refname)",
+                                                "refs/exps"), 180, "the rerun")
+    logs = (project / ".dvc" / "tmp" / "exps" / "run").glob("*/*.out")
+    assert any("resuming from step" in log.read_text() for log in logs)
+
+    reference = tmp_path / "uninterrupted"
+    shutil.copytree(project / "data" / "tokens", reference / "data" / "tokens")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    write_params(reference, with_overrides(params, KILLED_RUN))
+    assert run_stage("train", reference).returncode == 0
+    expected = json.loads((reference / "metrics" / "train.json").read_text())
+    experiments = read_experiments(project)
+    assert "killed" not in experiments.unfinished  # no failed row beside its rerun
+    recovered_metrics = next(run.metrics for run in experiments.finished if run.name == "killed")
+    for key in ("final_train_loss", "final_val_loss", "best_val_loss"):
+        assert recovered_metrics[key] == expected[key], key

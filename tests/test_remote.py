@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import random
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from conftest import commit, copy_project, dvc, dvc_run, git, ran_stages
+
+from gptlab.errors import GptlabError
+from gptlab.published import load_published
 
 # Outputs kept in the DVC cache (pushed to and pulled from the remote), and outputs kept in git.
 CACHED = ("data/raw", "data/clean", "data/tokens", "models")
@@ -81,3 +88,58 @@ def test_a_clone_with_an_empty_remote_cannot_pull(shared, tmp_path):
     result = dvc_run(clone, "pull")
     assert result.returncode != 0
     assert not (clone / "models/model.safetensors").exists()
+
+
+# --- a push that fails midway, and a damaged object --------------------------------------------
+
+
+def object_path(store: Path, path: Path) -> Path:
+    """Where a DVC cache or remote folder keeps the file `path`'s contents."""
+    digest = hashlib.md5(path.read_bytes()).hexdigest()
+    return store / "files" / "md5" / digest[:2] / digest[2:]
+
+
+def test_a_push_that_failed_midway_completes_on_the_next_and_the_pull_is_identical(
+        shared, tmp_path):
+    project, _, _, _, _ = shared
+    remote = tmp_path / "remote"
+    dvc(project, "remote", "add", "--local", "-f", "midway", str(remote))
+    # Part of the remote refuses writes (the folder of the weights' object cannot be made,
+    # as on a full or read-only disk) while the rest takes them.
+    blocked = object_path(remote, project / "models" / "model.safetensors").parent
+    blocked.parent.mkdir(parents=True)
+    blocked.symlink_to(tmp_path / "gone")
+    failed = dvc_run(project, "push", "-r", "midway")
+    assert failed.returncode != 0 and "failed to upload" in failed.stderr
+    assert [p for p in remote.rglob("*") if p.is_file()]  # others went
+    blocked.unlink()
+    # A push killed at a seeded moment, then the push that completes.
+    killed = subprocess.Popen([sys.executable, "-m", "dvc", "push", "-r", "midway"],
+                              cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(random.Random(27).uniform(0.5, 1.5))
+    killed.kill()
+    killed.wait()
+    dvc(project, "push", "-r", "midway")
+
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(project), str(clone))
+    dvc(clone, "remote", "add", "--local", "-f", "midway", str(remote))
+    dvc(clone, "pull", "-r", "midway")
+    assert digests(clone, CACHED + IN_GIT) == digests(project, CACHED + IN_GIT)
+
+
+def test_a_damaged_object_in_the_remote_is_named_when_the_model_is_loaded(shared, tmp_path):
+    project, _, _, _, _ = shared
+    remote = tmp_path / "remote"
+    shutil.copytree(shared[2], remote)
+    weights = object_path(remote, project / "models" / "model.safetensors")
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.chmod(0o644)
+    weights.write_bytes(bytes(data))
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(project), str(clone))
+    dvc(clone, "remote", "modify", "--local", "local", "url", str(remote))
+    dvc_run(clone, "pull")
+    with pytest.raises(GptlabError, match=r"models/model\.safetensors: damaged"):
+        load_published(clone / "models")

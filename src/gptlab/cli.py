@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from gptlab import __version__
 from gptlab.errors import GptlabError, run_main
-from gptlab.experiments import Experiments, read_experiments
+from gptlab.experiments import Experiments, read_experiments, recover
 from gptlab.params import PARAMS_FILE, SampleParams, describe, load_params
 from gptlab.stats import (
     DEFAULT_METRICS,
@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def add_lab_commands(commands: argparse._SubParsersAction) -> None:
-    """compare, scaling and report: questions answered from the project's DVC experiments."""
+    """compare, scaling and report: questions answered from the project's DVC experiments; and
+    recover, which runs again the queued ones a killed worker left behind."""
     compare = commands.add_parser(
         "compare", help="seed statistics of the experiments, grouped by their params",
         description="Groups the experiments of this commit by their params, seed (and --ignore "
@@ -137,6 +138,12 @@ def add_lab_commands(commands: argparse._SubParsersAction) -> None:
     report.add_argument("-o", "--out", type=Path, default=Path("metrics/report.md"),
                         metavar="FILE", help="where to write it, the figures beside it "
                                              "(default: metrics/report.md)")
+    commands.add_parser(
+        "recover", help="run again the queued experiments whose worker was killed",
+        description="Finds the queued experiments that DVC shows as Running though no process "
+                    "runs them (a killed worker), marks them failed, queues each again under "
+                    "its name with the params it was queued with, and starts the queue: each "
+                    "resumes from its last checkpoint.")
 
 
 def add_serve_command(commands: argparse._SubParsersAction) -> None:
@@ -262,6 +269,12 @@ def run_report(args: argparse.Namespace) -> None:
 
     run = experiment_record(args.exp) if args.exp else workspace_record()
     print(f"wrote {write_report(run, args.out)}")
+
+
+def run_recover(args: argparse.Namespace) -> None:
+    names = recover()
+    print(f"queued again and started: {', '.join(names)}" if names
+          else "no queued experiment was left running by a killed worker")
 
 
 def build_plots_template(args: argparse.Namespace) -> None:
@@ -438,6 +451,7 @@ def typed_lines(interactive: bool) -> Iterator[str]:
 
 COMMANDS = {"params": show_params, "tokens": show_tokens, "sample": run_sample,
             "compare": run_compare, "scaling": run_scaling, "report": run_report,
+            "recover": run_recover,
             "chat": run_chat, "serve": run_serve, "export": run_export,
             "plots-template": build_plots_template}
 

@@ -4,20 +4,30 @@ gptlab keeps no record of its own: an experiment is what `dvc exp show --json` s
 params (params.yaml, dotted keys) and the numbers of its metrics files. Every metric is named
 by its file and key (`eval.val_loss`, `train.tokens_per_sec`), and also by its key alone where
 no other file has that key (`val_loss`, but not `tokens_per_sec`).
+
+A queued experiment whose worker was killed (out of memory, a machine put to sleep) stays
+`Running` in DVC for good: `recover` finds such runs and runs them again.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import yaml
+
 from gptlab.errors import GptlabError
 from gptlab.params import PARAMS_FILE
+
+# What a queued run's result depends on besides its params: a rerun on other code is another run.
+RUN_CODE = ("src", "stages", "dvc.yaml", "requirements.lock")
 
 
 @dataclass(frozen=True)
@@ -40,15 +50,26 @@ class Experiments:
 
 def read_experiments(project: Path = Path("."), all_commits: bool = False) -> Experiments:
     """The experiments of the current commit (of every commit with `all_commits`)."""
-    command = [sys.executable, "-m", "dvc", "exp", "show", "--json"]
-    if all_commits:
-        command.append("--all-commits")
-    try:
-        result = subprocess.run(command, cwd=project, capture_output=True, text=True, check=True)
-    except subprocess.CalledProcessError as error:
-        last = (error.stderr.strip().splitlines() or ["no output"])[-1]
-        raise GptlabError(f"dvc exp show failed: {last}") from None
-    return parse_experiments(json.loads(result.stdout))
+    shown = dvc(project, "exp", "show", "--json", *(["--all-commits"] if all_commits else []))
+    return parse_experiments(json.loads(shown))
+
+
+def dvc(project: Path, *args: str) -> str:
+    """The output of `dvc ARGS` in `project`; a failure is one line, DVC's last."""
+    # The queue's workers run `dvc` by name: this environment's must come first on PATH.
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
+    # Files, not pipes: a worker that `dvc queue start` leaves running inherits them, and a
+    # pipe would make this wait for the worker to end.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        code = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=env,
+                              stdin=subprocess.DEVNULL, stdout=out, stderr=err).returncode
+        out.seek(0), err.seek(0)
+        output, errors = out.read(), err.read()
+    if code != 0:
+        last = (errors.strip().splitlines() or ["no output"])[-1]
+        raise GptlabError(f"dvc {' '.join(args[:2])} failed: {last}")
+    return output
 
 
 def parse_experiments(shown: list[dict[str, Any]]) -> Experiments:
@@ -98,3 +119,83 @@ def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+# --- queued runs whose worker died ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StaleRun:
+    """A queued experiment DVC still calls running, though no process runs it any more."""
+
+    name: str
+    rev: str  # the commit DVC queued it as: its params and code
+
+
+def stale_runs(shown: list[dict[str, Any]]) -> list[StaleRun]:
+    """The experiments `dvc exp show --json` calls running whose process is gone."""
+    stale = []
+    for baseline in shown:
+        for entry in baseline.get("experiments") or []:
+            executor = entry.get("executor") or {}
+            pid = (executor.get("local") or {}).get("pid")
+            if executor.get("state") == "running" and not process_alive(pid):
+                revision = entry["revs"][0]
+                stale.append(StaleRun(entry.get("name") or revision["rev"][:7], revision["rev"]))
+    return stale
+
+
+def process_alive(pid: int | None) -> bool:
+    """Whether process `pid` runs (a zombie, killed and never reaped, does not)."""
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc to ask: kill(0) is all there is
+    return state != "Z"
+
+
+def recover(project: Path = Path(".")) -> list[str]:
+    """Mark each stale run failed, queue it again under its name with the params it was queued
+    with, and start the queue; the names queued again. Its train stage resumes from the run's
+    last checkpoint, in the project's cache."""
+    stale = stale_runs(json.loads(dvc(project, "exp", "show", "--json")))
+    requeue = {run.name: queued_overrides(project, run) for run in stale}
+    for name, overrides in requeue.items():
+        dvc(project, "queue", "kill", name)  # its process is gone: DVC marks the task failed
+        dvc(project, "queue", "remove", name)  # so no listing shows it beside its rerun
+        dvc(project, "exp", "run", "--queue", "-n", name, *overrides)
+    if requeue:
+        dvc(project, "queue", "start")
+    return list(requeue)
+
+
+def queued_overrides(project: Path, run: StaleRun) -> list[str]:
+    """`-S key=value` for each param the run was queued with that the workspace lacks."""
+    changed = git_output(project, "diff", "--name-only", run.rev, "--", *RUN_CODE)
+    if changed:
+        raise GptlabError(f"{run.name}: was queued with code the workspace no longer has "
+                          f"({', '.join(changed.split())}); queue it again yourself")
+    queued = flatten(yaml.safe_load(git_output(project, "show", f"{run.rev}:{PARAMS_FILE}")))
+    here = flatten(yaml.safe_load((project / PARAMS_FILE).read_text(encoding="utf-8")))
+    if set(here) - set(queued):
+        raise GptlabError(f"{run.name}: its params lack {sorted(set(here) - set(queued))}, "
+                          f"which the workspace's {PARAMS_FILE} has; queue it again yourself")
+    # JSON values are values of DVC's override grammar: quoted strings, lists, null.
+    return [item for key, value in queued.items() if here.get(key, object()) != value
+            for item in ("-S", f"{key}={json.dumps(value)}")]
+
+
+def git_output(project: Path, *args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=project, capture_output=True, text=True,
+                              check=True).stdout
+    except subprocess.CalledProcessError as error:
+        raise GptlabError(f"git {args[0]} failed: {error.stderr.strip()}") from None
