@@ -1,5 +1,6 @@
 """sample stage: continue each prompt of params.sample with the model in MODELS_DIR."""
 
+import sys
 from pathlib import Path
 
 from gptlab.errors import run_main
@@ -14,6 +15,9 @@ def main(models_dir: Path, samples_md: Path, metrics_json: Path) -> None:
     write_text(samples_md, markdown, "the samples")
     write_json(metrics_json, metrics, "the sampling metrics")
     print(", ".join(f"{key}={value}" for key, value in metrics.items()))
+    if metrics["skipped_prompts"]:
+        print(f"note: {metrics['skipped_prompts']} prompt(s) skipped, which the model's "
+              f"vocabulary cannot encode: see {samples_md}", file=sys.stderr)
 
 
 if __name__ == "__main__":

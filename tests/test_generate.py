@@ -259,12 +259,20 @@ def test_stage_writes_samples_and_metrics_the_same_every_run(tmp_path, models_di
     assert (project / "samples" / "samples.md").read_text() == markdown
 
 
-def test_stage_refuses_a_prompt_it_cannot_encode(tmp_path, models_dir, params_for):
+def test_stage_notes_a_prompt_it_cannot_encode_and_samples_the_rest(tmp_path, models_dir,
+                                                                    params_for):
+    """Capitals after clean.lowercase, say: the trained model is not lost to its prompts."""
     project = sample_project(tmp_path, models_dir, params_for,
                              {"sample.prompts": ["the", "thé"]})
-    line = one_error_line(run_stage("sample", project))
-    assert "sample.prompts[1]: character 'é' (U+00E9)" in line
-    assert not (project / "samples").exists() and not (project / "metrics").exists()
+    result = run_stage("sample", project)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == ("note: 1 prompt(s) skipped, which the model's vocabulary "
+                                     "cannot encode: see samples/samples.md")
+    markdown = (project / "samples" / "samples.md").read_text()
+    assert "Skipped: sample.prompts[1]: character 'é' (U+00E9)" in markdown
+    assert markdown.count("```text\nthe") == 2
+    metrics = json.loads((project / "metrics" / "sample.json").read_text())
+    assert metrics["samples"] == 2 and metrics["skipped_prompts"] == 1
 
 
 def gptlab(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess:

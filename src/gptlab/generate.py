@@ -230,6 +230,7 @@ class PromptSamples:
     continuations: list[str]  # decoded, without the prompt
     new_tokens: int
     seconds: float  # spent in generate alone
+    skipped: str | None = None  # why the prompt was not continued, if it was not
 
 
 def sample_prompt(published: Published, prompt: str, prompt_ids: list[int],
@@ -262,17 +263,35 @@ def sample_all(published: Published, params: SampleParams,
 
 
 def sample_prompts(models_dir: Path, params: SampleParams) -> tuple[str, dict[str, Any]]:
-    """The sample stage: Markdown of every prompt's samples, and the generation metrics."""
+    """The sample stage: Markdown of every prompt's samples, and the generation metrics.
+
+    A prompt the model's vocabulary cannot encode (capitals after clean.lowercase, say) is
+    skipped with a note on the page, not an error: the stage runs after training, and failing
+    here would throw a finished experiment away.
+    """
     published = load_published(models_dir, pick_device(params.device, "sample.device"))
-    results = sample_all(published, params)
+    results = [sample_or_skip(published, prompt, f"sample.prompts[{index}]", params)
+               for index, prompt in enumerate(params.prompts)]
     new_tokens = sum(result.new_tokens for result in results)
     seconds = sum(result.seconds for result in results)
     metrics = {
-        "tokens_per_sec": round(new_tokens / seconds, 1),
+        "tokens_per_sec": round(new_tokens / seconds, 1) if seconds else None,
         "generated_tokens": new_tokens,
-        "samples": len(params.prompts) * params.num_samples,
+        "samples": sum(len(result.continuations) for result in results),
+        "skipped_prompts": sum(result.skipped is not None for result in results),
     }
     return samples_markdown(published, params, results), metrics
+
+
+def sample_or_skip(published: Published, prompt: str, where: str,
+                   params: SampleParams) -> PromptSamples:
+    """One prompt's samples, or why it has none."""
+    try:
+        ids = encode_prompt(published.tokenizer, prompt, where)
+    except GptlabError as error:
+        return PromptSamples(prompt, [], 0, 0.0, skipped=str(error))
+    generator = torch.Generator(published.device).manual_seed(params.seed)
+    return sample_prompt(published, prompt, ids, params, generator)
 
 
 def samples_markdown(published: Published, params: SampleParams,
@@ -284,6 +303,8 @@ def samples_markdown(published: Published, params: SampleParams,
         # JSON quoting shows a prompt's newlines and spaces that a code block would hide.
         lines += [f"## Prompt {number}: {code_span(json.dumps(result.prompt, ensure_ascii=False))}",
                   ""]
+        if result.skipped:
+            lines += [f"Skipped: {result.skipped}.", ""]
         for sample, continuation in enumerate(result.continuations, start=1):
             lines += [f"### Sample {sample}", "", fenced(result.prompt + continuation), ""]
     return "\n".join(lines)
