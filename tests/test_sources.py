@@ -19,6 +19,7 @@ import stat
 import tarfile
 import textwrap
 import threading
+import time
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -1189,3 +1190,45 @@ def test_a_full_disk_is_not_retried_as_a_network_fault():
     with pytest.raises(OSError, match="No space left"):
         retrying(request, "download of x", attempts=4)
     assert len(attempts) == 1
+
+
+# --- the network under faults: each ends as a run on a clean network -------------------------
+
+
+def test_url_429_and_503_wait_as_retry_after_says(tmp_path, server):
+    def busy(code: int, then: Route) -> Route:
+        def respond(handler: BaseHTTPRequestHandler, attempt: int) -> None:
+            if attempt > 1:
+                return then(handler, attempt)
+            handler.send_response(code)
+            handler.send_header("Retry-After", "1")
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+        return respond
+
+    server.routes["/corpus.txt"] = busy(429, file_route(CORPUS))
+    server.routes["/other.txt"] = busy(503, file_route(CORPUS, drops=1))
+    for path in ("/corpus.txt", "/other.txt"):
+        started = time.monotonic()
+        artifact = fetch_url(server.url(path), sha256_of(CORPUS), tmp_path / path[1:])
+        assert artifact.path.read_bytes() == CORPUS
+        assert 1 <= time.monotonic() - started < 5
+
+
+def test_hf_shard_dropped_mid_file_resumes_where_it_stopped(tmp_path, hub, monkeypatch):
+    """huggingface_hub writes a shard in chunks (10 MB) and, when the connection drops, asks
+    for the rest from the last whole chunk on: small chunks here, for a small shard."""
+    serve_dataset(hub)
+    for run in ("clean", "dropped"):
+        (tmp_path / run).mkdir()
+    clean, _ = fetch_hf(tmp_path / "clean", hf_params())
+    body = hf_files()[SHARDS[0]]
+    hub.cdn.routes[cdn_path(body)] = file_route(body, drops=1)
+    monkeypatch.setattr(hf_constants, "DOWNLOAD_CHUNK_SIZE", 100)
+    shutil.rmtree(tmp_path / "hf_home" / "hub")
+    hub.cdn.requests.clear()
+    manifest, _ = fetch_hf(tmp_path / "dropped", hf_params())
+    first, second = hub.cdn.hits(cdn_path(body))
+    resumed_at = int(second.range.removeprefix("bytes=").rstrip("-"))
+    assert first.range is None and len(body) // 2 - 100 < resumed_at <= len(body) // 2
+    assert manifest == clean

@@ -11,6 +11,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 from http.client import HTTPException
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, TypeVar
@@ -26,6 +28,10 @@ URL_ATTEMPTS = 4
 COPY_CHUNK_BYTES = 1 << 20
 # 4xx answers other than these will not change on a retry.
 RETRYABLE_HTTP_CODES = {408, 425, 429}
+# The longest wait a server's Retry-After gets, and the pause between other attempts (times
+# the attempt's number).
+RETRY_AFTER_LIMIT_SECONDS = 60.0
+BACKOFF_SECONDS = 0.5
 T = TypeVar("T")
 
 
@@ -66,20 +72,37 @@ def retrying(request: Callable[[], T], what: str, attempts: int) -> T:
     dropped connection) up to `attempts` times. Any other HTTP error is raised as it is: only
     the caller knows which param it points at."""
     for attempt in itertools.count(1):
+        wait = BACKOFF_SECONDS * attempt
         try:
             return request()
         except urllib.error.HTTPError as error:
             if error.code < 500 and error.code not in RETRYABLE_HTTP_CODES:
                 raise
             problem = f"HTTP {error.code} {error.reason}"
+            wait = retry_after(error.headers.get("Retry-After"), wait)
         except (urllib.error.URLError, HTTPException, OSError) as error:
             if disk_full(error):  # no retry will make room
                 raise
             problem = str(getattr(error, "reason", error)) or type(error).__name__
         if attempt == attempts:
             raise GptlabError(f"data.spec: {what} failed after {attempts} attempts: {problem}")
-        print(f"{what} interrupted ({problem}); retrying", file=sys.stderr)
-        time.sleep(0.5 * attempt)
+        print(f"{what} interrupted ({problem}); retrying in {wait:.1f} s", file=sys.stderr)
+        time.sleep(wait)
+
+
+def retry_after(header: str | None, default: float) -> float:
+    """The seconds a 429 or 503 answer's Retry-After asks for (a number or an HTTP date), at
+    most RETRY_AFTER_LIMIT_SECONDS; `default` without one."""
+    if not header:
+        return default
+    try:
+        seconds = float(header)
+    except ValueError:
+        try:
+            seconds = (parsedate_to_datetime(header) - datetime.now(timezone.utc)).total_seconds()
+        except (TypeError, ValueError):
+            return default
+    return min(max(seconds, 0.0), RETRY_AFTER_LIMIT_SECONDS)
 
 
 def _download_once(url: str, partial: Path, timeout: float) -> None:
