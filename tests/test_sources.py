@@ -1195,17 +1195,21 @@ def test_a_full_disk_is_not_retried_as_a_network_fault():
 # --- the network under faults: each ends as a run on a clean network -------------------------
 
 
-def test_url_429_and_503_wait_as_retry_after_says(tmp_path, server):
-    def busy(code: int, then: Route) -> Route:
-        def respond(handler: BaseHTTPRequestHandler, attempt: int) -> None:
-            if attempt > 1:
-                return then(handler, attempt)
-            handler.send_response(code)
-            handler.send_header("Retry-After", "1")
-            handler.send_header("Content-Length", "0")
-            handler.end_headers()
-        return respond
+def busy(code: int, then: Route) -> Route:
+    """The first answer is `code` with Retry-After: 1; then `then` answers."""
 
+    def respond(handler: BaseHTTPRequestHandler, attempt: int) -> None:
+        if attempt > 1:
+            return then(handler, attempt)
+        handler.send_response(code)
+        handler.send_header("Retry-After", "1")
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    return respond
+
+
+def test_url_429_and_503_wait_as_retry_after_says(tmp_path, server):
     server.routes["/corpus.txt"] = busy(429, file_route(CORPUS))
     server.routes["/other.txt"] = busy(503, file_route(CORPUS, drops=1))
     for path in ("/corpus.txt", "/other.txt"):
@@ -1232,3 +1236,16 @@ def test_hf_shard_dropped_mid_file_resumes_where_it_stopped(tmp_path, hub, monke
     resumed_at = int(second.range.removeprefix("bytes=").rstrip("-"))
     assert first.range is None and len(body) // 2 - 100 < resumed_at <= len(body) // 2
     assert manifest == clean
+
+
+def test_hf_429_waits_as_retry_after_says(tmp_path, hub):
+    serve_dataset(hub)
+    (tmp_path / "clean").mkdir(), (tmp_path / "busy").mkdir()
+    clean, _ = fetch_hf(tmp_path / "clean", hf_params())
+    body = hf_files()[SHARDS[0]]
+    hub.cdn.routes[cdn_path(body)] = busy(429, file_route(body))
+    shutil.rmtree(tmp_path / "hf_home" / "hub")
+    hub.cdn.requests.clear()
+    started = time.monotonic()
+    manifest, _ = fetch_hf(tmp_path / "busy", hf_params())
+    assert 1 <= time.monotonic() - started < 10 and manifest == clean
