@@ -34,7 +34,13 @@ from conftest import (
 )
 
 from gptlab.errors import GptlabError
-from gptlab.experiments import flat_metrics, git_output, parse_experiments, read_experiments
+from gptlab.experiments import (
+    flat_metrics,
+    git_output,
+    parse_experiments,
+    read_experiments,
+    stale_runs,
+)
 
 VENV = Path(sys.executable).parents[1]
 README = (ROOT / "README.md").read_text()
@@ -315,6 +321,20 @@ def kill_session(session: int) -> None:
         if int(fields[3]) == session:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(stat.parent.name), signal.SIGKILL)
+
+
+def test_only_queued_runs_whose_process_is_gone_are_stale():
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # reaped: its pid names no process
+
+    def run(name: str, pid: int, state: str = "running", executor: str = "dvc-task") -> dict:
+        return {"name": name, "revs": [{"rev": name * 8, "name": name}],
+                "executor": {"state": state, "name": executor, "local": {"pid": pid}}}
+
+    shown = [{"rev": "workspace", "experiments": [
+        run("dead", gone.pid), run("alive", os.getpid()), run("done", gone.pid, "success"),
+        run("shell", gone.pid, executor="workspace")]}]
+    assert [(run.name, run.rev) for run in stale_runs(shown)] == [("dead", "dead" * 8)]
 
 
 def test_a_queued_run_whose_worker_is_killed_is_recovered_by_one_command(pipeline, tmp_path):

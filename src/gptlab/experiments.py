@@ -28,6 +28,8 @@ from gptlab.params import PARAMS_FILE
 
 # What a queued run's result depends on besides its params: a rerun on other code is another run.
 RUN_CODE = ("src", "stages", "dvc.yaml", "requirements.lock")
+# How `dvc exp show --json` names the executor of an experiment run by `dvc queue start`.
+QUEUE_EXECUTOR = "dvc-task"
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,8 @@ def stale_runs(shown: list[dict[str, Any]]) -> list[StaleRun]:
         for entry in baseline.get("experiments") or []:
             executor = entry.get("executor") or {}
             pid = (executor.get("local") or {}).get("pid")
-            if executor.get("state") == "running" and not process_alive(pid):
+            queued = executor.get("name") == QUEUE_EXECUTOR  # not `dvc exp run` in a shell
+            if queued and executor.get("state") == "running" and not process_alive(pid):
                 revision = entry["revs"][0]
                 stale.append(StaleRun(entry.get("name") or revision["rev"][:7], revision["rev"]))
     return stale
