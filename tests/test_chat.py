@@ -209,7 +209,7 @@ def test_mask_shards_sit_beside_the_token_shards_and_are_checked(tmp_path):
     tokenizer = ChatTokenizer(CharTokenizer(BASE_CHARS))
     tokens_dir = conversation_tokens(tmp_path, reverse_words(20, seed=2), tokenizer)
     meta = read_meta(tokens_dir, ["val_tokens", "val_shards"])
-    assert meta["loss_mask"] is True
+    assert meta["loss_mask"] == "answers"
     shards = open_split(tokens_dir, "val", meta)
     [mask] = open_masks(tokens_dir, "val", meta, shards)
     assert len(mask) == len(shards[0]) and set(np.unique(mask)) <= {0, COUNTED, START}

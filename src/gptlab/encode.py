@@ -132,7 +132,8 @@ def encode_splits(tokenizer: Tokenizer, texts: dict[str, Path], out_dir: Path,
         "shard_tokens": shard_tokens,
         **{f"{split}_{field}": getattr(s, field)
            for split, s in stats.items() for field in ("tokens", "chars", "bytes", "shards")},
-        **({"loss_mask": True} if masked else {}),
+        # What the masks count is part of the tokens: a run on other masks is another run.
+        **({"loss_mask": "answers" if answers_only else "all"} if masked else {}),
     })
     return stats
 

@@ -12,10 +12,11 @@ tokenizer, instead of training on garbage. Beside the shards, meta.json names th
 bytes, so readers need no tokenizer. gptlab.encode writes the files; this module is their
 format, and imports neither torch nor a tokenizer.
 
-Conversations (meta.json has "loss_mask": true) have beside each shard a mask shard of the same
-length, train_mask_000000.bin, in the same format with a "vocabulary" of the MASK_VALUES bit
-combinations of gptlab.chat (the loss counts this token as a target; a conversation starts
-here), written with the same fingerprint: a mask is refused unless it belongs to its shard.
+Conversations (meta.json's "loss_mask" says which targets the loss counts) have beside each
+shard a mask shard of the same length, train_mask_000000.bin, in the same format with a
+"vocabulary" of the MASK_VALUES bit combinations of gptlab.chat (the loss counts this token as
+a target; a conversation starts here), written with the same fingerprint: a mask is refused
+unless it belongs to its shard.
 """
 
 from __future__ import annotations
