@@ -9,6 +9,10 @@ LOCK := requirements.lock
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.gptlab-installed
 PLOTS_TEMPLATE := .gptlab/plots-template.html
+# DVC's queue worker starts `dvc` by name: with this file in site-packages every Python of the
+# environment puts the environment's bin/ first on PATH, so `.venv/bin/dvc queue start` works
+# from a shell where the environment is not activated.
+VENV_PATH_PTH := src/gptlab/venv-path.pth
 # Processes that share the test suite, a test file each at a time (its fixtures made once).
 TEST_WORKERS ?= 2
 # dvc, and the workers `dvc queue start` spawns, come from the virtual environment.
@@ -19,12 +23,13 @@ export PATH := $(abspath $(BIN)):$(PATH)
 setup: $(STAMP)
 
 # Reinstalls only when the lock or the project's metadata change.
-$(STAMP): pyproject.toml $(LOCK)
+$(STAMP): pyproject.toml $(LOCK) $(VENV_PATH_PTH)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip '$(UV_SPEC)'
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
 	$(BIN)/uv pip install --quiet --python $(BIN)/python -r $(LOCK)
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
+	cp $(VENV_PATH_PTH) "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')"
 	@$(MAKE) --no-print-directory plots-template
 	echo "$(TORCH_SPEC)" > $@
 

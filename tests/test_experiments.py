@@ -147,6 +147,16 @@ def test_going_back_as_the_readme_says_restores_the_committed_state(pipeline, tm
     assert "up to date" in dvc(project, "status")
 
 
+def test_the_environments_python_finds_its_own_dvc_from_a_shell_without_it(tmp_path):
+    """DVC's queue worker starts `dvc` by name: `.venv/bin/dvc queue start` from a shell where
+    the environment is not activated must find the environment's dvc (make setup's .pth)."""
+    found = subprocess.run(
+        [sys.executable, "-c", "import os, shutil; print(shutil.which('dvc'), os.environ['PATH'])"],
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}, capture_output=True, text=True,
+        check=True).stdout.split()
+    assert found == [str(VENV / "bin" / "dvc"), f"{VENV / 'bin'}:/usr/bin:/bin"]
+
+
 # --- reading experiments (gptlab.experiments) ---------------------------------------------------
 
 def shown_revision(name: str, params: dict, metrics: dict[str, dict], state: str = "success",
