@@ -35,6 +35,7 @@ from huggingface_hub import close_session
 from huggingface_hub import constants as hf_constants
 
 from gptlab import sources
+from gptlab.clean import read_jsonl
 from gptlab.errors import GptlabError
 from gptlab.params import DataParams, load_params
 from gptlab.sources.archives import matches_include, unpack_tar, unpack_zip
@@ -776,6 +777,23 @@ def test_hf_null_rows_are_skipped_and_counted(tmp_path, hub):
     manifest, dest = fetch_hf(tmp_path, hf_params())
     assert all_texts(dest) == ["one", "two", "three"]
     assert manifest["documents"] == 3 and manifest["skipped_null"] == 3
+
+
+def test_hf_conversations_are_written_as_messages_lines_that_clean_reads(tmp_path, hub):
+    chats = [[{"role": "user", "content": f"say {word}"},
+              {"role": "assistant", "content": f"{word}, café"}] for word in ("one", "two")]
+    messages = pa.array([chats[0], None, chats[1]], pa.list_(pa.struct(
+        [("role", pa.string()), ("content", pa.string())])))
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"messages": messages}), buffer)
+    serve_dataset(hub, {"data/chat.parquet": buffer.getvalue()})
+    manifest, dest = fetch_hf(tmp_path, hf_params(text_column="messages"))
+    lines = (dest / "data" / "chat.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in lines] == [{"messages": chat} for chat in chats]
+    assert manifest["documents"] == 2 and manifest["skipped_null"] == 1
+    documents = list(read_jsonl(dest, "data/chat.jsonl"))
+    assert [doc.conversation for doc in documents] == [True, True]
+    assert [json.loads(doc.text)["messages"] for doc in documents] == chats
 
 
 def test_hf_column_without_any_text_is_refused(tmp_path, hub):

@@ -248,9 +248,11 @@ def _first_line(message: object) -> str:
 
 def write_documents(parquet: Path, shard: str, target: Path, column: str, tally: Tally,
                     advance: Callable[[int], object]) -> None:
-    """Write each text of `column` to `target` as a {"text": ...} line until `tally` is full.
+    """Write each document of `column` to `target` as a JSON line until `tally` is full: a
+    text as {"text": ...}, a conversation (a list of {"role", "content"}, as chat datasets
+    store their `messages`) as {"messages": [...]}, which clean reads as a conversation.
 
-    Nulls (and any other non-string) are skipped and counted. The file appears only once
+    Nulls (and any other value) are skipped and counted. The file appears only once
     complete, so a failure halfway through a shard leaves no half-written shard behind.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -259,13 +261,33 @@ def write_documents(parquet: Path, shard: str, target: Path, column: str, tally:
             if tally.full():
                 tally.capped = True
                 return
-            if not isinstance(value, str):
+            record = document_record(value)
+            if record is None:
                 tally.skipped_null += 1
                 continue
-            out.write(json.dumps({"text": value}, ensure_ascii=False) + "\n")
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
             tally.documents += 1
-            tally.text_bytes += len(value.encode("utf-8"))
+            tally.text_bytes += sum(len(text.encode("utf-8")) for text in record_texts(record))
             advance(1)
+
+
+def document_record(value: object) -> dict[str, object] | None:
+    """The JSON line of one value of the text column: a text, a conversation, or None."""
+    if isinstance(value, str):
+        return {"text": value}
+    if isinstance(value, list) and value and all(
+            isinstance(turn, dict) and isinstance(turn.get("role"), str)
+            and isinstance(turn.get("content"), str) for turn in value):
+        return {"messages": [{"role": turn["role"], "content": turn["content"]}
+                             for turn in value]}
+    return None
+
+
+def record_texts(record: dict[str, object]) -> list[str]:
+    """The texts a JSON line holds, as data.hf.max_bytes counts them."""
+    if "text" in record:
+        return [record["text"]]
+    return [turn["content"] for turn in record["messages"]]
 
 
 def column_values(parquet: Path, shard: str, column: str) -> Iterator[object]:
