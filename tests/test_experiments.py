@@ -90,8 +90,11 @@ def test_stages_run_with_the_projects_environment_from_a_shell_without_it(pipeli
     ran = subprocess.run(command, cwd=project, env=bare, capture_output=True, text=True)
     assert ran.returncode == 0, ran.stdout + ran.stderr
     # No .venv, and no python on PATH with the dependencies: the first line says what to do.
+    # (The stage's command as DVC runs it: this environment's Python would put its own bin/
+    # first on PATH, as a dvc installed elsewhere, with pipx say, does not.)
     without = copy_project(pipeline[0], tmp_path / "without")
-    failed = subprocess.run(command, cwd=without, env=bare, capture_output=True, text=True)
+    stage = DVC_YAML["stages"]["plot"]["cmd"].split()
+    failed = subprocess.run(stage, cwd=without, env=bare, capture_output=True, text=True)
     assert failed.returncode != 0
     first = next(line for line in failed.stderr.splitlines() if line.strip())
     assert first.startswith("error: ") and "no .venv" in first

@@ -388,27 +388,37 @@ def test_readers_never_mix_two_published_models(tokenizer_file, models_dir):
     models = [tiny_model(config, seed) for seed, config in enumerate(configs)]
     publish(configs[0], tokenizer_file, models_dir)
     loads, failures, stop = [], [], threading.Event()
+    reads = [0, 0, 0]  # whole models loaded, by reader
 
-    def read() -> None:
+    def read(reader: int) -> None:
         while not stop.is_set():
             try:
                 published = load_published(models_dir)
-            except GptlabError as error:  # anything but a whole model is a failure
-                failures.append(str(error))
+                which = configs.index(published.model.config)
+                assert_same_state_dict(models[which], published.model)
+            except (GptlabError, ValueError, AssertionError) as error:
+                failures.append(repr(error))  # anything but a whole model is a failure
                 return
-            which = configs.index(published.model.config)
-            assert_same_state_dict(models[which], published.model)
             loads.append(which)
+            reads[reader] += 1
 
-    readers = [threading.Thread(target=read) for _ in range(3)]
+    readers = [threading.Thread(target=read, args=(reader,)) for reader in range(len(reads))]
     for reader in readers:
         reader.start()
-    deadline = time.monotonic() + 4
+    start = time.monotonic()
     publishes = 0
-    while time.monotonic() < deadline and not failures:
+    while (time.monotonic() < start + 4 or publishes < 20) and time.monotonic() < start + 60:
         which = (publishes + 1) % 2
+        before = list(reads)
         save_published(models[which], configs[which], tokenizer_file, SUMMARY, models_dir)
         publishes += 1
+        # Every reader loads once before the next publish, so each read meets at most two:
+        # on a machine busy with other work, reads would otherwise fall behind the writer.
+        while (not failures and time.monotonic() < start + 60
+               and any(now == then for now, then in zip(reads, before, strict=True))):
+            time.sleep(0.001)
+        if failures:
+            break
     stop.set()
     for reader in readers:
         reader.join(timeout=30)
