@@ -33,6 +33,8 @@ PROJECT_PARAMS = load_params(ROOT / "params.yaml")
 # The classic char-rnn corpus (1,115,394 characters of public-domain Shakespeare), shipped for
 # tests and `make bench`.
 TINYSHAKESPEARE = ROOT / "tests" / "data" / "tinyshakespeare.txt"
+# The environment the tests run in, which stands in for a project's own .venv.
+VENV = Path(sys.executable).parents[1]
 
 # A few KB of English verse (Coriolanus, I.i), e.g. enough merges for a 350-token BPE.
 VERSE = """\
@@ -401,3 +403,16 @@ def write_task_wheel(folder: Path, excerpt: dict[str, list] | None = None) -> Pa
         for name, data in members.items():
             archive.writestr(name, data)
     return wheel
+
+
+def with_venv(project: Path) -> Path:
+    """The project's own .venv, as `make setup` makes it (here: this test run's environment)."""
+    (project / ".venv").symlink_to(VENV)
+    return project
+
+
+def gptlab(project: Path, *args: str) -> subprocess.CompletedProcess:
+    """The `gptlab` command in `project`, from a shell with only the environment on PATH."""
+    return subprocess.run([sys.executable, "-m", "gptlab.cli", *args], cwd=project,
+                          capture_output=True, text=True,
+                          env={"PATH": f"{VENV / 'bin'}:/usr/bin:/bin", "HOME": str(project)})
