@@ -376,6 +376,8 @@ def test_dvc_repro_trains_on_conversations_and_reports_exact_match(tmp_path, def
     dvc(project, "repro")
     metrics = json.loads((project / "metrics" / "eval.json").read_text())
     assert metrics["answers"] == 10 and 0 <= metrics["exact_match"] <= 1
+    config = json.loads((project / "models" / "config.json").read_text())
+    assert config["tokenizer"]["chat_tokens"] == list(CHAT_TOKENS)
     shutil.rmtree(project)
 
 

@@ -125,7 +125,8 @@ def test_config_json_describes_model_tokenizer_and_training(tokenizer_file, mode
     assert saved == {
         "format": FORMAT,
         "model": config.model_dump(),
-        "tokenizer": {"kind": "char", "vocab_size": len(CHARS), "file": "tokenizer.json"},
+        "tokenizer": {"kind": "char", "vocab_size": len(CHARS), "file": "tokenizer.json",
+                      "chat_tokens": None},
         "training": SUMMARY,
         "sha256": {name: sha256_file(models_dir / name)
                    for name in ("model.safetensors", "tokenizer.json")},

@@ -50,6 +50,8 @@ class TokenizerReference(BaseModel):
     kind: str
     vocab_size: int = Field(ge=1)
     file: str
+    # The chat template's tokens when the model was trained on conversations (see gptlab.chat).
+    chat_tokens: list[str] | None = None
 
 
 class PublishedConfig(BaseModel):
@@ -85,7 +87,7 @@ def save_published(model: nn.Module, config: ModelConfig, tokenizer_path: Path,
     published = PublishedConfig(
         format=FORMAT, model=config,
         tokenizer=TokenizerReference(kind=tokenizer["kind"], vocab_size=tokenizer["vocab_size"],
-                                     file=TOKENIZER),
+                                     file=TOKENIZER, chat_tokens=tokenizer.get("chat_tokens")),
         training=training)
     with atomic_dir(models_dir, "the trained model") as staging:
         save_model(model, str(staging / WEIGHTS))
