@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_corpus, write_tokens
+from helpers import make_corpus, write_tokens
 
 from gptlab.batches import RandomWindows, batch_seed, open_training_splits
 from gptlab.errors import GptlabError

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     PROJECT_PARAMS,
     TINY_MODEL,
     TINY_TRAIN,

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import PROJECT_PARAMS, ROOT, model_config, run_params
+from helpers import PROJECT_PARAMS, ROOT, model_config, run_params
 from safetensors import safe_open
 from torch import nn
 

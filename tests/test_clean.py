@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import one_error_line, run_stage, stage_command, write_params
+from helpers import one_error_line, run_stage, stage_command, write_params
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     PROJECT_PARAMS,
     make_corpus,
     model_config,

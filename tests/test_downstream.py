@@ -15,7 +15,7 @@ import lm_eval
 import pytest
 import torch
 import yaml
-from conftest import (
+from helpers import (
     PROJECT_PARAMS,
     VERSE,
     model_config,

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import VERSE as SHARED_VERSE
-from conftest import one_error_line, run_stage, stage_command, write_params
+from helpers import VERSE as SHARED_VERSE
+from helpers import one_error_line, run_stage, stage_command, write_params
 
 from gptlab import encode as encode_module
 from gptlab.encode import EncodeStats, encode_file, text_ranges

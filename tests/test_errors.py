@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import one_error_line, run_stage, write_params
+from helpers import one_error_line, run_stage, write_params
 
 from gptlab.errors import GptlabError, run_main
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (
+from helpers import (
     PROJECT_PARAMS,
     make_corpus,
     model_config,

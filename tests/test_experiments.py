@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import (
+from helpers import (
     DVC_YAML,
     ROOT,
     VENV,

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import tiktoken
 import torch
-from conftest import VERSE, model_config, one_error_line
+from helpers import VERSE, model_config, one_error_line
 from tiktoken_ext.openai_public import r50k_pat_str
 from transformers import AutoModelForCausalLM, AutoTokenizer
 

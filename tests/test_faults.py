@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import (
+from helpers import (
     STAGE_OUTPUTS,
     assert_same_training,
     copy_project,

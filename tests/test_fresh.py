@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 SLOW = pytest.mark.skipif(os.environ.get("GPTLAB_SLOW") != "1", reason="set GPTLAB_SLOW=1")
 

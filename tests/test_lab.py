@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import copy_project, dvc, dvc_run, gptlab, with_venv
+from helpers import copy_project, dvc, dvc_run, gptlab, with_venv
 
 from gptlab.experiments import read_experiments
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import (
+from helpers import (
     assert_same_training,
     change_params,
     copy_project,

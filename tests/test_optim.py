@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import PROJECT_PARAMS, model_config
+from helpers import PROJECT_PARAMS, model_config
 
 from gptlab.model import build_model
 from gptlab.optim import learning_rate, make_optimizer, set_learning_rate

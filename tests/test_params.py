@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import ROOT, one_error_line, write_params
+from helpers import ROOT, one_error_line, write_params
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -6,7 +6,7 @@ import json
 import re
 
 import pytest
-from conftest import (
+from helpers import (
     ALL_STAGES,
     DVC_YAML,
     PLAYS,

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
-from conftest import (
+from dvc_render.html import render_html
+from dvc_render.vega import VegaRenderer
+from helpers import (
     PROJECT_PARAMS,
     ROOT,
     copy_project,
@@ -22,8 +24,6 @@ from conftest import (
     run_stage,
     write_params,
 )
-from dvc_render.html import render_html
-from dvc_render.vega import VegaRenderer
 
 from gptlab.errors import GptlabError
 from gptlab.plots import VEGA_PACKAGES, build_offline_template, log_frame, make_figures

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, paths_in
+from helpers import ROOT, paths_in
 from transformers import GPT2Config
 
 from gptlab.encode import encode_splits
@@ -43,7 +43,7 @@ def test_the_preset_is_gpt2_small_with_its_recipe(preset):
 
 def test_the_preset_trains_its_first_steps_on_cpu_at_a_tiny_batch(preset, tmp_path: Path):
     """The full 124M shape (12 x 768, block 1024), one sequence per step, two steps."""
-    corpus = (ROOT / "tests" / "conftest.py").read_text() * 20  # a few thousand tokens of text
+    corpus = (ROOT / "tests" / "helpers.py").read_text() * 20  # a few thousand tokens of text
     for split, text in (("train", corpus), ("val", corpus[: len(corpus) // 4])):
         (tmp_path / f"{split}.txt").write_text(text, encoding="utf-8")
     tokens_dir = tmp_path / "data" / "tokens"

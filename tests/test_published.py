@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import model_config
+from helpers import model_config
 from safetensors.torch import save_file
 from torch import nn
 

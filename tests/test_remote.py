@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import commit, copy_project, dvc, dvc_run, git, ran_stages
+from helpers import commit, copy_project, dvc, dvc_run, git, ran_stages
 
 from gptlab.errors import GptlabError
 from gptlab.published import load_published

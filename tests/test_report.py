@@ -6,7 +6,7 @@ import json
 import re
 
 import pytest
-from conftest import change_params, copy_project
+from helpers import change_params, copy_project
 
 from gptlab.errors import GptlabError
 from gptlab.report import (

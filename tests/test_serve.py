@@ -23,7 +23,7 @@ import openai
 import pytest
 import torch
 import uvicorn
-from conftest import model_config
+from helpers import model_config
 
 from gptlab.bench.serving import free_port, load_test, start_server
 from gptlab.chat import render

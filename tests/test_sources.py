@@ -30,7 +30,7 @@ from pathlib import Path, PurePosixPath
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT, one_error_line, run_stage, write_params
+from helpers import ROOT, one_error_line, run_stage, write_params
 from huggingface_hub import close_session
 from huggingface_hub import constants as hf_constants
 

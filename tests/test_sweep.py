@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import PROJECT_PARAMS
+from helpers import PROJECT_PARAMS
 
 from gptlab.errors import GptlabError
 from gptlab.experiments import Experiment, Experiments

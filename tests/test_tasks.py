@@ -10,7 +10,7 @@ import shutil
 import zipfile
 
 import pytest
-from conftest import TASK_EXCERPT, write_task_wheel
+from helpers import TASK_EXCERPT, write_task_wheel
 
 from gptlab.errors import GptlabError
 from gptlab.params import TASK_NAMES

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import VERSE
+from helpers import VERSE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

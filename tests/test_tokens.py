@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import VERSE as SHARED_VERSE
+from helpers import VERSE as SHARED_VERSE
 
 from gptlab.encode import encode_splits
 from gptlab.errors import GptlabError

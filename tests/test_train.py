@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     assert_same_training,
     make_corpus,
     one_error_line,
