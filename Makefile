@@ -18,7 +18,7 @@ TEST_WORKERS ?= 2
 # dvc, and the workers `dvc queue start` spawns, come from the virtual environment.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro test lint bench exps plots plots-template lock check-fresh clean-venv
+.PHONY: setup repro reset test lint bench docs exps plots plots-template lock check-fresh clean-venv
 
 setup: $(STAMP)
 
@@ -49,14 +49,29 @@ lock: setup
 	$(BIN)/uv pip compile --quiet --universal --python-version 3.10 --generate-hashes \
 	    --override $(VENV)/lock-overrides.txt --extra dev pyproject.toml -o $(LOCK)
 
+# DVC ends a run with "Use `dvc push` to send your updates to remote storage", which needs a
+# remote first: without one, say how to add it.
 repro: setup
 	$(BIN)/dvc repro
+	@$(BIN)/dvc remote list | grep -q . || echo "To share outputs with \`dvc push\`, add a remote first: \`dvc remote add -d storage PATH-OR-URL\` (docs/scaling-out.md)"
+
+# Back to the committed state, discarding every uncommitted change to tracked files: DVC's
+# outputs come back from its cache, and what the cache lacks (a fresh clone's is empty, and
+# another machine's weights differ in their last bits) is made again by the pipeline.
+reset:
+	git checkout HEAD -- .
+	$(BIN)/dvc checkout || $(BIN)/dvc repro
 
 test: setup
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: setup
 	$(BIN)/ruff check src stages tests
+
+# The documentation site (docs/, mkdocs.yml) into site/; any broken link or page left out of the
+# nav fails the build.
+docs: setup
+	$(BIN)/mkdocs build --strict
 
 bench: repro
 	$(BIN)/python -m gptlab.bench tests/data/tinyshakespeare.txt
