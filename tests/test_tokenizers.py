@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from gptlab.errors import GptlabError
 from gptlab.params import TokenizerParams
 from gptlab.tokenizers import (
     EOT_TOKEN,
+    TOKENIZERS,
     BPETokenizer,
     CharTokenizer,
     TiktokenTokenizer,
@@ -56,7 +58,7 @@ def tiktoken_tok() -> TiktokenTokenizer:
     return TiktokenTokenizer(OFFLINE_ENCODING)
 
 
-@pytest.fixture(params=["char", "bpe", "tiktoken"])
+@pytest.fixture(params=sorted(TOKENIZERS))
 def any_tok(request: pytest.FixtureRequest) -> Tokenizer:
     return request.getfixturevalue(f"{request.param}_tok")
 
@@ -340,6 +342,12 @@ def test_load_names_the_file_when_the_rebuild_refuses(tmp_path: Path, definition
 
 # ---------------------------------------------------------------------------------------------
 # build_tokenizer
+
+
+def test_every_kind_params_accept_has_a_tokenizer() -> None:
+    kinds = get_args(TokenizerParams.model_fields["kind"].annotation)
+    assert sorted(TOKENIZERS) == sorted(kinds)
+    assert all(TOKENIZERS[kind].kind == kind for kind in kinds)
 
 
 def test_build_char_takes_characters_of_both_splits(tmp_path: Path) -> None:

@@ -1,12 +1,15 @@
 """Tokenizers behind one interface: char, byte-level BPE, and tiktoken encodings.
 
 Each saves to and loads from one JSON file (no pickle), holding everything needed to rebuild it;
-its `fingerprint` ties token files to the exact tokenizer that wrote them.
+its `fingerprint` ties token files to the exact tokenizer that wrote them. TOKENIZERS maps each
+kind (params' tokenizer.kind, the definition's "kind") to its class: the one place a kind is
+looked up, to build a tokenizer from the corpus or to rebuild one from its definition.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -88,6 +91,17 @@ class CharTokenizer(Tokenizer):
             seen.update(chunk)
         return cls("".join(seen))
 
+    @classmethod
+    def from_corpus(cls, params: TokenizerParams, train: Iterable[str],
+                    val: Iterable[str]) -> CharTokenizer:
+        # Characters of both splits, as nanoGPT takes them from the whole input, so that a rare
+        # character of the validation text is not an error.
+        return cls.from_texts(itertools.chain(train, val))
+
+    @classmethod
+    def from_json(cls, definition: dict[str, Any]) -> CharTokenizer:
+        return cls(definition["chars"])
+
     @property
     def vocab_size(self) -> int:
         return len(self.chars)
@@ -148,6 +162,11 @@ class BPETokenizer(Tokenizer):
         return cls(hf)
 
     @classmethod
+    def from_corpus(cls, params: TokenizerParams, train: Iterable[str],
+                    val: Iterable[str]) -> BPETokenizer:
+        return cls.train(train, params.vocab_size)  # the validation text stays unseen
+
+    @classmethod
     def from_json(cls, definition: dict[str, Any]) -> BPETokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
@@ -195,6 +214,15 @@ class TiktokenTokenizer(Tokenizer):
                               f"{error} (tiktoken downloads it once; needs the internet)") from None
         self.encoding = encoding
 
+    @classmethod
+    def from_corpus(cls, params: TokenizerParams, train: Iterable[str],
+                    val: Iterable[str]) -> TiktokenTokenizer:
+        return cls(params.encoding)  # ready-made: nothing to learn
+
+    @classmethod
+    def from_json(cls, definition: dict[str, Any]) -> TiktokenTokenizer:
+        return cls(definition["encoding"])
+
     @property
     def vocab_size(self) -> int:
         return self._encoding.n_vocab
@@ -218,11 +246,20 @@ class TiktokenTokenizer(Tokenizer):
         return {"kind": self.kind, "vocab_size": self.vocab_size, "encoding": self.encoding}
 
 
+# Each kind's class, which makes its tokenizers two ways: `from_corpus(params, train_chunks,
+# val_chunks)` the one params choose, learnt from the clean text where the kind needs to (the
+# chunks are read only if used), and `from_json(definition)` the one `to_json()` describes.
+TOKENIZERS: dict[str, type[CharTokenizer | BPETokenizer | TiktokenTokenizer]] = {
+    tokenizer.kind: tokenizer for tokenizer in (CharTokenizer, BPETokenizer, TiktokenTokenizer)
+}
+
+
 class ChatTokenizer(Tokenizer):
     """A tokenizer with the chat template's special tokens appended after its vocabulary: the
     ids of the vocabulary it extends are unchanged, so a model trained on it can be fine-tuned
     on conversations. Their text in what it encodes is those tokens, as transformers'
-    tokenizers read added special tokens."""
+    tokenizers read added special tokens. Not a kind of its own: it has its base's kind, and a
+    definition with "chat_tokens" is rebuilt as one around the base its kind names."""
 
     def __init__(self, base: Tokenizer) -> None:
         self.base = base
@@ -283,15 +320,7 @@ def build_tokenizer(params: TokenizerParams, train_path: Path, val_path: Path,
     if params.from_model is not None:
         return model_tokenizer(Path(params.from_model))
     chunks = chunks or iter_text_chunks
-    if params.kind == "char":
-        # Characters of both splits, as nanoGPT takes them from the whole input, so that a rare
-        # character of the validation text is not an error.
-        return CharTokenizer.from_texts(
-            chunk for path in (train_path, val_path) for chunk in chunks(path)
-        )
-    if params.kind == "bpe":
-        return BPETokenizer.train(chunks(train_path), params.vocab_size)
-    return TiktokenTokenizer(params.encoding)
+    return TOKENIZERS[params.kind].from_corpus(params, chunks(train_path), chunks(val_path))
 
 
 def model_tokenizer(models_dir: Path) -> Tokenizer:
@@ -321,11 +350,11 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
 def tokenizer_from_definition(definition: Any) -> Tokenizer:
     """Rebuild a tokenizer from its `to_json()` definition."""
     kind = definition.get("kind") if isinstance(definition, dict) else None
-    if kind not in _REBUILDERS:
+    if kind not in TOKENIZERS:
         raise GptlabError(f"unknown tokenizer kind {kind!r}; expected one of "
-                          f"{sorted(_REBUILDERS)}")
+                          f"{sorted(TOKENIZERS)}")
     try:
-        base = _REBUILDERS[kind](definition)
+        base = TOKENIZERS[kind].from_json(definition)
         if "chat_tokens" not in definition:
             return base
         if definition["chat_tokens"] != list(CHAT_TOKENS):
@@ -336,13 +365,6 @@ def tokenizer_from_definition(definition: Any) -> Tokenizer:
         raise
     except Exception as error:  # a damaged definition can fail deep inside tokenizers' Rust code
         raise GptlabError(f"damaged {kind} tokenizer definition ({error})") from None
-
-
-_REBUILDERS = {
-    "char": lambda definition: CharTokenizer(definition["chars"]),
-    "bpe": BPETokenizer.from_json,
-    "tiktoken": lambda definition: TiktokenTokenizer(definition["encoding"]),
-}
 
 
 def split_at_lines(text: str, chunk_chars: int) -> Iterator[str]:
