@@ -23,7 +23,6 @@ from gptlab.checkpoint import (
     checkpoint_folders,
     code_fingerprint,
     device_rng_state,
-    gptlab_imports,
     load_resume,
     newest_good_checkpoint,
     run_key,
@@ -31,6 +30,7 @@ from gptlab.checkpoint import (
     set_device_rng_state,
     verify_checkpoint,
 )
+from gptlab.imports import gptlab_imports
 from gptlab.model import build_model
 from gptlab.optim import learning_rate, make_optimizer
 
@@ -287,7 +287,7 @@ def test_the_training_code_is_what_the_train_stage_imports():
     assert not any("bench" in path.parts for path in gptlab_imports(ROOT / "stages" / "train.py"))
 
 
-def test_the_code_fingerprint_follows_every_imported_module(tmp_path, monkeypatch):
+def test_the_code_fingerprint_follows_every_imported_module(tmp_path):
     package = tmp_path / "gptlab"
     (package / "sub").mkdir(parents=True)
     (package / "__init__.py").write_text("")
@@ -296,15 +296,15 @@ def test_the_code_fingerprint_follows_every_imported_module(tmp_path, monkeypatc
     (package / "sub" / "__init__.py").write_text("def f():\n    from gptlab import leaf\n")
     (package / "leaf.py").write_text("y = 2\n")
     (package / "unrelated.py").write_text("z = 3\n")
-    monkeypatch.setattr("gptlab.checkpoint.PACKAGE_DIR", package)
     # The package's __init__.py runs with any of its modules.
-    assert {p.relative_to(package).as_posix() for p in gptlab_imports(package / "top.py")} == {
+    found = gptlab_imports(package / "top.py", package)
+    assert {p.relative_to(package).as_posix() for p in found} == {
         "__init__.py", "middle.py", "sub/__init__.py", "leaf.py"}
-    before = code_fingerprint("gptlab.top")
+    before = code_fingerprint("gptlab.top", package)
     (package / "unrelated.py").write_text("z = 4\n")
-    assert code_fingerprint("gptlab.top") == before
+    assert code_fingerprint("gptlab.top", package) == before
     (package / "leaf.py").write_text("y = 3\n")  # imported inside a function, two levels down
-    assert code_fingerprint("gptlab.top") != before
+    assert code_fingerprint("gptlab.top", package) != before
 
 
 # --- the training device's generator ---------------------------------------------------------

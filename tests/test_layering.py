@@ -9,7 +9,7 @@ import sys
 import pytest
 from helpers import ROOT
 
-from gptlab.checkpoint import imported_modules
+from gptlab.imports import imported_modules
 
 # Formats (params, token files, the training log, atomic output, downstream task data) and what
 # the download, clean, tokenize and plot stages run: none needs a deep-learning framework to start.

@@ -12,7 +12,6 @@ The published weights are written apart, to models/ (gptlab.published).
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import re
@@ -29,6 +28,7 @@ from torch import nn
 
 from gptlab.distributed import World, gather_to_all
 from gptlab.errors import GptlabError
+from gptlab.imports import PACKAGE_DIR, gptlab_imports, module_file
 from gptlab.io import atomic_dir, sha256_file, write_json
 from gptlab.params import RunParams
 
@@ -43,7 +43,6 @@ MANIFEST = "manifest.json"
 # Checkpoints kept per run: the newest, and one to fall back to should it be damaged.
 KEEP = 2
 STEP_FOLDER = re.compile(r"^step-(\d{8})$")
-PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 class DamagedCheckpoint(GptlabError):
@@ -218,51 +217,14 @@ def run_key(params: RunParams, tokens_meta: dict[str, Any], world_size: int = 1)
     return hashlib.sha256(json.dumps(depends_on, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def code_fingerprint(module: str) -> str:
-    """Hash of a gptlab module's source and of every gptlab module it imports."""
+def code_fingerprint(module: str, package: Path = PACKAGE_DIR) -> str:
+    """Hash of a gptlab module's source and of every gptlab module it imports, each with its
+    path in the package (a module moved elsewhere is other code)."""
     digest = hashlib.sha256()
-    root = module_file(module)
-    for source in sorted({root, *gptlab_imports(root)}):
-        digest.update(source.relative_to(PACKAGE_DIR).as_posix().encode() + source.read_bytes())
+    root = module_file(module, package)
+    for source in sorted({root, *gptlab_imports(root, package)}):
+        digest.update(source.relative_to(package).as_posix().encode() + source.read_bytes())
     return digest.hexdigest()[:16]
-
-
-def gptlab_imports(source: Path) -> set[Path]:
-    """The source files of the gptlab modules a Python file imports, directly or through other
-    gptlab modules, and of the packages that hold them (importing `gptlab.sources.hf` runs
-    `gptlab/__init__.py` and `gptlab/sources/__init__.py`): the code it runs (the train stage's
-    DVC deps, say)."""
-    found: set[Path] = set()
-    pending = [source]
-    while pending:
-        for name in imported_modules(pending.pop()):
-            parts = name.split(".")
-            for path in (module_file(".".join(parts[:end])) for end in range(1, len(parts) + 1)):
-                if path not in found and path.exists():
-                    found.add(path)
-                    pending.append(path)
-    return found
-
-
-def imported_modules(source: Path) -> set[str]:
-    """Names of the gptlab modules a file imports (`import gptlab.x`, `from gptlab.x import y`,
-    `from gptlab import x`, and `from gptlab import __version__`, which runs the package
-    itself), wherever in the file the import is."""
-    names = set()
-    for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return {name for name in names
-            if name.split(".")[0] == "gptlab" and module_file(name).exists()}
-
-
-def module_file(name: str) -> Path:
-    """The source file of gptlab module `name`: a module file, or a package's __init__.py."""
-    path = PACKAGE_DIR.joinpath(*name.split(".")[1:])
-    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
 
 
 def rank_state(batch_rng: np.random.Generator, device: torch.device,
