@@ -1267,3 +1267,77 @@ def test_hf_429_waits_as_retry_after_says(tmp_path, hub):
     started = time.monotonic()
     manifest, _ = fetch_hf(tmp_path / "busy", hf_params())
     assert 1 <= time.monotonic() - started < 10 and manifest == clean
+
+
+def test_hf_503_waits_as_retry_after_says(tmp_path, hub, monkeypatch):
+    """huggingface_hub retries a download's 429 itself but not a 5xx: gptlab does; the
+    connection then dropped halfway resumes from where it stopped."""
+    serve_dataset(hub)
+    (tmp_path / "clean").mkdir(), (tmp_path / "busy").mkdir()
+    clean, _ = fetch_hf(tmp_path / "clean", hf_params())
+    body = hf_files()[SHARDS[0]]
+    hub.cdn.routes[cdn_path(body)] = busy(503, file_route(body, drops=2))
+    monkeypatch.setattr(hf_constants, "DOWNLOAD_CHUNK_SIZE", 100)
+    shutil.rmtree(tmp_path / "hf_home" / "hub")
+    hub.cdn.requests.clear()
+    started = time.monotonic()
+    manifest, _ = fetch_hf(tmp_path / "busy", hf_params())
+    assert 1 <= time.monotonic() - started < 10 and manifest == clean
+    ranges = [hit.range for hit in hub.cdn.hits(cdn_path(body))]
+    assert ranges[:2] == [None, None] and ranges[2].startswith("bytes="), ranges
+
+
+def test_hf_503_that_never_ends_is_one_line_naming_data_spec(tmp_path, hub, monkeypatch):
+    serve_dataset(hub)
+    body = hf_files()[SHARDS[0]]
+    hub.cdn.routes[cdn_path(body)] = failing_then(503, 99, file_route(body))
+    monkeypatch.setattr("gptlab.sources.download.BACKOFF_SECONDS", 0.01)
+    with pytest.raises(GptlabError, match=r"^data\.spec: download of .* failed after 4 "
+                                          r"attempts: HTTP 503"):
+        fetch_hf(tmp_path, hf_params())
+
+
+def stalling(body: bytes, seconds: float) -> Route:
+    """The first answer sends half of `body`, then nothing for `seconds`; later ones serve
+    the rest as file_route does."""
+    rest = file_route(body)
+
+    def respond(handler: BaseHTTPRequestHandler, attempt: int) -> None:
+        if attempt > 1:
+            return rest(handler, attempt)
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body[: len(body) // 2])
+        handler.wfile.flush()
+        time.sleep(seconds)
+        handler.close_connection = True
+
+    return respond
+
+
+def test_url_stalled_connection_times_out_and_resumes(tmp_path, server):
+    server.routes["/corpus.txt"] = stalling(CORPUS, seconds=6)
+    started = time.monotonic()
+    artifact = fetch_url(server.url("/corpus.txt"), sha256_of(CORPUS), tmp_path, timeout=0.5)
+    assert artifact.path.read_bytes() == CORPUS
+    assert time.monotonic() - started < 5  # the stall was cut short, not waited out
+    first, second = server.hits("/corpus.txt")
+    assert first.range is None and second.range == f"bytes={len(CORPUS) // 2}-"
+
+
+def test_hf_stalled_connection_times_out_and_resumes(tmp_path, hub, monkeypatch):
+    serve_dataset(hub)
+    (tmp_path / "clean").mkdir(), (tmp_path / "stalled").mkdir()
+    clean, _ = fetch_hf(tmp_path / "clean", hf_params())
+    body = hf_files()[SHARDS[0]]
+    hub.cdn.routes[cdn_path(body)] = stalling(body, seconds=6)
+    monkeypatch.setattr(hf_constants, "DOWNLOAD_CHUNK_SIZE", 100)
+    monkeypatch.setattr(hf_constants, "HF_HUB_DOWNLOAD_TIMEOUT", 0.5)
+    shutil.rmtree(tmp_path / "hf_home" / "hub")
+    hub.cdn.requests.clear()
+    started = time.monotonic()
+    manifest, _ = fetch_hf(tmp_path / "stalled", hf_params())
+    assert time.monotonic() - started < 5 and manifest == clean
+    first, second = hub.cdn.hits(cdn_path(body))[:2]
+    assert first.range is None and second.range is not None

@@ -3,7 +3,6 @@ may change."""
 
 from __future__ import annotations
 
-import itertools
 import os
 import sys
 import time
@@ -11,11 +10,12 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
-from http.client import HTTPException
+from http.client import HTTPException, HTTPResponse
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, TypeVar
+from typing import TypeVar
 
 from tqdm import tqdm
 
@@ -67,27 +67,53 @@ def fetch_url(url: str, sha256: str, cache: Path,
         named.unlink(missing_ok=True)
 
 
-def retrying(request: Callable[[], T], what: str, attempts: int) -> T:
-    """request() until it succeeds, retrying what a retry may change (5xx, 408/425/429, a
-    dropped connection) up to `attempts` times. Any other HTTP error is raised as it is: only
-    the caller knows which param it points at."""
-    for attempt in itertools.count(1):
-        wait = BACKOFF_SECONDS * attempt
+def retrying(request: Callable[[], T], what: str, attempts: int,
+             transient: Callable[[Exception], Fault | None] | None = None) -> T:
+    """request() until it succeeds, retrying what a retry may change up to `attempts` times,
+    after the wait a Retry-After asks for or a backoff that grows with each attempt. Any other
+    error is raised as it is: only the caller knows which param it points at.
+
+    `transient` says whether an error is worth retrying; url_fault (5xx, 408/425/429, a dropped
+    or stalled connection) by default.
+    """
+    transient = transient or url_fault
+    for attempt in range(1, attempts + 1):
         try:
             return request()
-        except urllib.error.HTTPError as error:
-            if error.code < 500 and error.code not in RETRYABLE_HTTP_CODES:
+        except Exception as error:
+            if (fault := transient(error)) is None:
                 raise
-            problem = f"HTTP {error.code} {error.reason}"
-            wait = retry_after(error.headers.get("Retry-After"), wait)
-        except (urllib.error.URLError, HTTPException, OSError) as error:
-            if disk_full(error):  # no retry will make room
-                raise
-            problem = str(getattr(error, "reason", error)) or type(error).__name__
-        if attempt == attempts:
-            raise GptlabError(f"data.spec: {what} failed after {attempts} attempts: {problem}")
-        print(f"{what} interrupted ({problem}); retrying in {wait:.1f} s", file=sys.stderr)
-        time.sleep(wait)
+        if attempt < attempts:
+            wait = retry_after(fault.retry_after, BACKOFF_SECONDS * attempt)
+            print(f"{what} interrupted ({fault.problem}); retrying in {wait:.1f} s",
+                  file=sys.stderr)
+            time.sleep(wait)
+    raise GptlabError(f"data.spec: {what} failed after {attempts} attempts: {fault.problem}")
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A failure that a retry may change: what went wrong, and the server's Retry-After."""
+
+    problem: str
+    retry_after: str | None = None
+
+
+def retryable_status(code: int) -> bool:
+    """Whether an HTTP answer with this status may change on a retry."""
+    return code >= 500 or code in RETRYABLE_HTTP_CODES
+
+
+def url_fault(error: Exception) -> Fault | None:
+    """The retryable fault in what urllib raised, or None."""
+    if isinstance(error, urllib.error.HTTPError):
+        if not retryable_status(error.code):
+            return None
+        return Fault(f"HTTP {error.code} {error.reason}", error.headers.get("Retry-After"))
+    if isinstance(error, (urllib.error.URLError, HTTPException, OSError)) and not disk_full(error):
+        # A dropped connection or one that stalled past the timeout; no retry makes disk room
+        return Fault(str(getattr(error, "reason", error)) or type(error).__name__)
+    return None
 
 
 def retry_after(header: str | None, default: float) -> float:
@@ -127,8 +153,10 @@ def _download_once(url: str, partial: Path, timeout: float) -> None:
         raise HTTPException(f"connection closed after {partial.stat().st_size} of {total} bytes")
 
 
-def _read_chunks(stream: BinaryIO) -> Iterator[bytes]:
-    while chunk := stream.read(COPY_CHUNK_BYTES):
+def _read_chunks(stream: HTTPResponse) -> Iterator[bytes]:
+    # read1 hands over what has arrived, where read would wait for a whole chunk: what came
+    # before a connection stalled is on disk, and a retry resumes after it.
+    while chunk := stream.read1(COPY_CHUNK_BYTES):
         yield chunk
 
 

@@ -39,6 +39,7 @@ from gptlab.params import SHA256_PATTERN, DataParams
 from gptlab.sources import describe_files
 from gptlab.sources.archives import matches_include
 from gptlab.sources.cache import ChecksumMismatch
+from gptlab.sources.download import URL_ATTEMPTS, Fault, retryable_status, retrying
 
 COMMIT_PATTERN = re.compile(r"^[0-9a-f]{40}$")
 # Rows per parquet batch: web documents average a few KB, so pyarrow's default of 65,536 rows
@@ -169,9 +170,16 @@ def _shard(entry: RepoFile) -> Shard:
 def download_shard(api: HfApi, name: str, commit: str, shard: Shard) -> Path:
     """The shard in huggingface_hub's cache, fetched from the commit (not the branch) unless
     cached already, and checked against the sha256 the Hub lists for it."""
+    def fetch() -> str:
+        return hf_hub_download(name, shard.path, repo_type="dataset", revision=commit,
+                               endpoint=api.endpoint, token=api.token)
+
     try:
-        local = Path(hf_hub_download(name, shard.path, repo_type="dataset", revision=commit,
-                                     endpoint=api.endpoint, token=api.token))
+        # A retry resumes from the part huggingface_hub keeps in its cache.
+        local = Path(retrying(fetch, f"download of {shard.path} of {name}", URL_ATTEMPTS,
+                              transient=hub_fault))
+    except GptlabError:
+        raise
     except Exception as error:
         if disk_full(error):
             raise DiskFull(Path(constants.HF_HUB_CACHE), f"{shard.path} of {name}") from None
@@ -196,6 +204,16 @@ def check_shard(local: Path, shard: Shard) -> None:
     blob.unlink(missing_ok=True)
     raise ChecksumMismatch(f"{shard.path}: the Hub lists sha256 {shard.sha256} for it but "
                            f"served a file with sha256 {digest}; refusing it", digest)
+
+
+def hub_fault(error: Exception) -> Fault | None:
+    """An answer of the Hub or its CDN that a retry may change. huggingface_hub retries a
+    download's 408 and 429 itself, not a 5xx such as a 503 with Retry-After."""
+    if isinstance(error, HfHubHTTPError) and error.response is not None:
+        status = error.response.status_code
+        if retryable_status(status):
+            return Fault(_answer(error), error.response.headers.get("Retry-After"))
+    return None
 
 
 def hub_error(error: Exception, endpoint: str, name: str, revision: str,
