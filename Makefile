@@ -18,7 +18,7 @@ TEST_WORKERS ?= 2
 # dvc, and the workers `dvc queue start` spawns, come from the virtual environment.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro reset test lint bench docs exps plots plots-template lock check-fresh clean-venv
+.PHONY: setup repro reset test lint bench docs exps plots plots-template lock check-fresh clean-venv params-docs
 
 setup: $(STAMP)
 
@@ -72,6 +72,12 @@ lint: setup
 # nav fails the build.
 docs: setup
 	$(BIN)/mkdocs build --strict
+
+# The parameter reference (docs/parameters.md) and params.yaml's comments, written from the
+# descriptions in src/gptlab/params.py; also brings back the comments `dvc exp run -S` drops.
+params-docs: setup
+	$(BIN)/gptlab params --docs docs/parameters.md
+	$(BIN)/gptlab params --comments params.yaml
 
 bench: repro
 	$(BIN)/python -m gptlab.bench tests/data/tinyshakespeare.txt

@@ -8,12 +8,13 @@ import sys
 
 import pytest
 import yaml
-from helpers import ROOT, one_error_line, write_params
+from helpers import ROOT, gptlab, one_error_line, write_params
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gptlab.errors import GptlabError
-from gptlab.params import Params, load_params
+from gptlab.paramdocs import comment_lines, render_docs, schema_fields, with_comments
+from gptlab.params import Params, default_values, is_section, load_params
 
 # The params_for fixture is stateless, so sharing it across examples is safe.
 FIXTURE_REUSE = [HealthCheck.function_scoped_fixture]
@@ -177,3 +178,83 @@ def test_cli_prints_the_resolved_params_and_fails_cleanly(tmp_path, params_for):
 def test_cuda_graphs_are_allowed_where_no_gradient_is_accumulated(tmp_path, params_for,
                                                                  overrides):
     assert load_with(tmp_path, params_for, overrides).train.grad_accum >= 1
+
+
+def test_the_project_file_holds_the_schemas_defaults():
+    # `gptlab params --explain` and docs/parameters.md call these "default": they must be what
+    # the project ships.
+    assert Params.model_validate(default_values(Params)) == load_params(ROOT / "params.yaml")
+
+
+def test_every_key_has_a_description_and_a_default():
+    for key, field in schema_fields().items():
+        assert field.description, key
+        assert is_section(field.annotation) or "default" in field.json_schema_extra, key
+
+
+def test_the_parameter_reference_is_written_from_the_schema():
+    # Out of date: `make params-docs` writes it again.
+    assert (ROOT / "docs" / "parameters.md").read_text() == render_docs()
+
+
+def test_params_yaml_comments_are_written_from_the_schema():
+    # Out of date: `make params-docs` writes them again.
+    text = (ROOT / "params.yaml").read_text()
+    assert with_comments(text) == text
+
+
+def test_comments_come_back_where_a_rewrite_dropped_them(tmp_path):
+    text = (ROOT / "params.yaml").read_text()
+    # What `dvc exp run -S` leaves: the values, no comments.
+    bare = "".join(line for line in text.splitlines(keepends=True)
+                   if not line.lstrip().startswith("#"))
+    bare = bare.replace("  n_layer: 4\n", "  n_layer: 6\n")
+    restored = with_comments(bare)
+    assert [line for line in restored.splitlines() if not line.lstrip().startswith("#")] == \
+        bare.splitlines()
+    header = text[:text.index("\n\n") + 1]  # the file's opening words belong to no key
+    assert header + restored == text.replace("  n_layer: 4\n", "  n_layer: 6\n")
+
+
+def test_comments_of_unknown_keys_and_values_are_left_alone():
+    text = "# mine\nextra: 1\nmodel:\n  # old words\n  n_layer: 4  # four\n  items:\n  - a: 1\n"
+    model = "".join(comment_lines(Params.model_fields["model"].description, indent=0))
+    assert with_comments(text) == ("# mine\nextra: 1\n" + model +
+                                   "model:\n  # Number of transformer blocks (at least 1).\n"
+                                   "  n_layer: 4  # four\n  items:\n  - a: 1\n")
+
+
+@pytest.mark.parametrize(("key", "lines"), [
+    ("model.n_layer", ["  Number of transformer blocks (at least 1).", "  type:    integer",
+                       "  allowed: >= 1", "  default: 4"]),
+    ("clean.val_fraction", ["  type:    number", "  allowed: (0, 1)", "  default: 0.1"]),
+    ("plot.dpi", ["  allowed: [50, 600]"]),
+    ("sample.top_k", ["  type:    integer or null", "  default: 200"]),
+    ("model.bias", ["  type:    boolean", "  allowed: true | false", "  default: false"]),
+    ("model.pos", ["  allowed: learned | rope", '  default: "learned"']),
+    ("train.lora.targets", ["  type:    list of text",
+                            "  allowed: any of qkv_proj, out_proj, gate_proj, up_proj, down_proj",
+                            '  default: ["qkv_proj", "out_proj"]']),
+    ("train.lora", ["  keys: rank, alpha, dropout, targets"]),
+])
+def test_explain_prints_a_keys_meaning_type_allowed_values_and_default(key, lines):
+    result = gptlab(ROOT, "params", "--explain", key)
+    assert result.returncode == 0, result.stderr
+    printed = result.stdout.splitlines()
+    assert printed[0] == key and set(lines) <= set(printed)
+    assert max(map(len, printed)) <= 100
+
+
+def test_explain_of_an_unknown_key_suggests_the_closest(tmp_path):
+    # Outside any project: explaining needs only the schema.
+    result = gptlab(tmp_path, "params", "--explain", "model.n_layers")
+    assert "unknown key 'model.n_layers' (did you mean 'model.n_layer'?)" in one_error_line(result)
+
+
+def test_params_docs_and_comments_commands_write_their_files(tmp_path):
+    assert gptlab(tmp_path, "params", "--docs", "parameters.md").returncode == 0
+    assert (tmp_path / "parameters.md").read_text() == render_docs()
+    text = (ROOT / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(text.replace("# Number of transformer", "# Layers"))
+    assert gptlab(tmp_path, "params", "--comments").returncode == 0
+    assert (tmp_path / "params.yaml").read_text() == text

@@ -58,8 +58,21 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="gptlab", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"gptlab {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    check = commands.add_parser("params", help="validate params.yaml and print it as resolved")
+    check = commands.add_parser(
+        "params", help="validate params.yaml and print it as resolved, or explain its keys",
+        description="Every key's meaning, type, allowed values and default are written from "
+                    "one place, the schema in gptlab.params: --explain prints a key's, --docs "
+                    "writes them all, --comments writes them into the file's comments.")
     check.add_argument("file", nargs="?", default=PARAMS_FILE)
+    explained = check.add_mutually_exclusive_group()
+    explained.add_argument("--explain", metavar="KEY",
+                           help="what a key means, its type, allowed values and default, e.g. "
+                                "model.n_layer")
+    explained.add_argument("--docs", type=Path, metavar="OUT",
+                           help="write the reference of every key, as docs/parameters.md")
+    explained.add_argument("--comments", action="store_true",
+                           help="write the comment above each key of the file from the schema "
+                                "(after `dvc exp run -S` dropped them); values stay as they are")
     tokens = commands.add_parser("tokens", help="describe a token file from its header")
     tokens.add_argument("file")
     sample = commands.add_parser("sample", help="continue prompts with a trained model",
@@ -292,7 +305,20 @@ def run_export(args: argparse.Namespace) -> None:
 
 
 def show_params(args: argparse.Namespace) -> None:
-    print(json.dumps(load_params(args.file).model_dump(), indent=2))
+    from gptlab.io import read_text, write_text
+    from gptlab.paramdocs import explain, render_docs, with_comments
+
+    if args.explain:
+        print(explain(args.explain))
+    elif args.docs:
+        write_text(args.docs, render_docs(), "the parameter reference")
+        print(f"wrote {args.docs}")
+    elif args.comments:
+        text = read_text(args.file, missing="run from the project folder")
+        write_text(args.file, with_comments(text), "the params file")
+        print(f"wrote the comments of {args.file}")
+    else:
+        print(json.dumps(load_params(args.file).model_dump(), indent=2))
 
 
 def show_tokens(args: argparse.Namespace) -> None:
