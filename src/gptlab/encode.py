@@ -31,7 +31,14 @@ from gptlab.tokenizers import (
     split_at_lines,
     tokenizer_from_definition,
 )
-from gptlab.tokens import MASK_VALUES, ShardWriter, dtype_for_vocab, mask_split
+from gptlab.tokens import (
+    MASK_VALUES,
+    ShardWriter,
+    dtype_for_vocab,
+    mask_split,
+    meta_path,
+    tokenizer_path,
+)
 
 # Bytes of text one worker encodes per task: large enough that handing results back costs
 # little next to encoding, small enough that the tasks in flight hold a few tens of MB.
@@ -114,7 +121,7 @@ def encode_splits(tokenizer: Tokenizer, texts: dict[str, Path], out_dir: Path,
     them (later stages read the split sizes from it, e.g. bytes for bits per byte). Splits given as
     `.jsonl` files are conversations, written with their loss masks (counting the answers
     only, or every token)."""
-    tokenizer.save(out_dir / "tokenizer.json")
+    tokenizer.save(tokenizer_path(out_dir))
     masked = all(path.suffix == ".jsonl" for path in texts.values())
     if masked:
         stats = {split: encode_conversations(tokenizer, path, out_dir, split, shard_tokens,
@@ -123,7 +130,7 @@ def encode_splits(tokenizer: Tokenizer, texts: dict[str, Path], out_dir: Path,
     else:
         stats = {split: encode_file(tokenizer, path, out_dir, split, shard_tokens, workers)
                  for split, path in texts.items()}
-    write_json(out_dir / "meta.json", {
+    write_json(meta_path(out_dir), {
         "kind": tokenizer.kind,
         "vocab_size": tokenizer.vocab_size,
         "eot_id": tokenizer.eot_id,

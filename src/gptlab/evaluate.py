@@ -47,7 +47,7 @@ from gptlab.params import EvalParams
 from gptlab.published import Published, load_published
 from gptlab.tasks import fetch_task_package
 from gptlab.tokenizers import ChatTokenizer, chat_tokens_of
-from gptlab.tokens import open_masks, open_split, read_meta
+from gptlab.tokens import meta_path, open_masks, open_split, read_meta
 
 
 @dataclass(frozen=True)
@@ -295,5 +295,5 @@ def check_same_tokenizer(published: Published, meta: dict[str, Any], models_dir:
                          tokens_dir: Path) -> None:
     """Refuse token files made with another tokenizer than the model was trained with."""
     if published.tokenizer.fingerprint != meta["tokenizer_fingerprint"]:
-        raise GptlabError(f"{tokens_dir / 'meta.json'}: tokens of another tokenizer than the "
+        raise GptlabError(f"{meta_path(tokens_dir)}: tokens of another tokenizer than the "
                           f"model in {models_dir} was trained with; rerun the train stage")

@@ -31,10 +31,10 @@ from torch import Tensor
 from gptlab.errors import GptlabError
 from gptlab.io import read_text, sha256_file
 from gptlab.model import build_model
-from gptlab.params import ModelConfig, describe
+from gptlab.params import GPT2_ARCHITECTURE, ModelConfig, describe
 from gptlab.published import Published, load_published
-from gptlab.tokenizers import load_tokenizer, without_chat_tokens
-from gptlab.tokens import read_meta
+from gptlab.tokenizers import TiktokenTokenizer, load_tokenizer, without_chat_tokens
+from gptlab.tokens import read_meta, tokenizer_path
 
 # A Hugging Face checkpoint folder's files.
 HF_CONFIG = "config.json"
@@ -101,12 +101,10 @@ def gpt2_config(folder: Path, dropout: float = 0.0) -> ModelConfig:
     path = folder / HF_CONFIG
     hf = read_hf_config(path)
     refuse_unlike_gpt2(hf, path)
-    fields = {"arch": "gpt", "n_layer": hf.get("n_layer"), "n_head": hf.get("n_head"),
+    fields = {**GPT2_ARCHITECTURE, "n_layer": hf.get("n_layer"), "n_head": hf.get("n_head"),
               "n_embd": hf.get("n_embd"), "block_size": hf.get("n_positions"),
-              "vocab_size": hf.get("vocab_size"), "dropout": dropout, "bias": True,
-              "tie_weights": True, "pos": "learned", "norm": "layernorm",
-              "mlp": GPT2_ACTIVATIONS[hf.get("activation_function", "gelu_new")],
-              "pad_vocab": True}
+              "vocab_size": hf.get("vocab_size"), "dropout": dropout,
+              "mlp": GPT2_ACTIVATIONS[hf.get("activation_function", "gelu_new")]}
     try:
         config = ModelConfig(**fields)
     except ValidationError as error:
@@ -313,9 +311,9 @@ def refuse_another_shape(config: ModelConfig, pretrained: ModelConfig, init: str
 
 
 def refuse_tokens_not_of_gpt2(tokens_dir: Path, init: str) -> None:
-    path = tokens_dir / "tokenizer.json"
+    path = tokenizer_path(tokens_dir)
     tokenizer = json.loads(read_text(path, missing="run the tokenize stage first"))
-    if (tokenizer.get("kind"), tokenizer.get("encoding")) != ("tiktoken", "gpt2"):
+    if (tokenizer.get("kind"), tokenizer.get("encoding")) != (TiktokenTokenizer.kind, "gpt2"):
         raise GptlabError(f"tokenizer.kind: model.init {init} needs the tokens of tiktoken "
                           f"gpt2 (tokenizer.kind: tiktoken, tokenizer.encoding: gpt2), but "
                           f"{path} is {tokenizer.get('kind')} {tokenizer.get('encoding', '')}")
@@ -327,7 +325,7 @@ def refuse_tokens_of_another_tokenizer(tokens_dir: Path, published: Published,
     if meta["tokenizer_fingerprint"] == published.tokenizer.fingerprint:
         return
     # Tokens of its tokenizer with the chat tokens appended are its tokens too.
-    base = without_chat_tokens(load_tokenizer(tokens_dir / "tokenizer.json"))
+    base = without_chat_tokens(load_tokenizer(tokenizer_path(tokens_dir)))
     if base.fingerprint != published.tokenizer.fingerprint:
         raise GptlabError(f"model.init: {init} was trained with another tokenizer than the one "
                           f"{tokens_dir} was made with; tokenize with its tokenizer")

@@ -17,6 +17,9 @@ shard a mask shard of the same length, train_mask_000000.bin, in the same format
 "vocabulary" of the MASK_VALUES bit combinations of gptlab.chat (the loss counts this token as
 a target; a conversation starts here), written with the same fingerprint: a mask is refused
 unless it belongs to its shard.
+
+This module owns the folder's file names: every other module asks `shard_path`, `meta_path` and
+`tokenizer_path` for them.
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ HEADER_BYTES = 64
 _HEADER = struct.Struct("<8sIIQQ8s")
 # Token ids moved from a range's scratch file into the shards at a time.
 COPY_BLOCK_TOKENS = 1 << 20
+# The files of a token folder besides the shards.
+META_FILE = "meta.json"
+TOKENIZER_FILE = "tokenizer.json"  # the tokenizer that wrote the shards (Tokenizer.save)
+SHARD_SUFFIX = ".bin"
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,20 @@ def mask_split(split: str) -> str:
 
 
 def shard_path(tokens_dir: Path, split: str, index: int) -> Path:
-    return tokens_dir / f"{split}_{index:06d}.bin"
+    return tokens_dir / f"{split}_{index:06d}{SHARD_SUFFIX}"
+
+
+def shards_pattern(tokens_dir: Path, split: str) -> Path:
+    """A split's shards as one glob pattern, the way a message names them all."""
+    return tokens_dir / f"{split}_*{SHARD_SUFFIX}"
+
+
+def meta_path(tokens_dir: Path) -> Path:
+    return tokens_dir / META_FILE
+
+
+def tokenizer_path(tokens_dir: Path) -> Path:
+    return tokens_dir / TOKENIZER_FILE
 
 
 class ShardWriter:
@@ -126,7 +146,7 @@ class ShardWriter:
 def read_meta(tokens_dir: Path, required: list[str]) -> dict[str, Any]:
     """meta.json of a token folder, refused unless it names its tokenizer (vocabulary size and
     fingerprint) and each `required` key is a positive count."""
-    path = tokens_dir / "meta.json"
+    path = meta_path(tokens_dir)
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -152,8 +172,8 @@ def open_split(tokens_dir: Path, split: str, meta: dict[str, Any]) -> list[np.me
               for index in range(meta[f"{split}_shards"])]
     count = sum(len(shard) for shard in shards)
     if count != meta[f"{split}_tokens"]:
-        raise GptlabError(f"{tokens_dir / (split + '_*.bin')}: the shards hold {count} tokens "
-                          f"but {tokens_dir / 'meta.json'} says {meta[f'{split}_tokens']} "
+        raise GptlabError(f"{shards_pattern(tokens_dir, split)}: the shards hold {count} tokens "
+                          f"but {meta_path(tokens_dir)} says {meta[f'{split}_tokens']} "
                           f"(rerun the tokenize stage)")
     return shards
 
