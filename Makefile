@@ -18,7 +18,7 @@ TEST_WORKERS ?= 2
 # dvc, and the workers `dvc queue start` spawns, come from the virtual environment.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro reset test lint bench docs exps plots plots-template lock check-fresh clean-venv params-docs
+.PHONY: setup repro reset test lint deps bench docs exps plots plots-template lock check-fresh clean-venv params-docs
 
 setup: $(STAMP)
 
@@ -67,6 +67,10 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check src stages tests
+
+# dvc.yaml's code deps, written from what each stage's script imports (only those lists change).
+deps: setup
+	$(BIN)/gptlab stages --write
 
 # The documentation site (docs/, mkdocs.yml) into site/; any broken link or page left out of the
 # nav fails the build.

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import yaml
 from helpers import (
     ALL_STAGES,
     DVC_YAML,
@@ -18,18 +23,145 @@ from helpers import (
     stage_script,
 )
 
-from gptlab.checkpoint import gptlab_imports
+from gptlab.errors import GptlabError
+from gptlab.pipeline import changes, with_generated_deps
 
 LOCK = "requirements.lock"
+DVC_LOCK = yaml.safe_load((ROOT / "dvc.lock").read_text())
+PARAMS_YAML = yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
-@pytest.mark.parametrize("stage", sorted(DVC_YAML["stages"]))
-def test_stage_deps_list_exactly_the_code_it_runs(stage):
-    spec = DVC_YAML["stages"][stage]
-    script = stage_script(stage)
-    code_deps = {d for d in spec["deps"] if d.endswith(".py")}
-    imported = {path.relative_to(ROOT).as_posix() for path in gptlab_imports(ROOT / script)}
-    assert code_deps == {script} | imported
+def test_dvc_yaml_lists_the_code_each_stage_runs_as_gptlab_stages_writes_it():
+    text = (ROOT / "dvc.yaml").read_text()
+    generated = with_generated_deps(ROOT, text)
+    assert generated == text, (f"dvc.yaml's deps are stale: run `make deps`\n"
+                               f"{changes(text, generated)}")
+
+
+# --- gptlab stages: dvc.yaml's code deps written from the scripts' imports --------------------
+
+PROJECT_DVC_YAML = """\
+# A comment that stays.
+stages:
+  prepare:
+    cmd: sh stages/run prepare.py data/raw data/ready
+    deps:
+      - stages/prepare.py
+      - src/gptlab/removed.py
+      - requirements.lock
+      - data/raw
+    outs:
+      - data/ready
+
+  report:
+    # Another comment.
+    cmd: sh stages/run report.py data/ready
+    deps:
+      - data/ready
+      - stages/report.py
+artifacts:
+  deps:
+    path: models
+"""
+
+
+def small_project(root: Path) -> Path:
+    """A project of two stage scripts over a package whose modules import each other."""
+    files = {"src/gptlab/__init__.py": "", "src/gptlab/io.py": "",
+             "src/gptlab/clean/__init__.py": "from .rules import rule\n",
+             "src/gptlab/clean/rules.py": "from gptlab.io import x\n",
+             "src/gptlab/unused.py": "",
+             "stages/prepare.py": "from gptlab.clean import rule\n",
+             "stages/report.py": "import json\n",
+             "dvc.yaml": PROJECT_DVC_YAML}
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+def test_gptlab_stages_writes_script_then_sorted_modules_then_the_other_deps(tmp_path):
+    root = small_project(tmp_path)
+    written = with_generated_deps(root, PROJECT_DVC_YAML)
+    stages = yaml.safe_load(written)["stages"]
+    assert stages["prepare"]["deps"] == [
+        "stages/prepare.py", "src/gptlab/__init__.py", "src/gptlab/clean/__init__.py",
+        "src/gptlab/clean/rules.py", "src/gptlab/io.py", "requirements.lock", "data/raw"]
+    assert stages["report"]["deps"] == ["stages/report.py", "data/ready"]
+    # Only the deps lists change: comments, blank lines and every other key stay.
+    kept = [line for line in PROJECT_DVC_YAML.splitlines() if not line.startswith("      - ")]
+    assert [line for line in written.splitlines() if not line.startswith("      - ")] == kept
+    assert with_generated_deps(root, written) == written
+
+
+def test_gptlab_stages_fails_on_stale_deps_and_write_fixes_them(tmp_path):
+    root = small_project(tmp_path)
+    gptlab = [sys.executable, "-m", "gptlab.cli", "stages"]
+    check = subprocess.run(gptlab, cwd=root, capture_output=True, text=True)
+    assert check.returncode == 1
+    assert "-      - src/gptlab/removed.py" in check.stdout
+    assert check.stderr.startswith("error: dvc.yaml: the stages' deps are not what")
+    subprocess.run([*gptlab, "--write"], cwd=root, check=True, capture_output=True)
+    assert (root / "dvc.yaml").read_text() == with_generated_deps(root, PROJECT_DVC_YAML)
+    again = subprocess.run(gptlab, cwd=root, capture_output=True, text=True)
+    assert again.returncode == 0 and "up to date" in again.stdout
+
+
+def test_a_deps_list_gptlab_stages_cannot_rewrite_in_place_is_one_error(tmp_path):
+    root = small_project(tmp_path)
+    lock = "      - requirements.lock\n"
+    commented = PROJECT_DVC_YAML.replace(lock, "      # the locked libraries\n" + lock)
+    with pytest.raises(GptlabError, match=r"^dvc.yaml: cannot rewrite the stages' deps in place"):
+        with_generated_deps(root, commented)
+
+
+# --- dvc.lock: the committed results are those of the committed code and params ---------------
+
+
+def cached_outputs() -> set[str]:
+    """The outputs DVC keeps in its cache (data/..., models): not in git, so a clone has no
+    file to hash; dvc.lock records a folder's hash as the md5 of its listing (`.dir`)."""
+    found = set()
+    for spec in DVC_YAML["stages"].values():
+        for out in spec.get("outs", []) + spec.get("metrics", []):
+            path, options = next(iter(out.items())) if isinstance(out, dict) else (out, {})
+            if options.get("cache", True):
+                found.add(path)
+    return found
+
+
+@pytest.mark.parametrize("stage", sorted(DVC_LOCK["stages"]))
+def test_dvc_lock_records_the_committed_files_and_params(stage):
+    """What `dvc status` compares, on a clone: a stale record means the committed metrics,
+    samples and plots are not those of the committed code."""
+    spec, recorded = DVC_YAML["stages"][stage], DVC_LOCK["stages"][stage]
+    rerun = "run `make repro` and commit dvc.lock with the outputs"
+    assert recorded["cmd"] == spec["cmd"], f"dvc.lock: stage {stage}'s command changed: {rerun}"
+    assert sorted(dep["path"] for dep in recorded["deps"]) == sorted(spec["deps"]), (
+        f"dvc.lock: stage {stage}'s deps are not dvc.yaml's: {rerun}")
+    wanted = {key: PARAMS_YAML.get(key) for key in spec["params"]}
+    assert recorded["params"]["params.yaml"] == wanted, (
+        f"dvc.lock: stage {stage}'s params are not params.yaml's: {rerun}")
+    cached = cached_outputs()
+    for entry in recorded["deps"] + recorded.get("outs", []):
+        if entry["path"] in cached:
+            continue  # in DVC's cache alone: checked against the stage that makes it, below
+        path = ROOT / entry["path"]
+        # DVC 3 hashes a file's bytes as they are (no newline conversion).
+        actual = hashlib.md5(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+        assert actual == entry["md5"], (f"dvc.lock: stage {stage}: {entry['path']} is not the file "
+                                        f"its last run saw: {rerun}")
+
+
+def test_dvc_lock_records_each_cached_output_as_its_users_saw_it():
+    made = {out["path"]: out["md5"] for stage in DVC_LOCK["stages"].values()
+            for out in stage.get("outs", [])}
+    for name, stage in DVC_LOCK["stages"].items():
+        for dep in stage["deps"]:
+            if dep["path"] in made:
+                assert dep["md5"] == made[dep["path"]], (
+                    f"dvc.lock: stage {name} ran on another {dep['path']} than the one recorded: "
+                    f"run `make repro`")
 
 
 @pytest.mark.parametrize("stage", sorted(DVC_YAML["stages"]))

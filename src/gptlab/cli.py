@@ -101,6 +101,14 @@ def main(argv: list[str] | None = None) -> None:
         "plots-template", help="build the page template that lets `dvc plots` pages render "
                                "offline (make setup does)")
     template.add_argument("file", nargs="?", default=".gptlab/plots-template.html")
+    stages = commands.add_parser(
+        "stages", help="check dvc.yaml's code deps against what each stage's script imports",
+        description="Each stage of ./dvc.yaml lists as deps its script, then the gptlab modules "
+                    "the script imports directly or through other gptlab modules (sorted), then "
+                    "its other deps. Without --write: print what would change, and fail if "
+                    "anything would.")
+    stages.add_argument("--write", action="store_true",
+                        help="rewrite the deps lists in dvc.yaml (nothing else changes)")
     args = parser.parse_args(argv)
     run_main(lambda: COMMANDS[args.command](args))
 
@@ -288,6 +296,23 @@ def run_recover(args: argparse.Namespace) -> None:
     names = recover()
     print(f"queued again and started: {', '.join(names)}" if names
           else "no queued experiment was left running by a killed worker")
+
+
+def write_stage_deps(args: argparse.Namespace) -> None:
+    from gptlab.io import read_text, write_text
+    from gptlab.pipeline import DVC_YAML, changes, with_generated_deps
+
+    current = read_text(DVC_YAML, "run gptlab stages in the project's folder")
+    generated = with_generated_deps(Path("."), current)
+    if generated == current:
+        print(f"{DVC_YAML}: every stage's deps are up to date")
+    elif args.write:
+        write_text(DVC_YAML, generated, DVC_YAML)
+        print(f"wrote the stages' deps into {DVC_YAML}")
+    else:
+        print(changes(current, generated), end="")
+        raise GptlabError(f"{DVC_YAML}: the stages' deps are not what their scripts import; "
+                          f"`gptlab stages --write` (or `make deps`) writes them")
 
 
 def build_plots_template(args: argparse.Namespace) -> None:
@@ -479,7 +504,7 @@ COMMANDS = {"params": show_params, "tokens": show_tokens, "sample": run_sample,
             "compare": run_compare, "scaling": run_scaling, "report": run_report,
             "recover": run_recover,
             "chat": run_chat, "serve": run_serve, "export": run_export,
-            "plots-template": build_plots_template}
+            "plots-template": build_plots_template, "stages": write_stage_deps}
 
 
 if __name__ == "__main__":
