@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from gptlab import __version__
 from gptlab.errors import GptlabError, run_main
 from gptlab.experiments import Experiments, read_experiments, recover
-from gptlab.params import PARAMS_FILE, SampleParams, describe, load_params
+from gptlab.params import PARAMS_FILE, SampleParams, default_values, describe, load_params
 from gptlab.stats import (
     DEFAULT_METRICS,
     Run,
@@ -38,12 +38,16 @@ if TYPE_CHECKING:  # for annotations only: torch loads for the commands that use
     from gptlab.published import Published
     from gptlab.tokenizers import ChatTokenizer
 
-# The project's params.yaml sampling settings, one sample of a newline prompt.
-BUILTIN_SAMPLE = SampleParams(device="auto", prompts=["\n"], num_samples=1, max_new_tokens=500,
-                              temperature=0.8, top_k=200, top_p=1.0, greedy=False, seed=1337)
-SAMPLING_DEFAULTS = ("Defaults come from the sample section of ./params.yaml if there is a "
-                     "valid one, else: one sample of 500 tokens after a newline, temperature "
-                     "0.8, top_k 200, seed 1337.")
+# The sampling settings the project's params.yaml ships with (the schema's defaults), one
+# sample of a newline prompt.
+BUILTIN_SAMPLE = SampleParams.model_validate(
+    {**default_values(SampleParams), "prompts": ["\n"], "num_samples": 1})
+SAMPLING_DEFAULTS = (f"Defaults come from the sample section of ./params.yaml if there is a "
+                     f"valid one, else: one sample of {BUILTIN_SAMPLE.max_new_tokens} tokens "
+                     f"after a newline, temperature {BUILTIN_SAMPLE.temperature}, top_k "
+                     f"{BUILTIN_SAMPLE.top_k}, seed {BUILTIN_SAMPLE.seed}.")
+# A gptlab project is a folder with DVC's pipeline, or one inside such a folder.
+PROJECT_FILE = "dvc.yaml"
 SAMPLE_SEPARATOR = "-" * 15
 # `gptlab scaling --queue`'s grid: 12 runs of the default corpus and model, some 15 minutes on
 # two CPU cores.
@@ -110,7 +114,30 @@ def main(argv: list[str] | None = None) -> None:
     stages.add_argument("--write", action="store_true",
                         help="rewrite the deps lists in dvc.yaml (nothing else changes)")
     args = parser.parse_args(argv)
-    run_main(lambda: COMMANDS[args.command](args))
+    run_main(lambda: run_command(args))
+
+
+def run_command(args: argparse.Namespace) -> None:
+    if needs_project(args):
+        require_project(Path.cwd())
+    COMMANDS[args.command](args)
+
+
+def needs_project(args: argparse.Namespace) -> bool:
+    """Whether the command reads the project it runs in: its experiments, its params.yaml, or
+    its models/ (the default folder, when there is none here)."""
+    if args.command in ("compare", "scaling", "report", "recover"):
+        return True
+    if args.command == "params":
+        return args.file == PARAMS_FILE and not (args.explain or args.docs)
+    if args.command in ("sample", "chat", "serve"):
+        return args.models in (None, Path("models")) and not Path("models").exists()
+    return False
+
+
+def require_project(folder: Path) -> None:
+    if not any((parent / PROJECT_FILE).is_file() for parent in (folder, *folder.parents)):
+        raise GptlabError(f"not a gptlab project (no {PROJECT_FILE} here or above): {folder}")
 
 
 def add_lab_commands(commands: argparse._SubParsersAction) -> None:
