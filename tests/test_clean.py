@@ -19,25 +19,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gptlab import clean
-from gptlab.clean import (
-    Document,
-    Facts,
-    clean_corpus,
+from gptlab.clean import Document, clean_corpus, facts_of, split_documents, tail_cut
+from gptlab.clean.dedupe import (
     drop_exact_duplicates,
     drop_near_duplicates,
-    facts_of,
     fold_words,
-    leak_fraction,
-    normalize,
-    read_documents,
-    read_utf8,
-    search_line,
     shingle_hashes,
     sorted_unique,
-    split_documents,
-    strip_gutenberg,
-    tail_cut,
 )
+from gptlab.clean.documents import Facts, read_documents, read_utf8
+from gptlab.clean.leak import LEAK_SHINGLE_WORDS, leak_fraction
+from gptlab.clean.normalization import _GUTENBERG_START, normalize, search_line, strip_gutenberg
 from gptlab.errors import GptlabError
 from gptlab.params import CleanParams
 from gptlab.sources import describe_files
@@ -582,7 +574,7 @@ def test_strip_gutenberg_leaves_a_text_without_markers_unchanged() -> None:
     ],
 )
 def test_search_line_finds_what_the_whole_line_pattern_finds(text: str) -> None:
-    marker = clean._GUTENBERG_START
+    marker = _GUTENBERG_START
     line = re.compile(rf"^.*({marker.pattern}).*$", re.IGNORECASE | re.MULTILINE)
     found, expected = search_line(marker, text), line.search(text)
     assert (found and found.span()) == (expected and expected.span())
@@ -840,10 +832,10 @@ def leak(train: str, val: str, **options: int) -> float:
 
 def leak_of_whole_texts(train: str, val: str) -> float:
     """The leak fraction as first computed: every shingle of both whole texts at once."""
-    val_hashes = shingle_hashes(fold_words(val), clean.LEAK_SHINGLE_WORDS)
+    val_hashes = shingle_hashes(fold_words(val), LEAK_SHINGLE_WORDS)
     if len(val_hashes) == 0:
         return 0.0
-    train_hashes = shingle_hashes(fold_words(train), clean.LEAK_SHINGLE_WORDS)
+    train_hashes = shingle_hashes(fold_words(train), LEAK_SHINGLE_WORDS)
     return len(np.intersect1d(val_hashes, train_hashes, assume_unique=True)) / len(val_hashes)
 
 
@@ -894,8 +886,8 @@ def test_leak_fraction_of_a_large_val_is_measured_on_a_sample() -> None:
     assert 0.4 < exact < 0.6
     sampled = leak(train, val, max_val_shingles=200, chunk_chars=500)
     # The sample is the val shingles with the 200 smallest hashes, checked exactly.
-    sample = shingle_hashes(fold_words(val), clean.LEAK_SHINGLE_WORDS)[:200]
-    train_hashes = shingle_hashes(fold_words(train), clean.LEAK_SHINGLE_WORDS)
+    sample = shingle_hashes(fold_words(val), LEAK_SHINGLE_WORDS)[:200]
+    train_hashes = shingle_hashes(fold_words(train), LEAK_SHINGLE_WORDS)
     assert sampled == np.isin(sample, train_hashes).mean()
     assert abs(sampled - exact) < 0.15
 
