@@ -21,6 +21,7 @@ from gptlab.errors import GptlabError
 from gptlab.generate import generate
 from gptlab.io import sha256_file
 from gptlab.model import build_model
+from gptlab.params import ModelConfig
 from gptlab.pretrained import (
     HF_CONFIG,
     HF_WEIGHTS,
@@ -28,6 +29,7 @@ from gptlab.pretrained import (
     check_sha256,
     convert_gpt2,
     fetch_gpt2,
+    gpt2_config,
     init_source,
     initial_weights,
     listed_sha256,
@@ -94,6 +96,16 @@ def test_the_config_is_gpt2s(checkpoint):
         "arch": "gpt", "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32,
         "dropout": 0.1, "bias": True, "tie_weights": True, "pos": "learned",
         "norm": "layernorm", "mlp": "gelu_tanh", "vocab_size": 100, "pad_vocab": True}
+
+
+def test_the_named_gpt2_is_transformers_gpt2_small(tmp_path):
+    GPT2Config().save_pretrained(tmp_path)  # transformers' defaults are GPT-2 small's
+    assert ModelConfig.from_name("gpt2") == gpt2_config(tmp_path)
+
+
+def test_an_unknown_model_name_is_refused_with_the_known_ones():
+    with pytest.raises(GptlabError, match=r"unknown model 'gpt3'; expected one of \['gpt2'\]"):
+        ModelConfig.from_name("gpt3")
 
 
 def test_the_converted_model_computes_transformers_logits(converted, reference):

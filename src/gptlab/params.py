@@ -243,6 +243,13 @@ class ModelConfig(ModelShape):
     def of(cls, model: ModelParams, vocab_size: int) -> ModelConfig:
         return cls(**model.model_dump(exclude={"init"}), vocab_size=vocab_size)
 
+    @classmethod
+    def from_name(cls, name: str, **changes: Any) -> ModelConfig:
+        """The model SHAPES names (as litgpt's `Config.from_name("gpt2")`), `changes` made."""
+        if name not in SHAPES:
+            raise GptlabError(f"unknown model {name!r}; expected one of {sorted(SHAPES)}")
+        return cls(**(SHAPES[name] | changes))
+
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
@@ -253,6 +260,18 @@ class ModelConfig(ModelShape):
         if not self.pad_vocab:
             return self.vocab_size
         return math.ceil(self.vocab_size / 64) * 64
+
+
+# GPT-2's architecture, which each of its sizes shares: biases, tied embeddings, learned
+# positions, LayerNorm and GELU's tanh approximation.
+GPT2_ARCHITECTURE: dict[str, Any] = {"arch": "gpt", "bias": True, "tie_weights": True,
+                                     "pos": "learned", "norm": "layernorm", "mlp": "gelu_tanh"}
+# Models by name, for ModelConfig.from_name: GPT-2 small (124M) as OpenAI published it, with
+# 1024 positions and the 50257 tokens of its BPE (tiktoken's gpt2 encoding).
+SHAPES: dict[str, dict[str, Any]] = {
+    "gpt2": {**GPT2_ARCHITECTURE, "n_layer": 12, "n_head": 12, "n_embd": 768,
+             "block_size": 1024, "vocab_size": 50257, "dropout": 0.0},
+}
 
 
 class LoraParams(Section):

@@ -31,7 +31,7 @@ from torch import Tensor
 from gptlab.errors import GptlabError
 from gptlab.io import read_text, sha256_file
 from gptlab.model import build_model
-from gptlab.params import ModelConfig, describe
+from gptlab.params import GPT2_ARCHITECTURE, ModelConfig, describe
 from gptlab.published import Published, load_published
 from gptlab.tokenizers import TiktokenTokenizer, load_tokenizer, without_chat_tokens
 from gptlab.tokens import read_meta, tokenizer_path
@@ -101,12 +101,10 @@ def gpt2_config(folder: Path, dropout: float = 0.0) -> ModelConfig:
     path = folder / HF_CONFIG
     hf = read_hf_config(path)
     refuse_unlike_gpt2(hf, path)
-    fields = {"arch": "gpt", "n_layer": hf.get("n_layer"), "n_head": hf.get("n_head"),
+    fields = {**GPT2_ARCHITECTURE, "n_layer": hf.get("n_layer"), "n_head": hf.get("n_head"),
               "n_embd": hf.get("n_embd"), "block_size": hf.get("n_positions"),
-              "vocab_size": hf.get("vocab_size"), "dropout": dropout, "bias": True,
-              "tie_weights": True, "pos": "learned", "norm": "layernorm",
-              "mlp": GPT2_ACTIVATIONS[hf.get("activation_function", "gelu_new")],
-              "pad_vocab": True}
+              "vocab_size": hf.get("vocab_size"), "dropout": dropout,
+              "mlp": GPT2_ACTIVATIONS[hf.get("activation_function", "gelu_new")]}
     try:
         config = ModelConfig(**fields)
     except ValidationError as error:
