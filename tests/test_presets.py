@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 from helpers import ROOT, paths_in
-from transformers import GPT2Config
 
 from gptlab.encode import encode_splits
 from gptlab.optim import learning_rate
 from gptlab.params import ModelConfig, RunParams, load_params
-from gptlab.pretrained import gpt2_config, refuse_another_shape
+from gptlab.pretrained import refuse_another_shape
 from gptlab.tokenizers import TiktokenTokenizer
 from gptlab.train import train
 
@@ -28,7 +27,9 @@ def preset():
 
 def test_the_preset_is_gpt2_small_with_its_recipe(preset):
     m, t = preset.model, preset.train
-    assert (m.n_layer, m.n_head, m.n_embd, m.block_size) == (12, 12, 768, 1024)
+    # GPT-2 small's shape as the model table names it, with nanoGPT's exact GELU, from scratch.
+    gpt2 = ModelConfig.from_name("gpt2", mlp="gelu")
+    assert ModelConfig.of(m, gpt2.vocab_size) == gpt2 and m.init == "scratch"
     assert (preset.tokenizer.kind, preset.tokenizer.encoding) == ("tiktoken", "gpt2")
     assert t.batch_size * t.grad_accum * m.block_size == 524_288
     assert (t.lr, t.warmup_iters, t.weight_decay) == (6e-4, 715, 0.1)
@@ -67,16 +68,17 @@ def test_the_preset_trains_its_first_steps_on_cpu_at_a_tiny_batch(preset, tmp_pa
 FINETUNE = ROOT / "src" / "gptlab" / "presets" / "finetune-shakespeare.yaml"
 
 
-def test_the_finetune_preset_is_nanogpts_finetune_shakespeare_on_gpt2s_shape(tmp_path):
+def test_the_finetune_preset_is_nanogpts_finetune_shakespeare_on_gpt2s_shape():
     """GPT-2's weights are downloaded at first use: the test checks the preset's model section
-    against GPT-2 small's config (transformers' default GPT2Config) instead."""
+    against the model table's GPT-2 small (itself checked against transformers' GPT-2 small in
+    test_pretrained) instead."""
     preset = load_params(FINETUNE)
     default = load_params(ROOT / "params.yaml")
     assert preset.data == default.data  # the default Shakespeare corpus
     assert (preset.tokenizer.kind, preset.tokenizer.encoding) == ("tiktoken", "gpt2")
     assert preset.model.init == "gpt2"
-    GPT2Config().save_pretrained(tmp_path)  # GPT-2 small: 12 layers, 12 heads, 768 wide
-    refuse_another_shape(ModelConfig.of(preset.model, 50257), gpt2_config(tmp_path), "gpt2")
+    gpt2 = ModelConfig.from_name("gpt2")
+    refuse_another_shape(ModelConfig.of(preset.model, gpt2.vocab_size), gpt2, "gpt2")
     t = preset.train
     assert {learning_rate(step, t) for step in range(t.max_iters)} == {3e-5}  # constant
     assert (t.batch_size * t.grad_accum, t.max_iters) == (32, 20)
