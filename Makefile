@@ -18,7 +18,7 @@ TEST_WORKERS ?= 2
 # dvc, and the workers `dvc queue start` spawns, come from the virtual environment.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro reset test lint deps bench docs exps plots plots-template lock check-fresh clean-venv params-docs
+.PHONY: setup repro reset test test-fast lint deps bench docs exps plots plots-template lock check-fresh clean-venv params-docs
 
 setup: $(STAMP)
 
@@ -65,6 +65,11 @@ reset:
 test: setup
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
+# The edit loop: the tests marked slow (pipelines, DVC experiments, training subprocesses, a
+# browser) left out.
+test-fast: setup
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
+
 lint: setup
 	$(BIN)/ruff check src stages tests
 
@@ -100,7 +105,7 @@ plots: setup
 
 # Clone the committed HEAD into a temporary folder and run the README's two commands there.
 check-fresh: setup
-	GPTLAB_SLOW=1 $(BIN)/python -m pytest -q tests/test_fresh.py
+	$(BIN)/python -m pytest -q -m fresh tests/test_fresh.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -30,6 +30,17 @@ from helpers import (
     write_tokens,
 )
 
+# The fixtures below that run the whole pipeline or a whole training: a test that uses one is
+# slow, so `make test-fast` leaves it out (pytest marks tests, not fixtures).
+SLOW_FIXTURES = {"pipeline", "uninterrupted_train"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by mark
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def default_params() -> dict[str, Any]:
