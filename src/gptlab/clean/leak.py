@@ -1,5 +1,5 @@
-"""The leak check: how much of the validation text's 13-word shingles the training text also
-holds, read in chunks so that neither text need fit in memory."""
+"""The leak check: the fraction of the validation text's 13-word shingles that the training
+text also holds, both read in chunks so that neither need fit in memory."""
 
 from __future__ import annotations
 
