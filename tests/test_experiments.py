@@ -1,7 +1,7 @@
 """The experiment workflow a user relies on, through DVC in a temporary git repo: queued runs use
 their own code and the project's caches, stages run with the project's environment from any
 shell, the log grows while training runs, and the model is a registered artifact; and
-gptlab.experiments, which reads the experiments back for `gptlab compare`, `scaling` and
+gptlab.lab.experiments, which reads the experiments back for `gptlab compare`, `scaling` and
 `report`."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from helpers import (
 )
 
 from gptlab.errors import GptlabError
-from gptlab.experiments import (
+from gptlab.lab.experiments import (
     flat_metrics,
     git_output,
     parse_experiments,
@@ -156,7 +156,7 @@ def test_the_environments_python_finds_its_own_dvc_from_a_shell_without_it(tmp_p
     assert found == [str(VENV / "bin" / "dvc"), f"{VENV / 'bin'}:/usr/bin:/bin"]
 
 
-# --- reading experiments (gptlab.experiments) ---------------------------------------------------
+# --- reading experiments (gptlab.lab.experiments) -----------------------------------------------
 
 def shown_revision(name: str, params: dict, metrics: dict[str, dict], state: str = "success",
                    error: dict | None = None) -> dict:

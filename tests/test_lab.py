@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from helpers import copy_project, dvc, dvc_run, gptlab, with_venv
 
-from gptlab.experiments import read_experiments
+from gptlab.lab.experiments import read_experiments
 
 SWEEP = ("--widths", "16,32", "--steps", "10,20,40")
 

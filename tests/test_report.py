@@ -1,4 +1,4 @@
-"""gptlab.report: a run's report card, built from what its stages wrote."""
+"""gptlab.lab.report: a run's report card, built from what its stages wrote."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from helpers import change_params, copy_project
 
 from gptlab.errors import GptlabError
-from gptlab.report import (
+from gptlab.lab.report import (
     FIGURES,
     downstream,
     experiment_record,

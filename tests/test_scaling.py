@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from gptlab.errors import GptlabError
-from gptlab.scaling import (
+from gptlab.lab.scaling import (
     FrontierFit,
     LawFit,
     ScalingRun,
@@ -221,5 +221,5 @@ def test_figure_is_a_png_byte_identical_across_writes(sweep, tmp_path):
 
 
 def test_scaling_imports_torch_only_to_fit():
-    check = "import sys, gptlab.scaling; sys.exit('torch' in sys.modules)"
+    check = "import sys, gptlab.lab.scaling; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", check]).returncode == 0

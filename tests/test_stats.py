@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from gptlab.errors import GptlabError
-from gptlab.stats import (
+from gptlab.lab.stats import (
     Run,
     compare,
     comparisons_json,
@@ -48,7 +48,7 @@ LAYERNORM, RMSNORM, NONORM, SCALED = [2.00, 2.03, 2.01], [1.95, 1.99], [2.05, 2.
                                                                                       2.11]
 
 
-# --- closed forms, written out independently of gptlab.stats ----------------------------------
+# --- closed forms, written out independently of gptlab.lab.stats ------------------------------
 
 def cdf_df1(t: float) -> float:  # Cauchy
     return 0.5 + math.atan(t) / math.pi
@@ -369,5 +369,5 @@ def test_every_metric_asked_for_is_rendered_with_precision_to_its_scale():
 
 
 def test_stats_imports_no_torch():
-    check = "import sys, gptlab.stats; sys.exit('torch' in sys.modules)"
+    check = "import sys, gptlab.lab.stats; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", check]).returncode == 0

@@ -1,4 +1,4 @@
-"""gptlab.sweep: the scaling sweep's grid, and its finished experiments as (N, D, loss)."""
+"""gptlab.lab.sweep: the scaling sweep's grid, and its finished experiments as (N, D, loss)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 from helpers import PROJECT_PARAMS
 
 from gptlab.errors import GptlabError
-from gptlab.experiments import Experiment, Experiments
-from gptlab.sweep import block_params, scaling_runs, sweep_grid, training_tokens
+from gptlab.lab.experiments import Experiment, Experiments
+from gptlab.lab.sweep import block_params, scaling_runs, sweep_grid, training_tokens
 
 MODEL = {f"model.{key}": value for key, value in PROJECT_PARAMS.model.model_dump().items()}
 TRAIN = {"train.batch_size": 12, "train.grad_accum": 2, "train.max_iters": 500}

@@ -18,9 +18,8 @@ from pydantic import ValidationError
 
 from gptlab import __version__
 from gptlab.errors import GptlabError, run_main
-from gptlab.experiments import Experiments, read_experiments, recover
-from gptlab.params import PARAMS_FILE, SampleParams, default_values, describe, load_params
-from gptlab.stats import (
+from gptlab.lab.experiments import Experiments, read_experiments, recover
+from gptlab.lab.stats import (
     DEFAULT_METRICS,
     Run,
     compare,
@@ -30,6 +29,7 @@ from gptlab.stats import (
     render_markdown,
     render_text,
 )
+from gptlab.params import PARAMS_FILE, SampleParams, default_values, describe, load_params
 from gptlab.tokens import read_header
 
 if TYPE_CHECKING:  # for annotations only: torch loads for the commands that use it
@@ -257,7 +257,7 @@ def run_compare(args: argparse.Namespace) -> None:
 def comparable_runs(found: Experiments, metrics: list[str]) -> list[Run]:
     """The finished experiments that have every metric, but not the scaling sweep's (another
     question); a note on stderr says what was left out."""
-    from gptlab.sweep import PREFIX as SWEEP_PREFIX
+    from gptlab.lab.sweep import PREFIX as SWEEP_PREFIX
 
     names = [*found.unfinished, *(e.name for e in found.finished)]
     sweep = [name for name in names if name.startswith(SWEEP_PREFIX)]
@@ -289,8 +289,8 @@ def counted(items: list, noun: str) -> str:
 
 def run_scaling(args: argparse.Namespace) -> None:
     from gptlab.io import write_json
-    from gptlab.scaling import analyse_sweep, scaling_summary, write_scaling_figure
-    from gptlab.sweep import queue_sweep, scaling_runs, sweep_grid
+    from gptlab.lab.scaling import analyse_sweep, scaling_summary, write_scaling_figure
+    from gptlab.lab.sweep import queue_sweep, scaling_runs, sweep_grid
 
     if args.queue:
         grid = sweep_grid(load_params().model, args.widths, args.steps)
@@ -313,7 +313,7 @@ def run_scaling(args: argparse.Namespace) -> None:
 
 
 def run_report(args: argparse.Namespace) -> None:
-    from gptlab.report import experiment_record, workspace_record, write_report
+    from gptlab.lab.report import experiment_record, workspace_record, write_report
 
     run = experiment_record(args.exp) if args.exp else workspace_record()
     print(f"wrote {write_report(run, args.out)}")

@@ -21,8 +21,8 @@ import yaml
 
 from gptlab.clean import LEAK_SHINGLE_WORDS
 from gptlab.errors import GptlabError
-from gptlab.experiments import flatten
 from gptlab.io import atomic_path, write_text
+from gptlab.lab.experiments import flatten
 from gptlab.params import PARAMS_FILE, TASK_NAMES
 
 METRICS = ("clean", "tokenize", "train", "eval", "sample")

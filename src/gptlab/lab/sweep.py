@@ -1,5 +1,5 @@
 """A scaling sweep as DVC experiments: a grid of model widths and training lengths queued with
-`dvc exp run --queue`, and the finished runs read back as (N, D, loss) for gptlab.scaling.
+`dvc exp run --queue`, and the finished runs read back as (N, D, loss) for gptlab.lab.scaling.
 
 N counts the parameters the blocks hold (no token or position tables, no output layer: what
 Hoffmann et al. count), D the training tokens, and the loss is the validation loss on every
@@ -17,10 +17,10 @@ import torch
 from pydantic import ValidationError
 
 from gptlab.errors import GptlabError
-from gptlab.experiments import Experiments
+from gptlab.lab.experiments import Experiments
+from gptlab.lab.scaling import ScalingRun
 from gptlab.model import build_model
 from gptlab.params import ModelConfig, ModelParams, describe
-from gptlab.scaling import ScalingRun
 
 PREFIX = "scale-"
 EMBEDDINGS = ("tok_emb.", "pos_emb.", "lm_head.")
