@@ -33,14 +33,19 @@ $(STAMP): pyproject.toml $(LOCK) $(VENV_PATH_PTH)
 	@$(MAKE) --no-print-directory plots-template
 	echo "$(TORCH_SPEC)" > $@
 
-# The page template that lets `dvc plots` pages render without the internet: the plotting
-# libraries are fetched from npm once and inlined. Without npm the pages load them from a CDN.
+# The page template of `dvc plots` pages: their layout (charts as wide as the page, figures
+# scaled to fit), and the plotting libraries fetched from npm once and inlined, so that the
+# pages render without the internet. Without npm the pages load them from a CDN. Made again
+# when src/gptlab/plots.py changes.
 plots-template:
 	@if ! command -v npm > /dev/null; then \
 	    echo "note: npm not found: dvc plots pages will load their libraries from a CDN"; \
-	elif test -f $(PLOTS_TEMPLATE) || $(BIN)/gptlab plots-template $(PLOTS_TEMPLATE); then \
-	    $(BIN)/dvc config --local plots.html_template ../$(PLOTS_TEMPLATE); \
+	    $(BIN)/gptlab plots-template --cdn $(PLOTS_TEMPLATE) > /dev/null; \
+	elif ! test $(PLOTS_TEMPLATE) -nt src/gptlab/plots.py; then \
+	    $(BIN)/gptlab plots-template $(PLOTS_TEMPLATE) || test -f $(PLOTS_TEMPLATE) || \
+	        $(BIN)/gptlab plots-template --cdn $(PLOTS_TEMPLATE); \
 	fi
+	@$(BIN)/dvc config --local plots.html_template ../$(PLOTS_TEMPLATE)
 
 # The lock: the newest versions pyproject.toml allows, for every platform and Python >= 3.10,
 # with their hashes; torch is left to TORCH_SPEC.
@@ -100,7 +105,7 @@ exps: setup
 # Loss curves of the workspace and of experiments, e.g. `make plots REVS="exp-a exp-b"`, as an
 # HTML page in dvc_plots/ (offline where `make setup` could build the page template).
 REVS ?=
-plots: setup
+plots: setup plots-template
 	$(BIN)/dvc plots diff $(REVS)
 
 # Clone the committed HEAD into a temporary folder and run the README's two commands there.

@@ -1,4 +1,4 @@
-"""Figures of the training log, and the offline page template for `dvc plots`."""
+"""Figures of the training log, and the page template of `dvc plots`."""
 
 from __future__ import annotations
 
@@ -12,12 +12,15 @@ import tarfile
 from pathlib import Path
 
 import matplotlib.image
+import pandas as pd
 import pytest
 from dvc_render.html import render_html
+from dvc_render.image import ImageRenderer
 from dvc_render.vega import VegaRenderer
 from helpers import (
     PROJECT_PARAMS,
     ROOT,
+    VENV,
     copy_project,
     dvc,
     one_error_line,
@@ -25,8 +28,16 @@ from helpers import (
     write_params,
 )
 
+from gptlab import plots
 from gptlab.errors import GptlabError
-from gptlab.plots import VEGA_PACKAGES, build_offline_template, log_frame, make_figures
+from gptlab.plots import (
+    PAGE_STYLE,
+    VEGA_PACKAGES,
+    build_page_template,
+    log_frame,
+    loss_figure,
+    make_figures,
+)
 from gptlab.trainlog import LOG_COLUMNS
 
 PLOT_PARAMS = PROJECT_PARAMS.plot
@@ -169,7 +180,7 @@ def test_offline_template_inlines_the_packages_dvc_would_load_from_the_cdn(tmp_p
     sources = {name: f"var {name.replace('-', '_')} = '</script>';" for name in VEGA_PACKAGES}
     fake_npm(tmp_path, sources)
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")
-    template = build_offline_template(tmp_path / "out" / "template.html").read_text()
+    template = build_page_template(tmp_path / "out" / "template.html").read_text()
     for name in VEGA_PACKAGES:
         assert f"var {name.replace('-', '_')} = '<\\/script>';" in template
     page = tmp_path / "page" / "index.html"
@@ -185,7 +196,7 @@ def test_offline_template_names_npm_when_it_fails(tmp_path, monkeypatch):
     npm.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
     with pytest.raises(GptlabError, match=r"npm pack vega@[\d.]+ failed: npm error 404"):
-        build_offline_template(tmp_path / "template.html")
+        build_page_template(tmp_path / "template.html")
     assert not (tmp_path / "template.html").exists()
 
 
@@ -214,11 +225,83 @@ def test_plain_dvc_plots_pages_render_offline_once_setup_set_the_template(pipeli
     assert drawn.count("<img") == 2 * len(FIGURES)  # the figures of both revisions
 
 
-def test_setup_without_npm_says_so_in_one_line_and_carries_on(tmp_path):
+def test_setup_without_npm_says_so_in_one_line_and_sets_a_page_loading_the_cdn(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(ROOT / "Makefile", project)
+    (project / ".venv").symlink_to(VENV)
+    subprocess.run([VENV / "bin" / "dvc", "init", "--no-scm", "-q"], cwd=project, check=True)
     bin_dir = Path(sys.executable).parent
-    result = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "plots-template"],
+    result = subprocess.run(["make", "--no-print-directory", "plots-template"], cwd=project,
                             env={"PATH": f"{bin_dir}:{tmp_path}", "HOME": str(tmp_path)},
                             capture_output=True, text=True, executable=shutil.which("make"))
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
         "note: npm not found: dvc plots pages will load their libraries from a CDN"]
+    template = (project / ".gptlab" / "plots-template.html").read_text()
+    assert "{scripts}" in template and PAGE_STYLE in template  # DVC's CDN tags, our layout
+    config = (project / ".dvc" / "config.local").read_text()
+    assert "html_template = ../.gptlab/plots-template.html" in config
+
+
+def test_the_cdn_template_gets_dvcs_script_tags_and_the_page_layout(tmp_path):
+    template = build_page_template(tmp_path / "template.html", offline=False)
+    page = tmp_path / "page" / "index.html"
+    renderer = VegaRenderer([{"step": "1", "loss": "2.0"}], "loss", x="step", y="loss")
+    render_html([renderer], page, html_template=template)
+    html = page.read_text()
+    assert "cdn.jsdelivr.net/npm/vega-embed" in html and PAGE_STYLE in html
+
+
+def test_a_log_scaled_loss_axis_says_so():
+    rows = [[0, 0, None, 9.0], [10, 7680, 3.0, 2.5]]
+    log = pd.DataFrame([row + [None] * (len(LOG_COLUMNS) - 4) for row in rows],
+                       columns=list(LOG_COLUMNS), dtype=float)
+    axes = loss_figure(log, smooth=1).axes[0]
+    assert axes.get_yscale() == "log"
+    assert axes.get_ylabel() == "cross-entropy (nats per token, log scale)"
+    flat = log.assign(val_loss=[3.0, 2.5])
+    assert loss_figure(flat, smooth=1).axes[0].get_ylabel() == "cross-entropy (nats per token)"
+
+
+# Reported by the page itself once vega has drawn: the window's width, each chart's and each
+# figure's width, and each figure's box.
+MEASURE = """<script>setTimeout(() => document.body.setAttribute("data-layout", JSON.stringify({
+  window: document.documentElement.clientWidth,
+  charts: [...document.querySelectorAll("canvas")].map(c => c.getBoundingClientRect().width),
+  figures: [...document.querySelectorAll("img")].map(i => [i.getBoundingClientRect().right,
+    i.getBoundingClientRect().width, i.parentElement.getBoundingClientRect().width])})),
+  2000);</script>"""
+
+
+@pytest.mark.skipif(not CHROMIUM or not TEMPLATE.exists(),
+                    reason="needs chromium, and npm when `make setup` built the template")
+def test_charts_span_the_page_and_every_revisions_figure_fits_it(tmp_path, monkeypatch):
+    libraries = re.findall(r"<script>.*?</script>", TEMPLATE.read_text(), flags=re.DOTALL)
+    monkeypatch.setattr(plots, "inlined_libraries", lambda: libraries)
+    template = build_page_template(tmp_path / "template.html")
+    log = tmp_path / "train_log.csv"
+    write_log(log)
+    [figure, *_] = make_figures(log, tmp_path / "figures", PLOT_PARAMS)
+    points = [{"step": str(step), "loss": str(4 - step / 50), "rev": rev}
+              for rev in ("workspace", "exp-a") for step in range(50)]
+    chart = VegaRenderer(points, "loss", x="step", y="loss", template="linear_gaps",
+                         template_dir=str(ROOT / ".dvc" / "plots"))
+    # Two revisions of a 960-pixel figure: side by side they are wider than the window.
+    images = ImageRenderer([{"rev": rev, "src": str(figure)} for rev in ("workspace", "exp-a")],
+                           "plots/loss.png")
+    page = tmp_path / "page" / "index.html"
+    render_html([chart, images], page, html_template=template)
+    html, end, rest = page.read_text().rpartition("</body>")  # the libraries hold "</body>" too
+    page.write_text(html + MEASURE + end + rest)
+    dom = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--window-size=1200,900", f"--user-data-dir={tmp_path / 'profile'}",
+         "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    ).stdout
+    layout = json.loads(re.search(r'data-layout="([^"]*)"', dom)[1].replace("&quot;", '"'))
+    assert layout["charts"] and all(width > 0.8 * layout["window"] for width in layout["charts"])
+    assert len(layout["figures"]) == 2
+    for right, width, box in layout["figures"]:
+        assert right <= layout["window"] and width <= box

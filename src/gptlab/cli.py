@@ -102,9 +102,12 @@ def main(argv: list[str] | None = None) -> None:
     add_lab_commands(commands)
     add_serve_command(commands)
     template = commands.add_parser(
-        "plots-template", help="build the page template that lets `dvc plots` pages render "
+        "plots-template", help="build the page template of `dvc plots` pages, which renders "
                                "offline (make setup does)")
     template.add_argument("file", nargs="?", default=".gptlab/plots-template.html")
+    template.add_argument("--cdn", action="store_true",
+                          help="load the plotting libraries from a CDN, as DVC's own page does, "
+                               "instead of inlining them from npm")
     stages = commands.add_parser(
         "stages", help="check dvc.yaml's code deps against what each stage's script imports",
         description="Each stage of ./dvc.yaml lists as deps its script, then the gptlab modules "
@@ -343,9 +346,9 @@ def write_stage_deps(args: argparse.Namespace) -> None:
 
 
 def build_plots_template(args: argparse.Namespace) -> None:
-    from gptlab.plots import build_offline_template  # matplotlib is slow to import
+    from gptlab.plots import build_page_template  # matplotlib is slow to import
 
-    print(f"wrote {build_offline_template(Path(args.file))}")
+    print(f"wrote {build_page_template(Path(args.file), offline=not args.cdn)}")
 
 
 def run_export(args: argparse.Namespace) -> None:

@@ -1,4 +1,4 @@
-"""Figures of a training run, from plots/train_log.csv, and the offline page for `dvc plots`.
+"""Figures of a training run, from plots/train_log.csv, and the page template of `dvc plots`.
 
 The PNGs are for reading a single run at a glance; `dvc plots show/diff` draws the same log's
 loss curves interactively and across experiments.
@@ -27,6 +27,18 @@ from gptlab.trainlog import LOG_COLUMNS, read_log
 
 # The libraries DVC's HTML loads from a CDN (dvc_render's VegaRenderer), fetched from npm.
 VEGA_PACKAGES = {"vega": "5.20.2", "vega-lite": "5.2.0", "vega-embed": "6.18.2"}
+# The page's layout. Charts as wide as the page: the vega template sizes them to their
+# container, which vega-embed's own style would shrink to its content (inline-block). Each PNG
+# figure is a section (dvc_render gives it an inline nowrap style) of one box per revision:
+# the boxes sit side by side while each keeps 400 px, and a figure scales down to its box.
+PAGE_STYLE = """\
+table { border-spacing: 15px; }
+body .vega-embed { display: block; }
+div[style*="nowrap"] { display: flex; flex-wrap: wrap; align-items: flex-start; }
+div[style*="nowrap"] > p { flex-basis: 100%; }
+div[style*="nowrap"] > div { flex: 1 1 400px; }
+div[style*="nowrap"] img { max-width: 100%; height: auto; }
+"""
 
 
 def log_frame(path: Path) -> pd.DataFrame:
@@ -64,6 +76,7 @@ def loss_figure(log: pd.DataFrame, smooth: int) -> plt.Figure:
     axes.set(xlabel="step", ylabel="cross-entropy (nats per token)")
     if log["val_loss"].max(skipna=True) > 2 * log["val_loss"].min(skipna=True):
         axes.set_yscale("log")  # the first steps fall fast; a log scale keeps the end readable
+        axes.set_ylabel("cross-entropy (nats per token, log scale)")
         for axis_formatter in (axes.yaxis.set_major_formatter, axes.yaxis.set_minor_formatter):
             axis_formatter(ticker.FormatStrFormatter("%.1f"))
     _tokens_axis(axes, log)
@@ -110,9 +123,21 @@ def _tokens_axis(axes: plt.Axes, log: pd.DataFrame) -> None:
     top.xaxis.set_major_formatter(ticker.EngFormatter())
 
 
-def build_offline_template(path: Path) -> Path:
-    """An HTML template for `dvc plots --html-template` with vega, vega-lite and vega-embed
-    inlined, so the page renders without the CDN DVC's default page loads them from.
+def build_page_template(path: Path, offline: bool = True) -> Path:
+    """An HTML template for `dvc plots --html-template`: the page's layout, and vega, vega-lite
+    and vega-embed inlined (offline) or, as DVC's default page does, loaded from a CDN."""
+    libraries = "\n".join(inlined_libraries()) if offline else "{scripts}"  # DVC's CDN tags
+    page = (
+        "<!DOCTYPE html>\n<html>\n<head>\n{refresh_tag}\n<title>gptlab plots</title>\n"
+        + libraries + "\n<style>\n" + PAGE_STYLE + "</style>\n</head>\n<body>\n{plot_divs}\n"
+        "</body>\n</html>\n"
+    )
+    write_text(path, page)
+    return path
+
+
+def inlined_libraries() -> list[str]:
+    """A <script> element of each package's code, so the page renders without the internet.
 
     The packages come from the npm registry (`npm pack`); the template is not committed.
     """
@@ -132,11 +157,4 @@ def build_offline_template(path: Path) -> Path:
                 code = io.TextIOWrapper(member, encoding="utf-8").read()
             # A literal "</script" inside the code would end the inline element early.
             scripts.append("<script>" + code.replace("</script", "<\\/script") + "</script>")
-    page = (
-        "<!DOCTYPE html>\n<html>\n<head>\n{refresh_tag}\n<title>gptlab plots</title>\n"
-        + "\n".join(scripts)
-        + "\n<style>table { border-spacing: 15px; }</style>\n</head>\n<body>\n{plot_divs}\n"
-        "</body>\n</html>\n"
-    )
-    write_text(path, page)
-    return path
+    return scripts
