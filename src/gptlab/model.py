@@ -283,6 +283,15 @@ def logits_or_loss(logits: Tensor, targets: Tensor | None) -> tuple[Tensor | Non
     return None, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
+def count_params(model: nn.Module, leave_out: list[nn.Module | None],
+                 trainable: bool = False) -> int:
+    """The parameters of `model` that the modules `leave_out` do not hold, a tied weight once;
+    trainable leaves out frozen weights too (all but the adapters when LoRA trains)."""
+    left_out = {id(p) for module in leave_out if module is not None for p in module.parameters()}
+    return sum(p.numel() for p in model.parameters()
+               if id(p) not in left_out and (p.requires_grad or not trainable))
+
+
 class GPT(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -373,12 +382,15 @@ class GPT(nn.Module):
         )
 
     def num_params(self, non_embedding: bool = True, trainable: bool = False) -> int:
-        """Parameter count, tied weights once; non_embedding leaves out the position table,
-        trainable the frozen weights (all but the adapters when LoRA trains)."""
-        counted = [p for p in self.parameters() if p.requires_grad or not trainable]
-        if non_embedding and self.pos_emb is not None:
-            counted = [p for p in counted if p is not self.pos_emb.weight]
-        return sum(p.numel() for p in counted)
+        """nanoGPT's count, whose 6N estimates the training FLOPs: non_embedding leaves out the
+        position table, a lookup that costs no FLOPs (the token table stays: tied, it is the
+        output layer's weight)."""
+        return count_params(self, [self.pos_emb] if non_embedding else [], trainable)
+
+    def block_params(self) -> int:
+        """N of the scaling laws (Kaplan et al.'s non-embedding count): the blocks and the final
+        norm, every table and the output layer left out."""
+        return count_params(self, [self.tok_emb, self.pos_emb, self.lm_head])
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token (forward + backward), as in nanoGPT's estimate_mfu."""
@@ -424,8 +436,13 @@ class Bigram(nn.Module):
         )
 
     def num_params(self, non_embedding: bool = True, trainable: bool = False) -> int:
-        """All parameters: the table is the whole model, and there is no position table."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable)
+        """GPT.num_params's count: there is no position table for non_embedding to leave out,
+        and the one table stays, being the output layer (as a tied GPT's token table)."""
+        return count_params(self, [], trainable)
+
+    def block_params(self) -> int:
+        """N of the scaling laws: a bigram has no blocks, only its table."""
+        return count_params(self, [self.logits_table])
 
     def flops_per_token(self) -> int:
         return 6 * self.num_params()

@@ -23,7 +23,6 @@ from gptlab.model import build_model
 from gptlab.params import ModelConfig, ModelParams, describe
 
 PREFIX = "scale-"
-EMBEDDINGS = ("tok_emb.", "pos_emb.", "lm_head.")
 # Every run of a sweep trains every weight from random ones: N and D count nothing else.
 # The sweep's metrics: the loss on every token of the validation split, and the vocabulary.
 LOSS, VOCAB_SIZE = "eval.val_loss", "tokenize.vocab_size"
@@ -90,15 +89,14 @@ def scaling_runs(experiments: Experiments, prefix: str = PREFIX) -> list[Scaling
 
 
 def block_params(params: dict[str, object], vocab_size: int) -> int:
-    """N: the parameters of the model's blocks and final norm, counted on a copy without
-    storage (meta device)."""
+    """N: the parameters of the model's blocks and final norm (GPT.block_params), counted on a
+    copy without storage (meta device)."""
     model = {key.removeprefix("model."): value for key, value in params.items()
              if key.startswith("model.")}
     config = ModelConfig.of(ModelParams(**model), vocab_size)
     with torch.device("meta"):
         built = build_model(config)
-    return sum(p.numel() for name, p in built.named_parameters()
-               if not name.startswith(EMBEDDINGS))
+    return built.block_params()
 
 
 def training_tokens(params: dict[str, object]) -> int:
