@@ -136,21 +136,24 @@ def test_dvc_lock_records_the_committed_files_and_params(stage):
     samples and plots are not those of the committed code."""
     spec, recorded = DVC_YAML["stages"][stage], DVC_LOCK["stages"][stage]
     rerun = "run `make repro` and commit dvc.lock with the outputs"
-    assert recorded["cmd"] == spec["cmd"], f"dvc.lock: stage {stage}'s command changed: {rerun}"
-    assert sorted(dep["path"] for dep in recorded["deps"]) == sorted(spec["deps"]), (
-        f"dvc.lock: stage {stage}'s deps are not dvc.yaml's: {rerun}")
-    wanted = {key: PARAMS_YAML.get(key) for key in spec["params"]}
-    assert recorded["params"]["params.yaml"] == wanted, (
-        f"dvc.lock: stage {stage}'s params are not params.yaml's: {rerun}")
     cached = cached_outputs()
+    changed = []
     for entry in recorded["deps"] + recorded.get("outs", []):
         if entry["path"] in cached:
             continue  # in DVC's cache alone: checked against the stage that makes it, below
         path = ROOT / entry["path"]
         # DVC 3 hashes a file's bytes as they are (no newline conversion).
-        actual = hashlib.md5(path.read_bytes()).hexdigest() if path.is_file() else "missing"
-        assert actual == entry["md5"], (f"dvc.lock: stage {stage}: {entry['path']} is not the file "
-                                        f"its last run saw: {rerun}")
+        if not path.is_file() or hashlib.md5(path.read_bytes()).hexdigest() != entry["md5"]:
+            changed.append(entry["path"])
+    assert not changed, (f"dvc.lock: stage {stage}: {', '.join(changed)} changed since its last "
+                         f"run: {rerun}")
+    listed = {dep["path"] for dep in recorded["deps"]} ^ set(spec["deps"])
+    assert not listed, (f"dvc.lock: stage {stage}: deps {', '.join(sorted(listed))} are not "
+                        f"those dvc.yaml lists: {rerun}")
+    assert recorded["cmd"] == spec["cmd"], f"dvc.lock: stage {stage}'s command changed: {rerun}"
+    wanted = {key: PARAMS_YAML.get(key) for key in spec["params"]}
+    assert recorded["params"]["params.yaml"] == wanted, (
+        f"dvc.lock: stage {stage}'s params are not params.yaml's: {rerun}")
 
 
 def test_dvc_lock_records_each_cached_output_as_its_users_saw_it():
