@@ -1,5 +1,5 @@
-"""The README's figures are the committed ones: its first table is checked against the metrics
-files, so the two cannot drift apart."""
+"""The README's figures are the committed ones: its first table, and the pipeline page's figures
+of the default corpus, are checked against the metrics files, so they cannot drift apart."""
 
 from __future__ import annotations
 
@@ -11,17 +11,23 @@ import pytest
 from helpers import ROOT
 
 README = (ROOT / "README.md").read_text()
+PIPELINE_PAGE = (ROOT / "docs" / "pipeline.md").read_text()
 
 
-def first_table() -> list[list[str]]:
-    """The rows of the README's first table (the figures of a run), as cells."""
-    start = README.index("| figure | value | from |")
+def table_rows(text: str, header: str) -> list[list[str]]:
+    """The rows of the table of `text` that starts with `header`, as cells."""
+    start = text.index(header)
     rows = []
-    for line in README[start:].splitlines()[2:]:
+    for line in text[start:].splitlines()[2:]:
         if not line.startswith("|"):
             break
         rows.append([cell.strip() for cell in line.strip("|").split("|")])
     return rows
+
+
+def first_table() -> list[list[str]]:
+    """The rows of the README's first table (the figures of a run)."""
+    return table_rows(README, "| figure | value | from |")
 
 
 def number(text: str) -> float:
@@ -40,7 +46,11 @@ def committed(file: str) -> dict:
 def test_each_figure_of_the_first_table_is_the_committed_metric(row):
     _, value, source = row
     file, key = re.fullmatch(r"`(metrics/\w+\.json)` `(\w+)`", source).groups()
-    metric = committed(file)[key]
+    assert_shows(value, committed(file)[key], key)
+
+
+def assert_shows(value: str, metric: float, key: str) -> None:
+    """`value` is `metric` rounded as shown, or a range (`10-20`) that holds it."""
     if found := re.match(r"([\d,]+)-([\d,]+)", value):
         low, high = map(number, found.groups())
         assert low <= metric <= high, f"{key}: {metric} is outside {value}"
@@ -49,6 +59,26 @@ def test_each_figure_of_the_first_table_is_the_committed_metric(row):
         decimals = len(shown.split(".")[1]) if "." in shown else 0
         # Rounded as shown (a metric exactly half way may round either way).
         assert abs(number(shown) - metric) <= 0.5 * 10**-decimals + 1e-9, f"{key}: {metric}"
+
+
+def corpus_figures() -> list[tuple[str, str, str]]:
+    """The pipeline page's figures of the default corpus as (metrics file, key, value): each row
+    holds a clean.json figure, then a tokenize.json one; `a / b` shows two keys in one cell."""
+    figures = []
+    for cells in table_rows(PIPELINE_PAGE, "| `metrics/clean.json` | value |"):
+        for file, keys, values in (("metrics/clean.json", *cells[0:2]),
+                                   ("metrics/tokenize.json", *cells[3:5])):
+            if keys:
+                figures += [(file, key, value)
+                            for key, value in zip(keys.split(" / "), values.split(" / "),
+                                                  strict=True)]
+    return figures
+
+
+@pytest.mark.parametrize(("file", "key", "value"), corpus_figures(),
+                         ids=lambda part: part if "/" not in part else None)
+def test_each_figure_of_the_default_corpus_is_the_committed_metric(file, key, value):
+    assert_shows(value, committed(file)[key], key)
 
 
 def test_the_first_table_covers_the_headline_metrics():
