@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
 from gptlab.imports import gptlab_imports, imported_modules, module_file
 
@@ -76,3 +77,14 @@ def test_other_packages_and_missing_names_are_left_out(tmp_path):
     script.write_text("import os\nimport numpy.linalg\nfrom gptlab.io import write_text\n"
                       "from gptlab.nowhere import x\nimport gptlabs\n")
     assert imported_modules(script, package) == {"gptlab.io"}
+
+
+def test_no_stage_and_no_library_module_but_the_command_line_runs_the_lab():
+    """The lab (gptlab.lab) answers questions about experiments: editing it reruns no stage and
+    keeps every training run resumable."""
+    package = ROOT / "src" / "gptlab"
+    lab = package / "lab"
+    importers = [source for source in [*(ROOT / "stages").glob("*.py"), *package.rglob("*.py")]
+                 if not source.is_relative_to(lab) and source.name != "cli.py"
+                 and any(path.is_relative_to(lab) for path in gptlab_imports(source))]
+    assert importers == []
