@@ -12,6 +12,7 @@ from gptlab.distributed import relaunch_under_torchrun, under_torchrun, world_fr
 from gptlab.errors import run_main
 from gptlab.io import cache_dir, write_json
 from gptlab.params import RunParams, load_params
+from gptlab.stop import exit_stopped
 from gptlab.train import TrainPaths, train
 
 
@@ -22,6 +23,8 @@ def main(tokens_dir: Path, models_dir: Path, log_csv: Path, metrics_json: Path) 
         sys.exit(relaunch_under_torchrun(params.train.nproc, device, sys.argv))
     paths = TrainPaths(tokens_dir, models_dir, log_csv, cache_dir("runs"))
     metrics = train(RunParams(params.seed, params.model, params.train), paths)
+    if metrics is None:  # stopped by Ctrl-C or SIGTERM, after a checkpoint
+        exit_stopped()
     if world_from_env().is_main:
         write_json(metrics_json, metrics, "the training metrics")
         print(", ".join(f"{key}={value}" for key, value in metrics.items()))

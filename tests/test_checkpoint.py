@@ -101,7 +101,16 @@ def resume_state(step: int) -> ResumeState:
              {"step": step, "tokens": step * 16, "train_loss": 1.9, "lr": 3e-5}],
         scaler={"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,
                 "growth_interval": 2000, "_growth_tracker": 3},
+        interval={"steps": 3, "loss_sum": 5.5, "seconds": 1.25},
+        other_ranks=[{"batch_rng": batch_rng.bit_generator.state, "torch_rng": [1, 2, 3],
+                      "interval": {"steps": 3, "loss_sum": 6.25, "seconds": 1.5}}],
     )
+
+
+def test_each_process_resumes_its_own_log_interval():
+    state = resume_state(step=3)
+    assert state.rank_interval(0) == {"steps": 3, "loss_sum": 5.5, "seconds": 1.25}
+    assert state.rank_interval(1) == {"steps": 3, "loss_sum": 6.25, "seconds": 1.5}
 
 
 def plain(value: Any) -> Any:

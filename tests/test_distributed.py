@@ -251,12 +251,16 @@ def test_processes_that_find_different_checkpoints_stop_before_any_work(tmp_path
         for line in errors), different.stderr
 
 
-def test_cuda_graphs_are_refused_for_the_processes_that_actually_run(tmp_path, char_tokens):
+def test_cuda_graphs_are_refused_for_the_processes_that_actually_run(tmp_path, char_tokens,
+                                                                     monkeypatch):
     """params.yaml was checked against train.nproc; a torchrun started by hand may start fewer
     processes, each then accumulating over several micro-batches."""
     params = run_params(train_overrides={"compile": True, "compile_mode": "reduce-overhead",
                                          "grad_accum": 4, "nproc": 4})
+    # Rank 0 of 2, as torchrun tells it: refused before it joins the others.
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
     with pytest.raises(GptlabError, match=r"train\.compile_mode: reduce-overhead replays CUDA "
                                           r"graphs, .* over the 2 micro-batches per process"):
-        train(params, paths_in(tmp_path, char_tokens), World(rank=0, local_rank=0, size=2))
+        train(params, paths_in(tmp_path, char_tokens))
     assert not (tmp_path / "models").exists()

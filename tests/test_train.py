@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -12,11 +13,13 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import (
+    TIMINGS,
     assert_same_training,
     make_corpus,
     one_error_line,
@@ -33,6 +36,7 @@ from safetensors.torch import load_file
 from gptlab.checkpoint import RESUME_FORMAT
 from gptlab.distributed import World
 from gptlab.errors import GptlabError
+from gptlab.stop import StopRequest
 from gptlab.tokenizers import CharTokenizer
 from gptlab.train import LogInterval, train
 from gptlab.trainlog import LOG_COLUMNS
@@ -228,10 +232,46 @@ def test_a_log_interval_waits_for_the_device_before_reading_the_clock(monkeypatc
     synced = []
     monkeypatch.setattr("gptlab.train.synchronize", synced.append)
     # Resumed mid-interval: 3 steps, their summed loss and 2.5 s already behind it.
-    interval = LogInterval(3, 6.0, 2.5, CPU)
+    interval = LogInterval(CPU)
+    interval.load_state_dict({"steps": 3, "loss_sum": 6.0, "seconds": 2.5})
     interval.add(torch.tensor(2.0))
     mean_loss, steps, seconds = interval.close(World())
     assert (mean_loss, steps) == (2.0, 4) and seconds >= 2.5
     assert synced == [CPU]  # GPU work is billed to the interval it belongs to
     interval.pause()
     assert interval.steps == 0 and float(interval.loss_sum) == 0.0 and synced == [CPU, CPU]
+
+
+def test_a_log_interval_saves_and_restores_itself_through_json():
+    interval = LogInterval(CPU)
+    for loss in (1.25, 0.5):
+        interval.add(torch.tensor(loss))
+    interval.pause()
+    state = interval.state_dict()
+    assert state == {"steps": 2, "loss_sum": 1.75, "seconds": interval.seconds}
+    restored = LogInterval(CPU)
+    restored.load_state_dict(json.loads(json.dumps(state)))  # as a checkpoint's state.json
+    assert restored.state_dict() == state
+
+
+def test_a_stop_request_ends_the_run_with_a_checkpoint_that_resumes_to_the_same_result(
+        tmp_path, tokens_dir, monkeypatch):
+    @contextlib.contextmanager
+    def stop_requested_at_once() -> Iterator[StopRequest]:
+        yield StopRequest(requested=True)
+
+    paths = paths_in(tmp_path / "stopped", tokens_dir)
+    with monkeypatch.context() as patch:
+        patch.setattr("gptlab.train.sigint_as_stop_request", stop_requested_at_once)
+        assert train(run_params(), paths) is None  # stopped: no metrics
+    # After the first step, midway through a log interval.
+    assert [path.name for path in paths.runs_dir.glob("*/step-*")] == ["step-00000001"]
+    resumed = train(run_params(), paths)
+    uninterrupted = train(run_params(), paths_in(tmp_path / "uninterrupted", tokens_dir))
+    assert {k: v for k, v in resumed.items() if k not in TIMINGS} == {
+        k: v for k, v in uninterrupted.items() if k not in TIMINGS}
+    assert [r["train_loss"] for r in read_log(paths.log_csv)] == [
+        r["train_loss"] for r in read_log(tmp_path / "uninterrupted" / "train_log.csv")]
+    for name in ("model.safetensors", "config.json"):
+        assert ((tmp_path / "stopped" / "models" / name).read_bytes()
+                == (tmp_path / "uninterrupted" / "models" / name).read_bytes()), name

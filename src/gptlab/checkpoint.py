@@ -35,7 +35,7 @@ from gptlab.params import RunParams
 # Version of the resume state's layout. The run key hashes this module's source, so another
 # version writes to another run folder; one found all the same (a copied runs folder) is not
 # used, like a damaged one.
-RESUME_FORMAT = 4
+RESUME_FORMAT = 5
 WEIGHTS = "model.safetensors"
 TENSORS = "state.safetensors"
 STATE = "state.json"
@@ -53,27 +53,31 @@ class DamagedCheckpoint(GptlabError):
         self.folder = folder
 
 
-@dataclass
+@dataclass(frozen=True)
 class ResumeState:
-    """Everything besides the model and optimizer that a run needs to continue bit for bit."""
+    """Everything besides the model and optimizer that a run needs to continue bit for bit:
+    the snapshot a checkpoint saves (the defaults are a run's start)."""
 
-    step: int
-    batch_rng: dict[str, Any]
-    best_val_loss: float | None
-    wall_seconds: float
+    step: int = 0
+    batch_rng: dict[str, Any] = field(default_factory=dict)
+    best_val_loss: float | None = None
+    wall_seconds: float = 0.0
     log: list[dict[str, Any]] = field(default_factory=list)
     scaler: dict[str, Any] = field(default_factory=dict)
-    # The unfinished log interval: steps taken, their summed loss and the seconds they took.
-    interval_steps: int = 0
-    interval_loss_sum: float = 0.0
-    interval_seconds: float = 0.0
+    # Rank 0's unfinished log interval, as gptlab.train.LogInterval.state_dict() gives it.
+    interval: dict[str, Any] = field(default_factory=dict)
     # The latest evaluation's mean losses ("train", "val"), for the published summary.
     last_eval: dict[str, float] = field(default_factory=dict)
     # The finished run's metrics, saved with its last checkpoint: a rerun of a finished run
     # republishes them as they were.
     metrics: dict[str, Any] | None = None
-    # Under DDP, the batch and dropout generators of ranks 1, 2, ... (rank 0's are above).
+    # Under DDP, the batch and dropout generators and the log interval of ranks 1, 2, ...
+    # (rank 0's are above).
     other_ranks: list[dict[str, Any]] = field(default_factory=list)
+
+    def rank_interval(self, rank: int) -> dict[str, Any]:
+        """Process `rank`'s unfinished log interval: each sums the losses of its own batches."""
+        return self.interval if rank == 0 else self.other_ranks[rank - 1]["interval"]
 
 
 def checkpoint_folders(run_dir: Path) -> list[Path]:
@@ -228,11 +232,12 @@ def code_fingerprint(module: str, package: Path = PACKAGE_DIR) -> str:
 
 
 def rank_state(batch_rng: np.random.Generator, device: torch.device,
-               interval_loss_sum: float) -> dict[str, Any]:
-    """What a process other than rank 0 needs to continue its own streams after a resume."""
+               interval: dict[str, Any]) -> dict[str, Any]:
+    """What a process other than rank 0 needs to continue its own streams and log interval
+    after a resume."""
     state = {"batch_rng": batch_rng.bit_generator.state,
              "torch_rng": torch.get_rng_state().tolist(),
-             "interval_loss_sum": interval_loss_sum}
+             "interval": interval}
     if device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(device).tolist()
     return state
@@ -250,7 +255,6 @@ def restore_rank_state(state: ResumeState, world: World, batch_rng: np.random.Ge
                           f"run has {world.size}; delete .gptlab/runs to start afresh")
     mine = state.other_ranks[world.rank - 1]
     batch_rng.bit_generator.state = mine["batch_rng"]
-    state.interval_loss_sum = mine["interval_loss_sum"]
     torch.set_rng_state(torch.tensor(mine["torch_rng"], dtype=torch.uint8))
     if "cuda_rng" in mine:
         torch.cuda.set_rng_state(torch.tensor(mine["cuda_rng"], dtype=torch.uint8), device)

@@ -1,5 +1,6 @@
 """Ctrl-C and SIGTERM as a request to stop: the training loop finishes its step, saves a
-checkpoint and ends, rather than dying with half-accumulated gradients."""
+checkpoint and returns, rather than dying with half-accumulated gradients; the command then
+exits as Ctrl-C ends any gptlab command."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from tqdm import tqdm
 
@@ -47,3 +48,11 @@ def sigint_as_stop_request() -> Iterator[StopRequest]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def exit_stopped() -> NoReturn:
+    """End a command whose run a stop request ended, as gptlab.errors.run_main ends one that
+    Ctrl-C interrupted: status 130 (128 + SIGINT) tells the shell, DVC or a scheduler that the
+    run did not finish, and its checkpoint lets the next one resume."""
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)

@@ -22,13 +22,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from gptlab import __version__
-from gptlab.batches import SPLITS, batch_seed, open_training_splits, split_windows
+from gptlab.batches import (
+    SPLITS,
+    ConversationWindows,
+    RandomWindows,
+    batch_seed,
+    open_training_splits,
+    split_windows,
+)
 from gptlab.checkpoint import (
     ResumeState,
     agree_on_checkpoint,
@@ -61,9 +69,9 @@ from gptlab.distributed import (
 )
 from gptlab.errors import GptlabError
 from gptlab.lora import adapter_state_dict, add_adapters, has_adapters, merged_state_dict
-from gptlab.model import build_model
+from gptlab.model import GPT, Bigram, build_model
 from gptlab.optim import learning_rate, make_optimizer, set_learning_rate
-from gptlab.params import ModelConfig, RunParams
+from gptlab.params import ModelConfig, RunParams, TrainParams
 from gptlab.pretrained import init_source, initial_weights
 from gptlab.published import save_published
 from gptlab.stop import StopRequest, sigint_as_stop_request
@@ -79,9 +87,13 @@ class TrainPaths:
     runs_dir: Path  # resume checkpoints, outside DVC's outputs (DVC deletes those first)
 
 
-def train(params: RunParams, paths: TrainPaths, world: World | None = None) -> dict[str, Any]:
-    """Train the model described by params on the token files; return the run's metrics."""
-    world = world or world_from_env()
+def train(params: RunParams, paths: TrainPaths) -> dict[str, Any] | None:
+    """Train the model described by params on the token files; return the run's metrics, or
+    None when a stop request (Ctrl-C, SIGTERM) ended it early, after a checkpoint.
+
+    The process's place in a data-parallel run comes from torchrun's environment (a world of
+    one without it)."""
+    world = world_from_env()
     if params.train.grad_accum % world.size:
         raise GptlabError(f"train.grad_accum: {params.train.grad_accum} is not divisible by the "
                           f"{world.size} processes of this run")
@@ -90,25 +102,102 @@ def train(params: RunParams, paths: TrainPaths, world: World | None = None) -> d
         raise GptlabError(f"train.compile_mode: {problem}")
     device = device_for_rank(pick_device(params.train.device, "train.device"), world)
     with process_group(world, device):
-        session = TrainingSession(params, paths, world, device)
+        session = start_session(params, paths, world, device)
         with sigint_as_stop_request() as stop:
-            session.run(stop)
-        return session.finished_metrics()
+            stopped = session.run(stop)
+        return None if stopped else session.finished_metrics()
+
+
+def start_session(params: RunParams, paths: TrainPaths, world: World,
+                  device: torch.device) -> TrainingSession:
+    """One process's share of the run, set up: seeded, its model built (pretrained weights and
+    LoRA adapters if asked), and resumed from the newest good checkpoint of the run if any."""
+    t = params.train
+    dtype = pick_dtype(t.dtype, device, "train.dtype")
+    meta = read_meta(paths.tokens_dir, [f"{split}_{key}" for split in SPLITS
+                                        for key in ("tokens", "shards")])
+    splits = open_training_splits(paths.tokens_dir, meta, params.model.block_size)
+    allow_tf32(device)
+    reset_peak_memory(device)
+
+    torch.manual_seed(params.seed)  # the same initial weights in every process
+    config = ModelConfig.of(params.model, meta["vocab_size"])
+    model = build_model(config).to(device)
+    run_dir = paths.runs_dir / run_key(params, meta, world.size)
+    checkpoint = newest_checkpoint(run_dir, world)
+    if checkpoint is None and params.model.pretrained:  # a checkpoint has its own weights
+        model.load_state_dict(initial_weights(params.model.init, config, paths.tokens_dir))
+    if t.lora.rank:
+        add_adapters(model, t.lora)
+    if world.rank > 0:
+        torch.manual_seed(params.seed + world.rank)  # but dropout masks of its own
+    optimizer = make_optimizer(model, t, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    batches = split_windows(paths.tokens_dir, meta, "train", splits["train"],
+                            params.model.block_size, t.batch_size,
+                            batch_seed(params.seed, world.rank))
+    resumed, interval = ResumeState(), LogInterval(device)
+    if checkpoint is not None:
+        resumed = load_resume(checkpoint, model, optimizer, device)
+        restore_rank_state(resumed, world, batches.rng, device)
+        if resumed.scaler:
+            scaler.load_state_dict(resumed.scaler)
+        interval.load_state_dict(resumed.rank_interval(world.rank))
+        say(f"resuming from step {resumed.step} ({checkpoint})", world)
+    return TrainingSession(params, paths, world, device, dtype=dtype, meta=meta, splits=splits,
+                           model=model, forward=training_forward(model, t, world, device),
+                           optimizer=optimizer, scaler=scaler, batches=batches,
+                           run_dir=run_dir, resumed=resumed, interval=interval)
+
+
+def newest_checkpoint(run_dir: Path, world: World) -> Path | None:
+    """The newest checkpoint of the run that passes its checksums, the same for every process;
+    damaged ones are reported and removed."""
+    folder, damaged = newest_good_checkpoint(run_dir)
+    agree_on_checkpoint(folder, run_dir, world)
+    for error in damaged:
+        fallback = f"falling back to {folder.name}" if folder else "no checkpoint before it"
+        say(f"{error}; removed it, {fallback}", world)
+        if world.is_main:
+            shutil.rmtree(error.folder, ignore_errors=True)
+    if folder is None and damaged:
+        say("no good resume checkpoint left: starting afresh", world)
+    return folder
+
+
+def training_forward(model: nn.Module, t: TrainParams, world: World,
+                     device: torch.device) -> nn.Module:
+    """The model's forward as training calls it: compiled if asked, wrapped by DDP when there
+    are several processes."""
+    forward = model
+    if t.compile:
+        forward = torch.compile(forward, mode=t.compile_mode)
+    if world.distributed:
+        forward = DistributedDataParallel(
+            forward, device_ids=[device.index] if device.type == "cuda" else None)
+    return forward
 
 
 class LogInterval:
     """The steps since the last log row: their summed loss, kept on the device so that it is
     read once per interval (one host sync), and the seconds the steps took (evaluations and
-    checkpoints are not clocked). All three survive a checkpoint, so a resumed run logs the
+    checkpoints are not clocked). It is saved with each checkpoint, so a resumed run logs the
     interval as an uninterrupted one would."""
 
-    def __init__(self, steps: int, loss_sum: float, seconds: float,
-                 device: torch.device) -> None:
-        self.steps = steps
-        self.loss_sum = torch.tensor(loss_sum, device=device)
-        self.seconds = seconds
+    def __init__(self, device: torch.device) -> None:
+        self.steps = 0
+        self.loss_sum = torch.zeros((), device=device)
+        self.seconds = 0.0
         self.device = device
         self.clock = time.perf_counter()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The interval as JSON values (reading the loss waits for the device)."""
+        return {"steps": self.steps, "loss_sum": self.loss_sum.item(), "seconds": self.seconds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps, self.seconds = state["steps"], state["seconds"]
+        self.loss_sum.fill_(state["loss_sum"])
 
     def add(self, loss: torch.Tensor) -> None:
         self.loss_sum += loss
@@ -134,107 +223,60 @@ class LogInterval:
 
 
 class TrainingSession:
-    """One process's share of a run: its model, optimizer and batches, resumed where the last
-    checkpoint left them, and the loop with its evaluations, logs and checkpoints."""
+    """One process's share of a run, set up by start_session: its model, optimizer and
+    batches, the run so far (step, log, evaluations), and the loop with its evaluations, logs
+    and checkpoints."""
 
     def __init__(self, params: RunParams, paths: TrainPaths, world: World,
-                 device: torch.device) -> None:
-        t = params.train
-        self.params, self.t, self.paths, self.world, self.device = params, t, paths, world, device
-        self.dtype = pick_dtype(t.dtype, device, "train.dtype")
-        self.meta = read_meta(paths.tokens_dir, [f"{split}_{key}" for split in SPLITS
-                                                 for key in ("tokens", "shards")])
-        self.splits = open_training_splits(paths.tokens_dir, self.meta, params.model.block_size)
-        allow_tf32(device)
-        reset_peak_memory(device)
+                 device: torch.device, *, dtype: torch.dtype, meta: dict[str, Any],
+                 splits: dict[str, list[np.ndarray]], model: GPT | Bigram, forward: nn.Module,
+                 optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                 batches: RandomWindows | ConversationWindows, run_dir: Path,
+                 resumed: ResumeState, interval: LogInterval) -> None:
+        self.params, self.t, self.paths = params, params.train, paths
+        self.world, self.device, self.dtype = world, device, dtype
+        self.meta, self.splits = meta, splits
+        self.model, self.forward, self.optimizer, self.scaler = model, forward, optimizer, scaler
+        self.batches, self.run_dir = batches, run_dir
+        # The run so far: advanced by the loop, saved by each checkpoint as a ResumeState.
+        self.saved = resumed  # the newest checkpoint's state
+        self.step, self.log_rows = resumed.step, list(resumed.log)
+        self.best_val_loss, self.last_eval = resumed.best_val_loss, resumed.last_eval
+        self.wall_seconds, self.clock = resumed.wall_seconds, time.perf_counter()
+        self.interval = interval
 
-        torch.manual_seed(params.seed)  # the same initial weights in every process
-        self.config = ModelConfig.of(params.model, self.meta["vocab_size"])
-        self.model = build_model(self.config).to(device)
-        self.run_dir = paths.runs_dir / run_key(params, self.meta, world.size)
-        checkpoint = self.newest_checkpoint()
-        if checkpoint is None and params.model.pretrained:  # a checkpoint has its own weights
-            self.model.load_state_dict(initial_weights(params.model.init, self.config,
-                                                       paths.tokens_dir))
-        if t.lora.rank:
-            add_adapters(self.model, t.lora)
-        if world.rank > 0:
-            torch.manual_seed(params.seed + world.rank)  # but dropout masks of its own
-        self.optimizer = make_optimizer(self.model, t, device)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
-        self.batches = split_windows(paths.tokens_dir, self.meta, "train", self.splits["train"],
-                                     params.model.block_size, t.batch_size,
-                                     batch_seed(params.seed, world.rank))
-        self.state = self.resume(checkpoint)
-        self.forward = self.fast_forward()
+    @property
+    def micro_batches(self) -> int:
+        return self.t.grad_accum // self.world.size
 
-        self.micro_batches = t.grad_accum // world.size
-        self.tokens_per_step = t.batch_size * t.grad_accum * params.model.block_size
-        self._started = time.perf_counter()
+    @property
+    def tokens_per_step(self) -> int:
+        return self.t.batch_size * self.t.grad_accum * self.params.model.block_size
 
-    def newest_checkpoint(self) -> Path | None:
-        """The newest checkpoint of this run that passes its checksums, the same for every
-        process; damaged ones are reported and removed."""
-        folder, damaged = newest_good_checkpoint(self.run_dir)
-        agree_on_checkpoint(folder, self.run_dir, self.world)
-        for error in damaged:
-            fallback = f"falling back to {folder.name}" if folder else "no checkpoint before it"
-            self.say(f"{error}; removed it, {fallback}")
-            if self.world.is_main:
-                shutil.rmtree(error.folder, ignore_errors=True)
-        if folder is None and damaged:
-            self.say("no good resume checkpoint left: starting afresh")
-        return folder
-
-    def resume(self, folder: Path | None) -> ResumeState:
-        """The state of checkpoint `folder`, with model, optimizer and streams restored to it;
-        a fresh state without one."""
-        if folder is None:
-            return ResumeState(step=0, batch_rng=self.batches.rng.bit_generator.state,
-                               best_val_loss=None, wall_seconds=0.0)
-        state = load_resume(folder, self.model, self.optimizer, self.device)
-        restore_rank_state(state, self.world, self.batches.rng, self.device)
-        if state.scaler:
-            self.scaler.load_state_dict(state.scaler)
-        self.say(f"resuming from step {state.step} ({folder})")
-        return state
-
-    def fast_forward(self) -> nn.Module:
-        """The model's forward as training calls it: compiled if asked, wrapped by DDP when
-        there are several processes."""
-        forward: nn.Module = self.model
-        if self.t.compile:
-            forward = torch.compile(forward, mode=self.t.compile_mode)
-        if self.world.distributed:
-            forward = DistributedDataParallel(
-                forward, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        return forward
-
-    def run(self, stop: StopRequest) -> None:
-        """Train from the resumed step to max_iters; a stop request ends the run after the
-        current step with a checkpoint, as KeyboardInterrupt."""
-        t, state = self.t, self.state
-        if state.step == 0:
+    def run(self, stop: StopRequest) -> bool:
+        """Train from the resumed step to max_iters; return whether a stop request ended the
+        run early (after the current step, with a checkpoint)."""
+        t = self.t
+        if self.step == 0:
             self.evaluate_and_log(0)
-        if state.step == t.max_iters:  # a finished run, rerun: its outputs may be gone
+        if self.step == t.max_iters:  # a finished run, rerun: its outputs may be gone
             self.publish()
-            return
-        interval = LogInterval(state.interval_steps, state.interval_loss_sum,
-                               state.interval_seconds, self.device)
-        with tqdm(total=t.max_iters, initial=state.step, unit="step", desc="train",
+            return False
+        self.interval.resume()  # the clock runs from the first step
+        with tqdm(total=t.max_iters, initial=self.step, unit="step", desc="train",
                   disable=None if self.world.is_main else True, file=sys.stderr) as progress:
-            while state.step < t.max_iters:
-                step = state.step + 1
+            while self.step < t.max_iters:
+                step = self.step + 1
                 lr = learning_rate(step - 1, t)
                 set_learning_rate(self.optimizer, lr)
                 loss, grad_norm = self.optimizer_step()
-                interval.add(loss)
-                state.step = step
+                self.interval.add(loss)
+                self.step = step
                 progress.update(1)
 
                 at_log = due(step, t.log_interval, t.max_iters)
                 if at_log:
-                    self.close_interval(step, interval, lr, grad_norm, progress)
+                    self.close_interval(step, lr, grad_norm, progress)
                 # Under DDP the processes exchange their stop requests at log steps only (one
                 # small all-reduce), so that every process stops at the same step.
                 stopping = ((at_log or not self.world.distributed)
@@ -242,14 +284,15 @@ class TrainingSession:
                 evaluate = due(step, t.eval_interval, t.max_iters)
                 checkpoint = due(step, t.checkpoint_interval, t.max_iters) or stopping
                 if evaluate or checkpoint:
-                    interval.pause()
+                    self.interval.pause()
                     if evaluate:
                         self.evaluate_and_log(step)
                     if checkpoint:
-                        self.save_checkpoint(interval)
+                        self.save_checkpoint()
                     if stopping:
-                        raise KeyboardInterrupt
-                    interval.resume()
+                        return True
+                    self.interval.resume()
+        return False
 
     def optimizer_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Accumulate gradients over micro-batches, clip, and update; return loss and norm."""
@@ -278,10 +321,10 @@ class TrainingSession:
             return self.forward.no_sync()  # type: ignore[operator]
         return contextlib.nullcontext()
 
-    def close_interval(self, step: int, interval: LogInterval, lr: float,
-                       grad_norm: torch.Tensor, progress: tqdm) -> None:
+    def close_interval(self, step: int, lr: float, grad_norm: torch.Tensor,
+                       progress: tqdm) -> None:
         """The interval's log row: mean train loss, learning rate, gradient norm, speed."""
-        mean_loss, steps, seconds = interval.close(self.world)
+        mean_loss, steps, seconds = self.interval.close(self.world)
         self.check_finite(mean_loss, step)
         rate = steps * self.tokens_per_step / seconds
         self.log(step, train_loss=mean_loss, lr=lr, grad_norm=float(grad_norm),
@@ -315,9 +358,9 @@ class TrainingSession:
     def evaluate_and_log(self, step: int) -> None:
         losses = self.evaluate()
         self.check_finite(losses["val"], step)
-        self.state.last_eval = losses
-        best = self.state.best_val_loss
-        self.state.best_val_loss = losses["val"] if best is None else min(best, losses["val"])
+        self.last_eval = losses
+        best = self.best_val_loss
+        self.best_val_loss = losses["val"] if best is None else min(best, losses["val"])
         self.log(step, val_loss=losses["val"])
         if self.world.is_main:
             tqdm.write(f"step {step}: train loss {losses['train']:.4f}, val loss "
@@ -326,7 +369,7 @@ class TrainingSession:
     def log(self, step: int, **values: float) -> None:
         """Add values to the log row of `step` (creating it if this is the step's first entry)
         and write the log, so that `dvc plots show` draws a run in progress."""
-        rows = self.state.log
+        rows = self.log_rows
         if not rows or rows[-1]["step"] != step:
             rows.append({"step": step, "tokens": step * self.tokens_per_step})
         rows[-1].update(values)
@@ -341,28 +384,26 @@ class TrainingSession:
                               f"checkpoint is {last}. Lower train.lr, or set train.grad_clip, "
                               f"or use train.dtype: float32")
 
-    def save_checkpoint(self, interval: LogInterval) -> None:
+    def save_checkpoint(self) -> None:
         """Rank 0 writes the checkpoint, with every other process's streams gathered in, then
         publishes the weights and the log so far; the last one also holds the run's metrics."""
-        state = self.state
-        state.interval_steps, state.interval_seconds = interval.steps, interval.seconds
-        state.interval_loss_sum = interval.loss_sum.item()
+        interval = self.interval.state_dict()
         # The steps since the last log row are checked too: no checkpoint holds a NaN.
-        if any_rank(not math.isfinite(state.interval_loss_sum), self.world, self.device):
-            self.check_finite(math.nan, state.step)
-        ranks = gather_to_all(rank_state(self.batches.rng, self.device, state.interval_loss_sum),
-                              self.world)
-        state.batch_rng = ranks[0]["batch_rng"]
-        state.other_ranks = ranks[1:]
-        state.scaler = self.scaler.state_dict() if self.scaler.is_enabled() else {}
-        state.wall_seconds += time.perf_counter() - self._started
-        self._started = time.perf_counter()
-        if state.step == self.t.max_iters:
-            state.metrics = self.metrics()
-        if not self.world.is_main:
-            return
-        save_resume(self.run_dir, self.model, self.optimizer, state, self.device)
-        self.publish()
+        if any_rank(not math.isfinite(interval["loss_sum"]), self.world, self.device):
+            self.check_finite(math.nan, self.step)
+        ranks = gather_to_all(rank_state(self.batches.rng, self.device, interval), self.world)
+        self.wall_seconds += time.perf_counter() - self.clock
+        self.clock = time.perf_counter()
+        finished = self.step == self.t.max_iters
+        self.saved = ResumeState(
+            step=self.step, batch_rng=ranks[0]["batch_rng"], best_val_loss=self.best_val_loss,
+            wall_seconds=self.wall_seconds, log=list(self.log_rows),
+            scaler=self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            interval=interval, last_eval=self.last_eval,
+            metrics=self.metrics() if finished else None, other_ranks=ranks[1:])
+        if self.world.is_main:
+            save_resume(self.run_dir, self.model, self.optimizer, self.saved, self.device)
+            self.publish()
 
     def publish(self) -> None:
         """The weights (adapters merged in) and the log as of the current state, for the
@@ -371,19 +412,19 @@ class TrainingSession:
             return
         model, adapters = self.model, None
         if has_adapters(self.model):
-            model = build_model(self.config).to(self.device)
+            model = build_model(self.model.config).to(self.device)
             model.load_state_dict(merged_state_dict(self.model))
             adapters = adapter_state_dict(self.model)
-        save_published(model, self.config, tokenizer_path(self.paths.tokens_dir),
+        save_published(model, self.model.config, tokenizer_path(self.paths.tokens_dir),
                        self.summary(), self.paths.models_dir, adapters)
-        write_log(self.state.log, self.paths.log_csv)  # again: a republished run's log is gone
+        write_log(self.log_rows, self.paths.log_csv)  # again: a republished run's log is gone
 
     def summary(self) -> dict[str, Any]:
         """What produced the published weights, for models/config.json: how far training got,
         with which params, and on what."""
-        return {"step": self.state.step, "seed": self.params.seed,
+        return {"step": self.step, "seed": self.params.seed,
                 "train": self.params.train.model_dump(),
-                "val_loss": self.state.last_eval.get("val"),
+                "val_loss": self.last_eval.get("val"),
                 **init_source(self.params.model.init), "lora": self.t.lora.model_dump(),
                 "device": device_name(self.device), "processes": self.world.size,
                 "dtype": str(self.dtype).removeprefix("torch."),
@@ -392,31 +433,31 @@ class TrainingSession:
 
     def finished_metrics(self) -> dict[str, Any]:
         """The run's metrics, as its last checkpoint saved them."""
-        assert self.state.metrics is not None, "the run has not finished"
-        return self.state.metrics
+        assert self.saved.metrics is not None, "the run has not finished"
+        return self.saved.metrics
 
     def metrics(self) -> dict[str, Any]:
-        rates = [row["tokens_per_sec"] for row in self.state.log if "tokens_per_sec" in row]
+        rates = [row["tokens_per_sec"] for row in self.log_rows if "tokens_per_sec" in row]
         tokens_per_sec = statistics.median(rates) if rates else None
         # tokens_per_sec counts every process's tokens: the peak is that of all their devices.
         peak = (peak_flops(self.device, self.dtype) or 0) * self.world.size
         mfu = (self.model.flops_per_token() * tokens_per_sec / peak
                if peak and tokens_per_sec else None)
         return {
-            "final_train_loss": round(self.state.last_eval["train"], 6),
-            "final_val_loss": round(self.state.last_eval["val"], 6),
-            "best_val_loss": round(self.state.best_val_loss, 6),
+            "final_train_loss": round(self.last_eval["train"], 6),
+            "final_val_loss": round(self.last_eval["val"], 6),
+            "best_val_loss": round(self.best_val_loss, 6),
             "tokens_per_sec": round(tokens_per_sec, 1) if tokens_per_sec else None,
             "mfu": round(mfu, 4) if mfu is not None else None,
             "peak_memory_mb": round(peak_memory_mb(self.device), 1),
             "parameters": self.model.num_params(),
             "trainable_parameters": self.model.num_params(trainable=True),
-            "wall_seconds": round(self.state.wall_seconds, 2),
+            "wall_seconds": round(self.wall_seconds, 2),
         }
 
-    def say(self, message: str) -> None:
-        if self.world.is_main:
-            print(message, file=sys.stderr)
+def say(message: str, world: World) -> None:
+    if world.is_main:
+        print(message, file=sys.stderr)
 
 
 def format_duration(seconds: float) -> str:
