@@ -3,11 +3,14 @@ built-in sampling settings are the project's defaults."""
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 from helpers import ROOT, gptlab, one_error_line
 
 from gptlab.cli import BUILTIN_SAMPLE, SAMPLING_DEFAULTS, require_project
 from gptlab.errors import GptlabError
+from gptlab.lab.report import experiment_commit
 from gptlab.params import load_params
 
 
@@ -44,3 +47,20 @@ def test_the_builtin_sampling_settings_are_the_projects_defaults():
     assert (f"one sample of {shipped.max_new_tokens} tokens after a newline, temperature "
             f"{shipped.temperature}, top_k {shipped.top_k}, seed {shipped.seed}"
             in SAMPLING_DEFAULTS)
+
+
+def test_a_mistyped_experiment_lists_only_experiments(tmp_path):
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True,
+                              text=True).stdout.strip()
+
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "x")
+    commit = git("rev-parse", "HEAD")
+    # What DVC leaves under refs/exps beside its experiments, during and after a queued run.
+    for ref in ("EXEC_APPLY", "EXEC_HEAD", "ORIG_HEAD", "stash", "celery/failed/abc",
+                f"{commit[:2]}/{commit[2:]}/exp-a"):
+        git("update-ref", f"refs/exps/{ref}", commit)
+    assert experiment_commit("exp-a", tmp_path) == commit
+    with pytest.raises(GptlabError, match=r"'exp-b' \(experiments: exp-a\)$"):
+        experiment_commit("exp-b", tmp_path)

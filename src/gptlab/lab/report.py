@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,8 +28,9 @@ from gptlab.params import PARAMS_FILE, TASK_NAMES
 
 METRICS = ("clean", "tokenize", "train", "eval", "sample")
 FIGURES = ("loss.png", "lr.png", "throughput.png")
-# DVC's queue keeps its own refs there (queued and failed runs), not experiments.
-CELERY_REFS = "refs/exps/celery/"
+# A finished experiment's ref: refs/exps/<its baseline commit, split after two digits>/<name>.
+# DVC keeps other refs there too: its queue's (celery/), and EXEC_*, ORIG_HEAD, stash.
+EXPERIMENT_REF = re.compile(r"refs/exps/[0-9a-f]{2}/[0-9a-f]{38,62}/(?P<name>[^/]+)")
 
 
 @dataclass(frozen=True)
@@ -85,8 +87,8 @@ def experiment_commit(name: str, project: Path) -> str:
     experiments: dict[str, list[str]] = {}
     for line in refs.splitlines():
         commit, ref = line.split(" ", 1)
-        if not ref.startswith(CELERY_REFS):
-            experiments.setdefault(ref.rsplit("/", 1)[-1], []).append(commit)
+        if experiment := EXPERIMENT_REF.fullmatch(ref):
+            experiments.setdefault(experiment["name"], []).append(commit)
     commits = experiments.get(name, [])
     if not commits:
         known = ", ".join(sorted(experiments)) or "none"
