@@ -1,14 +1,18 @@
 """Tests of gptlab.bench.ladder, the GPU speed ladder, run on the CPU with a tiny model.
 
 Timings are never asserted (see the module's docstring): only that each row measured what it
-names, at the batch it reports, and that the figures agree with each other. There is no GPU
-here, so running out of memory is simulated by a step function that raises it above a size.
+names, with training's own step, at the batch it reports, and that the figures agree with each
+other. There is no GPU here, so running out of memory is simulated by a step function that
+raises it above a size.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
+import subprocess
+import sys
 from itertools import pairwise
 from typing import Any
 
@@ -28,6 +32,7 @@ from helpers import (
 from gptlab.bench import __main__ as bench_main
 from gptlab.bench import ladder as bench
 from gptlab.bench.ladder import (
+    GPT2_OPTIMIZER,
     GPT2_SHAPE,
     RUNGS,
     LadderRow,
@@ -36,11 +41,13 @@ from gptlab.bench.ladder import (
     format_row,
     ladder,
     largest_fitting,
+    on_foreach_kernel,
     speed_ladder,
-    train_step,
 )
 from gptlab.model import build_model
-from gptlab.train import train
+from gptlab.optim import make_optimizer
+from gptlab.params import ModelConfig
+from gptlab.train import TrainingSession, train
 
 CPU = torch.device("cpu")
 # Vocabulary 100 pads to 128, so the padded-vocab row changes the tables.
@@ -54,7 +61,8 @@ def switched_on(settings: Settings) -> set[str]:
 
 
 def run_ladder(**overrides: Any) -> list[LadderRow]:
-    arguments = dict(device=CPU, shape=TINY, steps=2, max_batch=4, rows=CHEAP_ROWS, warmup=1)
+    arguments = dict(device=CPU, train=PROJECT_PARAMS.train, shape=TINY, steps=2, max_batch=4,
+                     rows=CHEAP_ROWS, warmup=1)
     return speed_ladder(**(arguments | overrides))
 
 
@@ -80,11 +88,15 @@ def test_ladder_without_compile_compiles_in_no_row():
         assert switched_on(previous.settings) < switched_on(row.settings), row.name
 
 
-def test_gpt2_shape_is_gpt2_small_with_its_true_vocabulary():
+def test_gpt2_shape_is_gpt2_small_with_its_true_vocabulary_as_nanogpt_times_it():
     model_shape = (GPT2_SHAPE.n_layer, GPT2_SHAPE.n_head, GPT2_SHAPE.n_embd, GPT2_SHAPE.block_size)
     assert model_shape == (12, 12, 768, 1024)
     assert GPT2_SHAPE.vocab_size == 50257
     assert GPT2_SHAPE.model_copy(update={"pad_vocab": True}).padded_vocab_size == 50304
+    # GPT-2 small but for nanoGPT's speed-run choices: no biases, the exact GELU, no padding.
+    differences = {key for key, value in GPT2_SHAPE.model_dump().items()
+                   if value != getattr(ModelConfig.from_name("gpt2"), key)}
+    assert differences == {"bias", "mlp", "pad_vocab"}
 
 
 # --- measuring ---------------------------------------------------------------------------------
@@ -106,19 +118,21 @@ def test_each_row_runs_with_what_it_names_and_restores_the_backends():
     seen: list[dict[str, Any]] = []
     tf32_before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
 
-    def recording_step(model, forward, optimizer, inputs, targets, dtype):
+    def recording_step(session: TrainingSession):
         seen.append({
             "tf32": torch.backends.cuda.matmul.allow_tf32,
             "cudnn_tf32": torch.backends.cudnn.allow_tf32,
-            "dtype": dtype,
+            "dtype": session.dtype,
             "flash": torch.backends.cuda.flash_sdp_enabled(),
             "math": torch.backends.cuda.math_sdp_enabled(),
-            "vocab_rows": model.lm_head.weight.shape[0],
-            "fused": optimizer.defaults["fused"],
-            "foreach": optimizer.defaults["foreach"],
-            "decay": [group["weight_decay"] for group in optimizer.param_groups],
+            "vocab_rows": session.model.lm_head.weight.shape[0],
+            "fused": session.optimizer.defaults["fused"],
+            "foreach": session.optimizer.defaults["foreach"],
+            "decay": [group["weight_decay"] for group in session.optimizer.param_groups],
+            "micro_batches": session.micro_batches,
+            "clip": session.t.grad_clip,
         })
-        train_step(model, forward, optimizer, inputs, targets, dtype)
+        session.optimizer_step()
 
     # One warmup and one timed step per row: the first record of each pair is enough.
     run_ladder(steps=1, step_fn=recording_step)
@@ -131,22 +145,52 @@ def test_each_row_runs_with_what_it_names_and_restores_the_backends():
         # Exactly one attention kernel allowed: the row cannot measure another.
         assert (record["flash"], record["math"]) == (s.flash, not s.flash), rung.name
         assert record["vocab_rows"] == (128 if s.pad_vocab else TINY.vocab_size), rung.name
+        # Training's fused kernel, or the foreach one it replaces: never the per-tensor loop.
         assert bool(record["fused"]) is s.fused_adamw, rung.name
-        assert not (record["foreach"] and s.fused_adamw), rung.name
+        assert bool(record["foreach"]) is not s.fused_adamw, rung.name
         # Training's parameter groups either way: matrices decay, the rest does not.
-        assert record["decay"] == [bench.GPT2_OPTIMIZER["weight_decay"], 0.0], rung.name
+        assert record["decay"] == [GPT2_OPTIMIZER["weight_decay"], 0.0], rung.name
+        assert (record["micro_batches"], record["clip"]) == (1, GPT2_OPTIMIZER["grad_clip"])
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == tf32_before
 
 
 def test_each_row_times_the_asked_number_of_steps_after_warmup():
     calls: list[int] = []
 
-    def counting_step(model, forward, optimizer, inputs, targets, dtype):
-        calls.append(inputs.size(0))
-        train_step(model, forward, optimizer, inputs, targets, dtype)
+    def counting_step(session: TrainingSession):
+        calls.append(session.batches.batch_size)
+        session.optimizer_step()
 
     run_ladder(rows=CHEAP_ROWS[:1], steps=3, warmup=2, step_fn=counting_step)
     assert calls == [4] * 5
+
+
+def test_the_timed_step_is_trainings_own_on_random_tokens(monkeypatch):
+    losses: list[float] = []
+    real_step = TrainingSession.optimizer_step
+
+    def watched_step(session: TrainingSession):
+        loss, grad_norm = real_step(session)
+        losses.append(loss.item())
+        return loss, grad_norm
+
+    monkeypatch.setattr(TrainingSession, "optimizer_step", watched_step)
+    run_ladder(rows=CHEAP_ROWS[:1], steps=3, warmup=2)
+    assert len(losses) == 5
+    # Random tokens: the loss of a uniform guess over the vocabulary, and no better.
+    assert losses == pytest.approx([math.log(TINY.vocab_size)] * 5, abs=0.3)
+
+
+def test_the_foreach_optimizer_is_trainings_but_for_the_kernel():
+    model = build_model(TINY)
+    fused = make_optimizer(model, PROJECT_PARAMS.train, CPU)
+    foreach = on_foreach_kernel(fused)
+    assert (fused.defaults["fused"], foreach.defaults["fused"]) == (True, None)
+    assert foreach.defaults["foreach"] is True
+    for theirs, ours in zip(fused.param_groups, foreach.param_groups, strict=True):
+        assert [id(p) for p in theirs["params"]] == [id(p) for p in ours["params"]]
+        kept = {key for key in theirs if key not in ("fused", "foreach", "params")}
+        assert {key: theirs[key] for key in kept} == {key: ours[key] for key in kept}
 
 
 def test_mfu_is_model_flops_over_the_peak(monkeypatch):
@@ -204,10 +248,10 @@ def test_largest_fitting_does_not_swallow_other_errors():
 
 
 def test_rows_use_a_smaller_batch_when_the_cap_runs_out_of_memory():
-    def step_that_fits_two(model, forward, optimizer, inputs, targets, dtype):
-        if inputs.size(0) > 2:
+    def step_that_fits_two(session: TrainingSession):
+        if session.batches.batch_size > 2:
             raise torch.OutOfMemoryError("simulated: CUDA out of memory")
-        train_step(model, forward, optimizer, inputs, targets, dtype)
+        session.optimizer_step()
 
     rows = run_ladder(rows=CHEAP_ROWS[:2], max_batch=8, step_fn=step_that_fits_two)
     for row in rows:
@@ -220,7 +264,7 @@ def test_rows_use_a_smaller_batch_when_the_cap_runs_out_of_memory():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the ladder runs where there is CUDA")
 def test_gpu_section_is_one_line_without_cuda(capsys):
-    bench.bench_gpu()
+    bench.bench_gpu(PROJECT_PARAMS.train)
     assert capsys.readouterr().out.strip() == "gpu: skipped (no CUDA device)"
 
 
@@ -260,3 +304,21 @@ def test_training_and_sampling_figures_are_measured_and_printed(tmp_path, capsys
     bench_main.bench_sampling(folder / "models")
     out = capsys.readouterr().out
     assert re.search(r"batch 1: +[\d,]+ tokens/s", out) and re.search(r"batch 8: +[\d,]+", out)
+
+
+def test_the_parallel_tokenize_figure_comes_from_its_module(tmp_path):
+    """`make bench` runs it in a process of its own, by module path."""
+    corpus = tmp_path / "big.txt"
+    corpus.write_text(make_corpus(5_000), encoding="utf-8")
+    result = subprocess.run([sys.executable, "-m", "gptlab.bench.parallel_tokenize", "char",
+                             str(corpus), str(tmp_path)], capture_output=True, text=True,
+                            check=True)
+    assert re.fullmatch(r"  char +\d+ MB, 1 workers: +[\d.]+ MB/s, peak \d+ MB per worker\n",
+                        result.stdout)
+
+
+def test_the_parallel_tokenize_module_imports_no_torch():
+    """Its spawned workers import it: torch would slow their start as the tokenize stage's never
+    is."""
+    check = "import sys, gptlab.bench.parallel_tokenize; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", check]).returncode == 0

@@ -30,18 +30,13 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def make_optimizer(model: nn.Module, t: TrainParams, device: torch.device,
-                   fused: bool | None = None) -> torch.optim.AdamW:
-    """AdamW that decays matrices only: biases and norm gains are not pulled towards zero.
-
-    fused=None takes the fused kernel wherever there is one; False leaves the choice to torch
-    (the multi-tensor foreach kernel on CUDA), which `make bench` compares it with.
-    """
+def make_optimizer(model: nn.Module, t: TrainParams, device: torch.device) -> torch.optim.AdamW:
+    """AdamW that decays matrices only: biases and norm gains are not pulled towards zero. It
+    takes the fused kernel wherever there is one."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    if fused is None:
-        fused = device.type in FUSED_DEVICES
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2),
+                             fused=device.type in FUSED_DEVICES)

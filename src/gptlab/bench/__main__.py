@@ -62,7 +62,7 @@ def main() -> None:
     bench_serving(Path("models"))
     bench_finetune_memory()
     bench_dvc_overhead()
-    bench_gpu()
+    bench_gpu(params.train)
 
 
 def bench_tokenizers(corpus: Path) -> None:

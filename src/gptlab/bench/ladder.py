@@ -1,5 +1,6 @@
 """The GPU speed ladder of `make bench`: GPT-2 124M training steps, one row per optimisation,
-each row keeping all the ones above it, so the table shows what each buys.
+each row keeping all the ones above it, so the table shows what each buys. Each step is
+training's own (TrainingSession.optimizer_step) on windows of random tokens.
 
 Timings are printed, never asserted (see gptlab.bench).
 """
@@ -8,29 +9,35 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 import torch
-from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from gptlab.device import autocast, device_name, peak_flops, synchronize
+from gptlab.batches import RandomWindows
+from gptlab.checkpoint import ResumeState
+from gptlab.device import device_name, peak_flops, synchronize
+from gptlab.distributed import World
 from gptlab.model import build_model
 from gptlab.optim import make_optimizer
-from gptlab.params import ModelConfig, TrainParams
+from gptlab.params import ModelConfig, ModelParams, RunParams, TrainParams
+from gptlab.train import LogInterval, TrainingSession, TrainPaths, training_forward
 
 # GPT-2 small (124M), the shape nanoGPT and llm.c report their speeds for, with GPT-2's true
-# vocabulary: only the "padded vocab" row and those after it round it up to 50304. No biases,
-# as in nanoGPT's speed runs: they cost time and do not help the loss.
-GPT2_SHAPE = ModelConfig(arch="gpt", vocab_size=50257, n_layer=12, n_head=12, n_embd=768,
-                         block_size=1024, dropout=0.0, bias=False, tie_weights=True,
-                         pos="learned", norm="layernorm", mlp="gelu", pad_vocab=False)
+# vocabulary: only the "padded vocab" row and those after it round it up to 50304. No biases
+# and the exact GELU, as in nanoGPT's speed runs: biases cost time and do not help the loss.
+GPT2_SHAPE = ModelConfig.from_name("gpt2", bias=False, mlp="gelu", pad_vocab=False)
 # nanoGPT's AdamW settings for GPT-2, and its gradient clipping.
-GPT2_OPTIMIZER = {"lr": 6e-4, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95}
-GRAD_CLIP = 1.0
+GPT2_OPTIMIZER = {"lr": 6e-4, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95, "grad_clip": 1.0}
+# Random tokens the batches are drawn from, as training draws them from its token files: the
+# ids do not change the speed of a step.
+RANDOM_TOKENS = 1 << 20
 # Untimed steps before the clock starts: the first allocates AdamW's state and the caching
 # allocator's blocks. A compiled model's first step compiles forward and backward; a couple more
 # let its kernels' launch configurations and the allocator settle.
@@ -49,7 +56,7 @@ class Settings:
     compile: bool = False  # torch.compile of the model
     flash: bool = False  # SDPA's flash-attention kernel instead of the math one
     pad_vocab: bool = False  # embedding and lm-head rows padded to a multiple of 64
-    fused_adamw: bool = False  # AdamW's fused kernel instead of its multi-tensor (foreach) one
+    fused_adamw: bool = False  # AdamW's fused kernel (training's) instead of its foreach one
 
 
 @dataclass(frozen=True)
@@ -92,36 +99,33 @@ class LadderRow:
     mfu: float | None  # against the device's bf16 peak; None where the peak is unknown
 
 
-StepFn = Callable[[nn.Module, nn.Module, torch.optim.Optimizer, Tensor, Tensor, torch.dtype], None]
+StepFn = Callable[[TrainingSession], object]
 
 
-def train_step(model: nn.Module, forward: nn.Module, optimizer: torch.optim.Optimizer,
-               inputs: Tensor, targets: Tensor, dtype: torch.dtype) -> None:
-    """One optimizer step as training takes it (TrainingSession.optimizer_step with a single
-    micro-batch, and no loss scaling: bf16 does not need it)."""
-    with autocast(inputs.device, dtype):
-        _, loss = forward(inputs, targets)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+def training_step(session: TrainingSession) -> None:
+    """One optimizer step, exactly as training takes it."""
+    session.optimizer_step()
 
 
-def speed_ladder(device: torch.device, shape: ModelConfig = GPT2_SHAPE, steps: int = 10,
-                 max_batch: int = 64, rows: list[Rung] | None = None, warmup: int = WARMUP,
-                 step_fn: StepFn = train_step) -> list[LadderRow]:
-    """Time `steps` training steps of `shape` for each row (default: the whole ladder)."""
+def speed_ladder(device: torch.device, train: TrainParams, shape: ModelConfig = GPT2_SHAPE,
+                 steps: int = 10, max_batch: int = 64, rows: list[Rung] | None = None,
+                 warmup: int = WARMUP, step_fn: StepFn = training_step) -> list[LadderRow]:
+    """Time `steps` training steps of `shape` for each row (default: the whole ladder).
+    `train` (params.yaml's train section) holds what the rows leave as training has it."""
     rungs = ladder() if rows is None else rows
-    return [ladder_row(device, shape, rung, steps, max_batch, warmup, step_fn) for rung in rungs]
+    return [ladder_row(device, train, shape, rung, steps, max_batch, warmup, step_fn)
+            for rung in rungs]
 
 
-def ladder_row(device: torch.device, shape: ModelConfig, rung: Rung, steps: int, max_batch: int,
-               warmup: int, step_fn: StepFn) -> LadderRow:
+def ladder_row(device: torch.device, train: TrainParams, shape: ModelConfig, rung: Rung,
+               steps: int, max_batch: int, warmup: int, step_fn: StepFn) -> LadderRow:
     """One row: the largest micro-batch that fits, and the speed at it."""
     config = shape.model_copy(update={"pad_vocab": rung.settings.pad_vocab})
 
     def attempt(batch_size: int) -> float:
-        return seconds_per_step(device, config, rung.settings, batch_size, steps, warmup, step_fn)
+        return seconds_per_step(device, config, rung.settings,
+                                row_train_params(train, rung.settings, batch_size), steps,
+                                warmup, step_fn)
 
     with rung_backends(rung.settings):
         batch_size, seconds = largest_fitting(attempt, max_batch)
@@ -132,9 +136,18 @@ def ladder_row(device: torch.device, shape: ModelConfig, rung: Rung, steps: int,
     return LadderRow(rung.name, rung.settings, batch_size, seconds * 1000, tokens_per_sec, mfu)
 
 
+def row_train_params(train: TrainParams, settings: Settings, batch_size: int) -> TrainParams:
+    """`train` with nanoGPT's GPT-2 optimizer settings, one micro-batch of `batch_size` per
+    step in one process, in the row's dtype, compiled (mode default) if the row compiles."""
+    return train.model_copy(update={
+        **GPT2_OPTIMIZER, "batch_size": batch_size, "grad_accum": 1, "nproc": 1,
+        "dtype": "bfloat16" if settings.bf16 else "float32", "compile": settings.compile,
+        "compile_mode": "default"})
+
+
 def seconds_per_step(device: torch.device, config: ModelConfig, settings: Settings,
-                     batch_size: int, steps: int, warmup: int, step_fn: StepFn) -> float:
-    """Mean wall time of a training step of a fresh model on one random batch, after warmup.
+                     train: TrainParams, steps: int, warmup: int, step_fn: StepFn) -> float:
+    """Mean wall time of a training step of a fresh model, after warmup.
 
     Running out of memory in any step, warmup or timed, is raised to the caller: from the
     second step on, weights, gradients, activations and AdamW's state are all held at once.
@@ -143,31 +156,45 @@ def seconds_per_step(device: torch.device, config: ModelConfig, settings: Settin
     if settings.compile:
         # A clean slate: no graphs of another row or batch size, no recompile limit reached.
         torch.compiler.reset()
-    with torch.device(device):  # initialise the weights where they live: no copy from the CPU
-        model = build_model(config)
-    optimizer = ladder_optimizer(model, device, fused=settings.fused_adamw)
-    # dynamic=False: each batch size gets its own static graph, as training would compile it.
-    forward = torch.compile(model, dynamic=False) if settings.compile else model
-    dtype = torch.bfloat16 if settings.bf16 else torch.float32
-    # The same random batch every step: token ids do not change the speed of a step.
-    tokens = torch.randint(config.vocab_size, (batch_size, config.block_size + 1), device=device)
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    session = ladder_session(device, config, settings, train)
     for _ in range(warmup + (COMPILE_WARMUP if settings.compile else 0)):
-        step_fn(model, forward, optimizer, inputs, targets, dtype)
+        step_fn(session)
     synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
-        step_fn(model, forward, optimizer, inputs, targets, dtype)
+        step_fn(session)
     synchronize(device)  # kernels run asynchronously: wait for the last one before reading
     return (time.perf_counter() - start) / steps
 
 
-def ladder_optimizer(model: nn.Module, device: torch.device, fused: bool) -> torch.optim.AdamW:
-    """Training's AdamW (weight decay on matrices only), with or without the fused kernel."""
-    # make_optimizer reads only the four GPT2_OPTIMIZER fields of its TrainParams;
-    # model_construct skips validating the ones it ignores.
-    return make_optimizer(model, TrainParams.model_construct(**GPT2_OPTIMIZER), device,
-                          fused=fused)
+def ladder_session(device: torch.device, config: ModelConfig, settings: Settings,
+                   train: TrainParams) -> TrainingSession:
+    """A training session of a fresh model of `config`, set up as the row asks, on random
+    tokens. Only its optimizer_step runs: it has no token files, logs or checkpoints."""
+    with torch.device(device):  # initialise the weights where they live: no copy from the CPU
+        model = build_model(config)
+    optimizer = make_optimizer(model, train, device)
+    if not settings.fused_adamw:
+        optimizer = on_foreach_kernel(optimizer)
+    tokens = np.random.default_rng(0).integers(config.vocab_size, size=RANDOM_TOKENS)
+    batches = RandomWindows([tokens], config.block_size, train.batch_size, seed=0)
+    world, nowhere = World(), Path(os.devnull)
+    shape = ModelParams(**config.model_dump(exclude={"vocab_size", "pad_vocab"}), init="scratch")
+    no_scaling = torch.amp.GradScaler(device.type, enabled=False)  # float32 and bf16 need none
+    return TrainingSession(
+        RunParams(0, shape, train), TrainPaths(nowhere, nowhere, nowhere, nowhere), world,
+        device, dtype=torch.bfloat16 if settings.bf16 else torch.float32, meta={}, splits={},
+        model=model, forward=training_forward(model, train, world, device),
+        optimizer=optimizer, scaler=no_scaling, batches=batches, run_dir=nowhere,
+        resumed=ResumeState(), interval=LogInterval(device))
+
+
+def on_foreach_kernel(optimizer: torch.optim.AdamW) -> torch.optim.AdamW:
+    """The same AdamW (its parameter groups, learning rate, betas and decay) on the
+    multi-tensor foreach kernel, the one the fused kernel replaces."""
+    groups = [{key: value for key, value in group.items() if key not in ("fused", "foreach")}
+              for group in optimizer.param_groups]
+    return torch.optim.AdamW(groups, foreach=True)
 
 
 def largest_fitting(attempt: Callable[[int], T], max_batch: int) -> tuple[int, T]:
@@ -214,7 +241,7 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def bench_gpu(steps: int = 10, max_batch: int = 64) -> None:
+def bench_gpu(train: TrainParams, steps: int = 10, max_batch: int = 64) -> None:
     """The speed ladder of GPT-2 124M training on this machine's GPU."""
     if not torch.cuda.is_available():
         print("\ngpu: skipped (no CUDA device)")
@@ -231,7 +258,7 @@ def bench_gpu(steps: int = 10, max_batch: int = 64) -> None:
     print(f"  {'':20s} {'batch':>5s} {'ms/step':>9s} {'tokens/s':>11s} {'MFU':>6s} {'vs prev':>7s}")
     previous = None
     for rung in ladder():
-        row = ladder_row(device, s, rung, steps, max_batch, WARMUP, train_step)
+        row = ladder_row(device, train, s, rung, steps, max_batch, WARMUP, training_step)
         print(format_row(row, previous), flush=True)  # compiled rows take a minute each
         previous = row
 
