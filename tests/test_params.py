@@ -227,8 +227,8 @@ def test_comments_of_unknown_keys_and_values_are_left_alone():
 @pytest.mark.parametrize(("key", "lines"), [
     ("model.n_layer", ["  Number of transformer blocks (at least 1).", "  type:    integer",
                        "  allowed: >= 1", "  default: 4"]),
-    ("clean.val_fraction", ["  type:    number", "  allowed: (0, 1)", "  default: 0.1"]),
-    ("plot.dpi", ["  allowed: [50, 600]"]),
+    ("clean.val_fraction", ["  type:    number", "  allowed: > 0 and < 1", "  default: 0.1"]),
+    ("plot.dpi", ["  allowed: >= 50 and <= 600"]),
     ("sample.top_k", ["  type:    integer or null", "  default: 200"]),
     ("model.bias", ["  type:    boolean", "  allowed: true | false", "  default: false"]),
     ("model.pos", ["  allowed: learned | rope", '  default: "learned"']),
@@ -256,5 +256,6 @@ def test_params_docs_and_comments_commands_write_their_files(tmp_path):
     assert (tmp_path / "parameters.md").read_text() == render_docs()
     text = (ROOT / "params.yaml").read_text()
     (tmp_path / "params.yaml").write_text(text.replace("# Number of transformer", "# Layers"))
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")  # without a FILE: the project's
     assert gptlab(tmp_path, "params", "--comments").returncode == 0
     assert (tmp_path / "params.yaml").read_text() == text

@@ -15,17 +15,17 @@ import textwrap
 from types import NoneType, UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
-from annotated_types import Ge, Gt, Le, Lt, MinLen
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from gptlab.errors import GptlabError
 from gptlab.params import Params, is_section
 
-# params.yaml's width, comments included.
+# The width params.yaml's comments (and `--explain`'s lines) are wrapped to.
 LINE_WIDTH = 94
 KEY_LINE = re.compile(r"^( *)([A-Za-z_]\w*):(?: |$)")
 LIST_ITEM = re.compile(r"^\S+ +- ")
+LIMITS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
 DOCS_HEADER = """\
 # Parameters
 
@@ -68,7 +68,7 @@ def explain(key: str) -> str:
 
 
 def type_name(annotation: Any) -> str:
-    """The YAML type of a key: integer, number, text, true | false, list of ..., ... or null."""
+    """The YAML type of a key: integer, number, text, boolean, list of ..., ... or null."""
     origin, args = get_origin(annotation), get_args(annotation)
     if origin in (Union, UnionType):
         return " or ".join(type_name(arg) for arg in args)
@@ -86,20 +86,15 @@ def allowed_values(field: FieldInfo) -> str:
         return "true | false"
     choices = literal_choices(field.annotation)
     if choices:
-        separator = ", " if get_origin(field.annotation) is list else " | "
-        return ("any of " if separator == ", " else "") + separator.join(choices)
-    bounds = {type(bound): bound for bound in field.metadata}
-    lower = (f"[{bounds[Ge].ge}" if Ge in bounds else f"({bounds[Gt].gt}" if Gt in bounds
-             else None)
-    upper = (f"{bounds[Le].le}]" if Le in bounds else f"{bounds[Lt].lt})" if Lt in bounds
-             else None)
-    if lower and upper:
-        return f"{lower}, {upper}"
-    if lower:
-        return f"{'>=' if lower[0] == '[' else '>'} {lower[1:]}"
-    if upper:
-        return f"{'<=' if upper[-1] == ']' else '<'} {upper[:-1]}"
-    if MinLen in bounds:
+        if get_origin(field.annotation) is list:
+            return f"any of {', '.join(choices)}"
+        return " | ".join(choices)
+    # pydantic keeps Field(ge=1, ...) as annotated_types constraints, one attribute each.
+    limits = [f"{symbol} {getattr(constraint, name)}" for constraint in field.metadata
+              for name, symbol in LIMITS.items() if hasattr(constraint, name)]
+    if limits:
+        return " and ".join(limits)
+    if any(hasattr(constraint, "min_length") for constraint in field.metadata):
         return "not empty"
     return "any"
 
