@@ -4,10 +4,17 @@ downstream task data. The fixtures built from them are in conftest.py."""
 
 from __future__ import annotations
 
+import os
+
+# torch's OpenMP threads spin while they wait for work, and the suite runs more torch processes
+# than there are cores (xdist workers, and the stages, DVC queue workers and torchrun they
+# start): spinning, they starve each other, and a tiny model's few steps take minutes. Threads
+# that sleep instead keep their number, so every result is the same. Set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import copy
 import gzip
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -32,6 +39,8 @@ PROJECT_PARAMS = load_params(ROOT / "params.yaml")
 TINYSHAKESPEARE = ROOT / "tests" / "data" / "tinyshakespeare.txt"
 # The environment the tests run in, which stands in for a project's own .venv.
 VENV = Path(sys.executable).parents[1]
+# What a process the tests start with an environment of its own keeps of this one's.
+PASSIVE_THREADS = {"OMP_WAIT_POLICY": os.environ["OMP_WAIT_POLICY"]}
 
 # A few KB of English verse (Coriolanus, I.i), e.g. enough merges for a 350-token BPE.
 VERSE = """\
@@ -267,7 +276,8 @@ def dvc_run(project: Path, *args: str) -> subprocess.CompletedProcess:
     bin_dir = str(Path(sys.executable).parent)
     return subprocess.run(
         [sys.executable, "-m", "dvc", *args], cwd=project, capture_output=True, text=True,
-        env={"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(project.parent)}, timeout=600,
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(project.parent), **PASSIVE_THREADS},
+        timeout=600,
     )
 
 
@@ -349,4 +359,5 @@ def gptlab(project: Path, *args: str) -> subprocess.CompletedProcess:
     """The `gptlab` command in `project`, from a shell with only the environment on PATH."""
     return subprocess.run([sys.executable, "-m", "gptlab.cli", *args], cwd=project,
                           capture_output=True, text=True,
-                          env={"PATH": f"{VENV / 'bin'}:/usr/bin:/bin", "HOME": str(project)})
+                          env={"PATH": f"{VENV / 'bin'}:/usr/bin:/bin", "HOME": str(project),
+                               **PASSIVE_THREADS})

@@ -1,4 +1,4 @@
-"""The GPT-2 (124M) preset: valid params with GPT-2's recipe, and its first steps on CPU."""
+"""The GPT-2 (124M) preset: valid params with GPT-2's recipe, and its first step on CPU."""
 
 from __future__ import annotations
 
@@ -42,8 +42,9 @@ def test_the_preset_is_gpt2_small_with_its_recipe(preset):
     assert all(t.grad_accum % n == 0 for n in (1, 2, 4, 8))
 
 
-def test_the_preset_trains_its_first_steps_on_cpu_at_a_tiny_batch(preset, tmp_path: Path):
-    """The full 124M shape (12 x 768, block 1024), one sequence per step, two steps."""
+@pytest.mark.slow
+def test_the_preset_trains_its_first_step_on_cpu_at_a_tiny_batch(preset, tmp_path: Path):
+    """The full 124M shape (12 x 768, block 1024), one sequence, one step."""
     corpus = (ROOT / "tests" / "helpers.py").read_text() * 20  # a few thousand tokens of text
     for split, text in (("train", corpus), ("val", corpus[: len(corpus) // 4])):
         (tmp_path / f"{split}.txt").write_text(text, encoding="utf-8")
@@ -54,8 +55,8 @@ def test_the_preset_trains_its_first_steps_on_cpu_at_a_tiny_batch(preset, tmp_pa
                   preset.tokenizer.shard_tokens)
     tiny = preset.train.model_copy(update={
         "device": "cpu", "dtype": "auto", "compile": False, "batch_size": 1, "grad_accum": 1,
-        "max_iters": 2, "eval_interval": 2, "eval_iters": 1, "log_interval": 1,
-        "checkpoint_interval": 2})
+        "max_iters": 1, "eval_interval": 1, "eval_iters": 1, "log_interval": 1,
+        "checkpoint_interval": 1})
     metrics = train(RunParams(preset.seed, preset.model, tiny), paths_in(tmp_path, tokens_dir))
     # GPT-2 small's 85M parameters besides the (tied) token embedding, padded to 64 rows.
     token_embedding = math.ceil(tokenizer.vocab_size / 64) * 64 * preset.model.n_embd
