@@ -357,6 +357,7 @@ def test_fit_turns_leaves_out_the_oldest_turns_first():
 # --- the pipeline, end to end ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_dvc_repro_trains_on_conversations_and_reports_exact_match(tmp_path, default_params):
     project = make_project(tmp_path)
     talk = project / "talk.jsonl"

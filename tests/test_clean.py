@@ -1226,6 +1226,7 @@ print(baseline, peak_kib())
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux's /proc")
 def test_clean_stage_memory_does_not_grow_with_the_corpus(tmp_path: Path, params_for) -> None:
     raw = tmp_path / "data" / "raw"

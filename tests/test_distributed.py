@@ -109,6 +109,7 @@ def two_processes(tmp_path_factory, tokens_dir, default_params) -> Path:
     return trained(tmp_path_factory.mktemp("ddp"), tokens_dir, default_params, nproc=2)
 
 
+@pytest.mark.slow
 def test_two_processes_follow_the_single_process_loss_curve(single, two_processes):
     """Same global batch (2 x 8 sequences), different batches: the curves agree closely."""
     one, two = train_losses(single), train_losses(two_processes)
@@ -126,6 +127,7 @@ def test_two_processes_follow_the_single_process_loss_curve(single, two_processe
                                                              abs=0.05)
 
 
+@pytest.mark.slow
 def test_only_rank_zero_writes(two_processes):
     assert sorted(p.name for p in (two_processes / "models").iterdir()) == [
         "config.json", "model.safetensors", "tokenizer.json"]
@@ -136,6 +138,7 @@ def test_only_rank_zero_writes(two_processes):
     assert len(state["other_ranks"]) == 1  # rank 1's streams, gathered into rank 0's checkpoint
 
 
+@pytest.mark.slow
 def test_killed_ddp_run_resumes_to_the_uninterrupted_weights(tmp_path, tokens_dir, params_for,
                                                              two_processes):
     folder = project(tmp_path / "killed", tokens_dir, params_for, nproc=2)
@@ -223,6 +226,7 @@ run_main(main)
 """
 
 
+@pytest.mark.slow
 def test_processes_that_find_different_checkpoints_stop_before_any_work(tmp_path):
     torch.manual_seed(0)
     model = build_model(model_config(vocab_size=5, n_layer=1, n_head=1, n_embd=8, block_size=4))

@@ -168,6 +168,7 @@ def test_tokenize_stage_without_clean_text(tmp_path: Path, params_for) -> None:
     assert not (tmp_path / "data" / "tokens").exists()
 
 
+@pytest.mark.slow
 def test_tokenize_killed_mid_write_then_rerun_gives_the_uninterrupted_outputs(tmp_path,
                                                                             params_for):
     """SIGKILL while the token files are being written, as a user's kill or a crash would."""
@@ -328,6 +329,7 @@ finally:
 """
 
 
+@pytest.mark.slow
 def test_a_corpus_of_hundreds_of_megabytes_tokenizes_in_bounded_memory(tmp_path, params_for):
     """300 MB of text through the stage: every process's peak resident size stays far below
     the corpus, measured by the processes themselves (ru_maxrss), not by time."""

@@ -383,6 +383,7 @@ def test_a_full_disk_names_what_was_written_leaves_nothing_and_the_rerun_finishe
     assert results["second.code"].strip() == "0", results["second.err"]
 
 
+@pytest.mark.slow
 def test_without_a_mount_a_failing_flush_is_the_full_disk(tmp_path, char_tokens,
                                                           default_params):
     """Where no filesystem can be mounted, the write's OS call is made to fail instead."""

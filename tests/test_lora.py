@@ -131,6 +131,7 @@ def test_starting_from_a_model_of_another_shape_names_the_key(tmp_path, char_tok
     assert not (tmp_path / "models").exists()
 
 
+@pytest.mark.slow
 def test_a_lora_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(
         tmp_path, char_tokens, default_params, pretrained):
     shape = {"model.n_layer": 2, "model.n_head": 2, "model.n_embd": 32, "model.block_size": 16}

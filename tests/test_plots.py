@@ -274,6 +274,7 @@ MEASURE = """<script>setTimeout(() => document.body.setAttribute("data-layout", 
   2000);</script>"""
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM or not TEMPLATE.exists(),
                     reason="needs chromium, and npm when `make setup` built the template")
 def test_charts_span_the_page_and_every_revisions_figure_fits_it(tmp_path, monkeypatch):

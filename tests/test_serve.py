@@ -406,6 +406,7 @@ WATCH_ANSWER = """() => {
 }"""
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM, reason="needs chromium")
 def test_the_page_streams_answers_side_by_side_in_chromium(server, client, tmp_path):
     from playwright.sync_api import sync_playwright

@@ -194,6 +194,7 @@ def test_checkpoints_of_another_gptlab_are_not_used(tmp_path, tokens_dir, capsys
     assert again["final_val_loss"] == first["final_val_loss"]  # a full rerun, same result
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager_closely(tmp_path, tokens_dir):
     """torch.compile is an optimisation, not a different model: same losses within rounding."""
     overrides = {"max_iters": 6, "eval_interval": 6, "checkpoint_interval": 6, "log_interval": 3}
