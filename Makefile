@@ -97,10 +97,12 @@ bench: repro
 	$(BIN)/python -m gptlab.bench tests/data/tinyshakespeare.txt
 
 # The experiments: the params they changed and the metrics that compare them, legible at 100
-# columns (speeds, memory and the outputs' hashes left out).
+# columns (speeds, utilisation, memory, trainable parameters, the evaluated token counts, and
+# the hashes of every dependency and output left out).
 exps: setup
 	$(BIN)/dvc exp show --only-changed \
-	    --drop '.*(_sec|_seconds|_mb|perplexity|final_|best_|Created|State|Executor|models|plots).*'
+	    --drop '.*(_sec|_seconds|_mb|mfu|perplexity|final_|best_|trainable_|Created|State|Executor).*' \
+	    --drop '.*/|requirements\.lock$$|models$$|plots$$' --drop '(tokens|bytes)$$'
 
 # Loss curves of the workspace and of experiments, e.g. `make plots REVS="exp-a exp-b"`, as an
 # HTML page in dvc_plots/ (offline where `make setup` could build the page template).

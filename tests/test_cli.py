@@ -3,15 +3,19 @@ built-in sampling settings are the project's defaults."""
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 
 import pytest
+import yaml
 from helpers import ROOT, gptlab, one_error_line
 
 from gptlab.cli import BUILTIN_SAMPLE, SAMPLING_DEFAULTS, require_project
 from gptlab.errors import GptlabError
 from gptlab.lab.report import experiment_commit
-from gptlab.params import load_params
+from gptlab.paramdocs import schema_fields
+from gptlab.params import is_section, load_params
 
 
 @pytest.mark.parametrize("command", [
@@ -64,3 +68,27 @@ def test_a_mistyped_experiment_lists_only_experiments(tmp_path):
     assert experiment_commit("exp-a", tmp_path) == commit
     with pytest.raises(GptlabError, match=r"'exp-b' \(experiments: exp-a\)$"):
         experiment_commit("exp-b", tmp_path)
+
+
+def exps_columns_kept(columns: set[str]) -> set[str]:
+    """The columns `make exps` keeps, dropped as `dvc exp show --drop` drops them."""
+    recipe = (ROOT / "Makefile").read_text().split("\nexps:")[1].split("\n\n")[0]
+    drops = [pattern.replace("$$", "$") for pattern in re.findall(r"--drop '([^']*)'", recipe)]
+    dropped = re.compile("|".join(drops))
+    return {column for column in columns if not dropped.match(column)}
+
+
+def test_make_exps_shows_params_and_the_metrics_that_compare_runs():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].values()
+    files = {next(iter(entry)) if isinstance(entry, dict) else entry
+             for stage in stages for entry in [*stage.get("deps", []), *stage.get("outs", [])]}
+    metrics = {name for stage in stages for entry in stage.get("metrics", [])
+               for name in json.loads((ROOT / next(iter(entry))).read_text())}
+    params = {key for key, field in schema_fields().items() if not is_section(field.annotation)}
+    assert exps_columns_kept(files | {"Created", "State", "Executor"}) == set()  # hashes
+    assert exps_columns_kept(params) == params
+    kept = exps_columns_kept(metrics)
+    assert {"val_loss", "bits_per_byte", "parameters", "vocab_size"} <= kept
+    # Timings and memory differ on every run; the rest say the same as what is kept.
+    assert not kept & {"mfu", "wall_seconds", "tokens_per_sec", "peak_memory_mb",
+                       "trainable_parameters", "perplexity", "tokens", "final_val_loss"}
