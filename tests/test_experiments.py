@@ -21,6 +21,7 @@ import pytest
 import yaml
 from helpers import (
     DVC_YAML,
+    PASSIVE_THREADS,
     ROOT,
     VENV,
     copy_project,
@@ -141,7 +142,8 @@ def test_going_back_as_the_readme_says_restores_the_committed_state(pipeline, tm
     assert (project / "params.yaml").read_bytes() != committed["params.yaml"]
     recipe = re.search(r"Back to the committed state.*?```\n(.+?)\n```", README, re.DOTALL)[1]
     subprocess.run(recipe, shell=True, cwd=project, check=True, capture_output=True,
-                   env={"PATH": f"{VENV / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path)})
+                   env={"PATH": f"{VENV / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path),
+                        **PASSIVE_THREADS})
     assert {name: (project / name).read_bytes() for name in committed} == committed
     assert "up to date" in dvc(project, "status")
 
@@ -264,7 +266,8 @@ def test_a_queued_run_whose_worker_is_killed_is_recovered_by_one_command(pipelin
     dvc(project, "exp", "run", "--queue", "-n", "killed", *overrides)
     runs = project / ".gptlab" / "runs"
     known = set(runs.iterdir())
-    env = {"PATH": f"{VENV / 'bin'}:/usr/bin:/bin", "HOME": str(project.parent)}
+    env = {"PATH": f"{VENV / 'bin'}:/usr/bin:/bin", "HOME": str(project.parent),
+           **PASSIVE_THREADS}
     worker = subprocess.Popen([sys.executable, "-m", "dvc", "queue", "start"], cwd=project,
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
