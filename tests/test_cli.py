@@ -20,7 +20,7 @@ from gptlab.params import is_section, load_params
 
 @pytest.mark.parametrize("command", [
     ["sample"], ["chat"], ["serve"], ["report"], ["report", "--exp", "exp-a"], ["compare"],
-    ["scaling"], ["recover"], ["params"], ["params", "--comments"],
+    ["scaling"], ["recover"], ["stages"], ["params"], ["params", "--comments"],
 ])
 def test_a_project_command_outside_a_project_says_so(tmp_path, command):
     result = gptlab(tmp_path, *command)

@@ -129,7 +129,7 @@ def run_command(args: argparse.Namespace) -> None:
 def needs_project(args: argparse.Namespace) -> bool:
     """Whether the command reads the project it runs in: its experiments, its params.yaml, or
     its models/ (the default folder, when there is none here)."""
-    if args.command in ("compare", "scaling", "report", "recover"):
+    if args.command in ("compare", "scaling", "report", "recover", "stages"):
         return True
     if args.command == "params":
         return args.file == PARAMS_FILE and not (args.explain or args.docs)
