@@ -15,6 +15,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import torch
@@ -36,6 +37,8 @@ from safetensors.torch import load_file
 from gptlab.checkpoint import RESUME_FORMAT
 from gptlab.distributed import World
 from gptlab.errors import GptlabError
+from gptlab.optim import OPTIMIZERS
+from gptlab.params import TrainParams, load_params
 from gptlab.stop import StopRequest
 from gptlab.tokenizers import CharTokenizer
 from gptlab.train import LogInterval, train
@@ -159,8 +162,9 @@ def test_stage_stopped_after_a_checkpoint_resumes_to_the_same_result(
     _, stderr = process.communicate()
     if stop_signal == signal.SIGKILL:
         assert process.returncode == -signal.SIGKILL
-    else:  # Ctrl-C: a checkpoint of the current step, then a clean exit
+    else:  # Ctrl-C: a checkpoint of the current step, then the exit of an interrupted command
         assert process.returncode == 130 and "saving a checkpoint" in stderr
+        assert stderr.splitlines()[-1] == "interrupted"
     assert not (project / "metrics" / "train.json").exists()
 
     resumed = start_train(project)
@@ -276,3 +280,12 @@ def test_a_stop_request_ends_the_run_with_a_checkpoint_that_resumes_to_the_same_
     for name in ("model.safetensors", "config.json"):
         assert ((tmp_path / "stopped" / "models" / name).read_bytes()
                 == (tmp_path / "uninterrupted" / "models" / name).read_bytes()), name
+
+
+def test_train_optimizer_names_an_optimizer_that_exists(tmp_path, params_for):
+    """make_optimizer builds what train.optimizer names; params.yaml accepts only those."""
+    assert set(OPTIMIZERS) == set(get_args(TrainParams.model_fields["optimizer"].annotation))
+    path = write_params(tmp_path, params_for({"train.optimizer": "sgd"}))
+    with pytest.raises(GptlabError, match=r"params\.yaml: train\.optimizer: Input should be "
+                                          r"'adamw' \(got 'sgd'\)$"):
+        load_params(path)

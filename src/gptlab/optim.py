@@ -13,6 +13,8 @@ from gptlab.params import TrainParams
 # Devices with a fused AdamW kernel, which does the whole update in one pass (CPU and MPS have
 # had one since torch 2.4 and 2.5).
 FUSED_DEVICES = ("cuda", "cpu", "mps")
+# The optimizers train.optimizer names (its Literal in gptlab.params lists the same).
+OPTIMIZERS = {"adamw": torch.optim.AdamW}
 
 
 def learning_rate(step: int, t: TrainParams) -> float:
@@ -38,5 +40,5 @@ def make_optimizer(model: nn.Module, t: TrainParams, device: torch.device) -> to
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2),
-                             fused=device.type in FUSED_DEVICES)
+    return OPTIMIZERS[t.optimizer](groups, lr=t.lr, betas=(t.beta1, t.beta2),
+                                   fused=device.type in FUSED_DEVICES)

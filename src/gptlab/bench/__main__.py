@@ -34,6 +34,7 @@ from gptlab.evaluate import evaluate_model
 from gptlab.generate import generate
 from gptlab.params import CleanParams, Params, RunParams, load_params
 from gptlab.published import load_published, read_config
+from gptlab.stop import exit_stopped
 from gptlab.tokenizers import BPETokenizer, CharTokenizer, TiktokenTokenizer, Tokenizer
 from gptlab.train import TrainPaths, train
 
@@ -140,7 +141,10 @@ def bench_training(corpus: Path, params: Params) -> None:
                 name = f"{dtype}-{seed}"
                 paths = TrainPaths(tokens_dir, Path(tmp) / name, Path(tmp) / f"{name}.csv",
                                    Path(tmp) / "runs")
-                rates.append(train(run, paths)["tokens_per_sec"])
+                metrics = train(run, paths)
+                if metrics is None:  # Ctrl-C stopped the run: the bench stops with it
+                    exit_stopped()
+                rates.append(metrics["tokens_per_sec"])
                 losses.append(evaluate_model(paths.models_dir, tokens_dir, scoring)["val_loss"])
             used = read_config(paths.models_dir).training["dtype"]
             print(f"  dtype {dtype:8s} -> {used:9s} {statistics.median(rates):9,.0f} tokens/s "
