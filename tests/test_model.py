@@ -1,6 +1,7 @@
 """Tests of gptlab.model: shapes, causality, variants, init, the KV cache and the CPU bf16 path."""
 
 import itertools
+import json
 import math
 
 import pytest
@@ -19,6 +20,7 @@ from gptlab.model import (
     swiglu_hidden_size,
 )
 from gptlab.params import ModelConfig
+from gptlab.published import parse_config
 
 VOCAB = 65
 BLOCK = 16
@@ -57,12 +59,16 @@ def test_pad_vocab_off_keeps_the_true_vocabulary_size(vocab_size):
     assert tiny_config(vocab_size=vocab_size, pad_vocab=False).padded_vocab_size == vocab_size
 
 
-def test_config_without_pad_vocab_pads_as_before_the_field_existed():
+def test_config_without_pad_vocab_pads_as_before_the_field_existed(tmp_path):
     # config.json files written before pad_vocab existed hold every other field; their weights
     # have padded tables, so loading them must pad.
-    fields = dict(vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32, block_size=BLOCK)
-    assert model_config(**fields).pad_vocab is True
-    assert model_config(**fields).padded_vocab_size == 128
+    model = model_config(vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32,
+                         block_size=BLOCK).model_dump(exclude={"pad_vocab"})
+    text = json.dumps({"format": 1, "model": model, "training": {},
+                       "tokenizer": {"kind": "char", "vocab_size": VOCAB,
+                                     "file": "tokenizer.json"}})
+    config = parse_config(text, tmp_path / "config.json").model
+    assert config.pad_vocab is True and config.padded_vocab_size == 128
 
 
 @pytest.mark.parametrize(

@@ -203,6 +203,9 @@ class ModelShape(Section):
     mlp: Literal["gelu", "gelu_tanh", "swiglu"] = param("gelu", description=(
         "Feed-forward block: gelu (4x wide, exact GELU) | gelu_tanh (the same with GELU's tanh "
         "approximation, as GPT-2's weights were trained) | swiglu (gated, 8/3x wide, as LLaMA)."))
+    pad_vocab: bool = param(True, description=(
+        "Pad the token embedding and output layer to a multiple of 64 rows (true | false): "
+        "faster matrix products; the padding ids are never scored or sampled."))
 
     def cross_field_problems(self) -> list[tuple[str, str]]:
         if self.n_embd % self.n_head:
@@ -235,9 +238,6 @@ class ModelConfig(ModelShape):
     """
 
     vocab_size: int = Field(ge=1)  # the tokenizer's true vocabulary; tables are padded beyond it
-    # Off only to measure what the padding buys (`make bench`); a config saved before the key
-    # existed was trained with padding.
-    pad_vocab: bool = True
 
     @classmethod
     def of(cls, model: ModelParams, vocab_size: int) -> ModelConfig:
@@ -265,7 +265,8 @@ class ModelConfig(ModelShape):
 # GPT-2's architecture, which each of its sizes shares: biases, tied embeddings, learned
 # positions, LayerNorm and GELU's tanh approximation.
 GPT2_ARCHITECTURE: dict[str, Any] = {"arch": "gpt", "bias": True, "tie_weights": True,
-                                     "pos": "learned", "norm": "layernorm", "mlp": "gelu_tanh"}
+                                     "pos": "learned", "norm": "layernorm", "mlp": "gelu_tanh",
+                                     "pad_vocab": True}
 # Models by name, for ModelConfig.from_name: GPT-2 small (124M) as OpenAI published it, with
 # 1024 positions and the 50257 tokens of its BPE (tiktoken's gpt2 encoding).
 SHAPES: dict[str, dict[str, Any]] = {

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_file, save_model
 from torch import nn
@@ -66,6 +66,14 @@ class PublishedConfig(BaseModel):
     training: dict[str, Any]
     # The sha256 of each file of HASHED; folders written before it was recorded have none.
     sha256: dict[str, str] | None = None
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def padded_before_the_key_existed(cls, model: Any) -> Any:
+        # A config.json written before model.pad_vocab existed holds weights with padded tables.
+        if isinstance(model, dict) and "pad_vocab" not in model:
+            return {**model, "pad_vocab": True}
+        return model
 
 
 @dataclass(frozen=True)

@@ -179,7 +179,7 @@ def ladder_session(device: torch.device, config: ModelConfig, settings: Settings
     tokens = np.random.default_rng(0).integers(config.vocab_size, size=RANDOM_TOKENS)
     batches = RandomWindows([tokens], config.block_size, train.batch_size, seed=0)
     world, nowhere = World(), Path(os.devnull)
-    shape = ModelParams(**config.model_dump(exclude={"vocab_size", "pad_vocab"}), init="scratch")
+    shape = ModelParams(**config.model_dump(exclude={"vocab_size"}), init="scratch")
     no_scaling = torch.amp.GradScaler(device.type, enabled=False)  # float32 and bf16 need none
     return TrainingSession(
         RunParams(0, shape, train), TrainPaths(nowhere, nowhere, nowhere, nowhere), world,
