@@ -16,8 +16,10 @@ from gptlab.imports import imported_modules
 WITHOUT_TORCH = ["gptlab.params", "gptlab.io", "gptlab.errors", "gptlab.trainlog",
                  "gptlab.tokens", "gptlab.plots", "gptlab.clean", "gptlab.encode",
                  "gptlab.tokenizers", "gptlab.sources", "gptlab.sources.hf", "gptlab.tasks"]
-TOOLS = {"gptlab.bench", "gptlab.bench.ladder", "gptlab.bench.serving", "gptlab.bench.__main__",
-         "gptlab.cli"}
+PACKAGE = ROOT / "src" / "gptlab"
+# Every module of the bench, and the command line.
+TOOLS = {"gptlab.cli", "gptlab.bench", *(f"gptlab.bench.{source.stem}"
+                                         for source in (PACKAGE / "bench").glob("*.py"))}
 
 
 @pytest.mark.parametrize("module", WITHOUT_TORCH)
@@ -28,10 +30,9 @@ def test_module_imports_no_torch(module):
 
 
 def test_the_library_never_imports_its_tools():
-    package = ROOT / "src" / "gptlab"
     importers = {}
-    for source in package.rglob("*.py"):
-        relative = source.relative_to(package)
+    for source in PACKAGE.rglob("*.py"):
+        relative = source.relative_to(PACKAGE)
         if relative.parts[0] == "bench" or relative.name == "cli.py":
             continue
         if found := imported_modules(source) & TOOLS:
