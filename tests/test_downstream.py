@@ -131,6 +131,7 @@ def harness_results(folder: Path, wheel: Path) -> tuple[dict[str, list[dict]], d
     return samples, {name: results["results"][f"gptlab_{name}"] for name in HARNESS_CONFIGS}
 
 
+@pytest.mark.slow
 def test_the_harness_and_gptlab_score_the_same_items_alike(agreement, monkeypatch):
     folder, models_dir, wheel = agreement
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

@@ -188,6 +188,7 @@ def stage_killed_at_random_moments(stage: str, reference: Path, project: Path) -
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 def test_clean_killed_at_random_moments_writes_what_an_uninterrupted_run_writes(
         tmp_path, params_for):
     for name in ("reference", "killed"):
@@ -199,6 +200,7 @@ def test_clean_killed_at_random_moments_writes_what_an_uninterrupted_run_writes(
     assert sorted(p.name for p in (tmp_path / "killed" / "data").iterdir()) == ["clean", "raw"]
 
 
+@pytest.mark.slow
 def test_tokenize_killed_at_random_moments_writes_what_an_uninterrupted_run_writes(
         tmp_path, params_for):
     text = " ".join(f"word{i % 997}" for i in range(300_000))
@@ -353,6 +355,7 @@ def one_error_line_of(stderr: str) -> str:
     return lines[-1]
 
 
+@pytest.mark.slow
 @needs_mount
 @pytest.mark.parametrize(("stage", "output", "what"), [
     ("train", "models", "the trained model"),

@@ -58,6 +58,7 @@ def known_law(**changes: float) -> LawFit:
 
 # --- the law ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_the_fit_recovers_the_law_from_noisy_runs(sweep):
     law = sweep.law
     assert law.alpha == pytest.approx(TRUE["alpha"], rel=0.05)
@@ -65,6 +66,7 @@ def test_the_fit_recovers_the_law_from_noisy_runs(sweep):
     assert law.E / TRUE["E"] == pytest.approx(1, rel=0.03)
 
 
+@pytest.mark.slow
 def test_residuals_are_the_runs_log_losses_minus_the_fitted_ones(sweep):
     law = sweep.law
     assert list(law.residuals) == [run.name for run in sweep.runs]
@@ -78,6 +80,7 @@ def test_residuals_are_the_runs_log_losses_minus_the_fitted_ones(sweep):
     assert law.objective == pytest.approx(huber, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_the_fit_is_exact_on_runs_without_noise():
     law = fit_law(synthetic_runs(noise=0.0))
     for name, value in TRUE.items():
@@ -117,6 +120,7 @@ def test_the_frontier_keeps_the_runs_below_every_cheaper_one():
     assert [run.name for run in compute_frontier(runs)] == ["c1", "c3", "c8"]
 
 
+@pytest.mark.slow
 def test_the_frontier_of_the_sweep_is_its_lower_envelope(sweep):
     frontier = sweep.frontier
     assert [run.compute for run in frontier] == sorted(run.compute for run in frontier)
@@ -179,6 +183,7 @@ def test_a_bad_sweep_is_refused_in_one_line(runs, message):
     assert str(error.value) == message
 
 
+@pytest.mark.slow
 def test_a_budget_that_is_not_a_positive_number_is_refused(sweep):
     with pytest.raises(GptlabError) as error:
         scaling_summary(sweep, 0.0)
@@ -193,6 +198,7 @@ def numbers_only(data) -> bool:
     return isinstance(data, (int, float)) and not isinstance(data, bool)
 
 
+@pytest.mark.slow
 def test_summary_is_numbers_for_dvc_metrics(sweep):
     summary = json.loads(json.dumps(scaling_summary(sweep, BUDGET)))
     assert numbers_only(summary)  # `dvc metrics` shows numbers
@@ -210,6 +216,7 @@ def test_summary_is_numbers_for_dvc_metrics(sweep):
                                    "gamma": fit.gamma, "huber": fit.objective}
 
 
+@pytest.mark.slow
 def test_figure_is_a_png_byte_identical_across_writes(sweep, tmp_path):
     first = write_scaling_figure(sweep, tmp_path / "a" / "scaling.png", dpi=60)
     second = write_scaling_figure(sweep, tmp_path / "b" / "scaling.png", dpi=60)
