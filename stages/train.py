@@ -9,10 +9,9 @@ from pathlib import Path
 
 from gptlab.device import pick_device
 from gptlab.distributed import relaunch_under_torchrun, under_torchrun, world_from_env
-from gptlab.errors import run_main
+from gptlab.errors import exit_stopped, run_main
 from gptlab.io import cache_dir, write_json
 from gptlab.params import RunParams, load_params
-from gptlab.stop import exit_stopped
 from gptlab.train import TrainPaths, train
 
 

@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 
 class GptlabError(Exception):
@@ -35,5 +36,12 @@ def run_main(main: Callable[..., None], *path_args: str) -> None:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        exit_stopped()
+
+
+def exit_stopped() -> NoReturn:
+    """End a command whose run Ctrl-C or a stop request ended: status 130 (128 + SIGINT) tells
+    the shell, DVC or a scheduler that the run did not finish, and its checkpoint, if it saved
+    one, lets the next one resume."""
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)

@@ -10,7 +10,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 from tqdm import tqdm
 
@@ -48,11 +48,3 @@ def sigint_as_stop_request() -> Iterator[StopRequest]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-
-
-def exit_stopped() -> NoReturn:
-    """End a command whose run a stop request ended, as gptlab.errors.run_main ends one that
-    Ctrl-C interrupted: status 130 (128 + SIGINT) tells the shell, DVC or a scheduler that the
-    run did not finish, and its checkpoint lets the next one resume."""
-    print("interrupted", file=sys.stderr)
-    sys.exit(130)

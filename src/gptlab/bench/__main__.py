@@ -30,11 +30,11 @@ from gptlab.clean import (
 )
 from gptlab.device import cpu_model_name
 from gptlab.encode import encode_file, encode_splits
+from gptlab.errors import exit_stopped
 from gptlab.evaluate import evaluate_model
 from gptlab.generate import generate
 from gptlab.params import CleanParams, Params, RunParams, load_params
 from gptlab.published import load_published, read_config
-from gptlab.stop import exit_stopped
 from gptlab.tokenizers import BPETokenizer, CharTokenizer, TiktokenTokenizer, Tokenizer
 from gptlab.train import TrainPaths, train
 
