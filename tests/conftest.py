@@ -35,11 +35,21 @@ from helpers import (
 SLOW_FIXTURES = {"pipeline", "uninterrupted_train"}
 
 
+# The files that take longest, longest first. `make test` runs them first (pytest-xdist keeps
+# this order with --no-loadscope-reorder), so that neither process is left with a long file at
+# the end while the other idles.
+LONGEST_FILES = ["test_lab.py", "test_faults.py", "test_experiments.py", "test_presets.py",
+                 "test_scaling.py", "test_pipeline.py", "test_downstream.py", "test_serve.py",
+                 "test_distributed.py", "test_train.py"]
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by mark
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    rank = {name: index for index, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within files
 
 
 @pytest.fixture(scope="session")

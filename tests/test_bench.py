@@ -102,6 +102,7 @@ def test_gpt2_shape_is_gpt2_small_with_its_true_vocabulary_as_nanogpt_times_it()
 # --- measuring ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_every_row_reports_consistent_figures_on_cpu():
     rows = run_ladder()
     assert [row.name for row in rows] == [rung.name for rung in CHEAP_ROWS]
@@ -114,6 +115,7 @@ def test_every_row_reports_consistent_figures_on_cpu():
         assert row.mfu is None  # no peak FLOP/s for a CPU
 
 
+@pytest.mark.slow
 def test_each_row_runs_with_what_it_names_and_restores_the_backends():
     seen: list[dict[str, Any]] = []
     tf32_before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
@@ -247,6 +249,7 @@ def test_largest_fitting_does_not_swallow_other_errors():
         largest_fitting(broken, 8)
 
 
+@pytest.mark.slow
 def test_rows_use_a_smaller_batch_when_the_cap_runs_out_of_memory():
     def step_that_fits_two(session: TrainingSession):
         if session.batches.batch_size > 2:
@@ -279,6 +282,7 @@ def test_row_format_shows_gain_over_the_previous_row():
 # --- the pipeline figures --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_training_and_sampling_figures_are_measured_and_printed(tmp_path, capsys,
                                                                 tinyshakespeare):
     """The figures `make bench` prints, at a tiny size: every line it promises is there."""

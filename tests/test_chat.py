@@ -176,6 +176,7 @@ def test_chat_tokens_follow_the_vocabulary_and_leave_its_ids_alone(tmp_path, kin
     assert again.base.fingerprint == base.fingerprint  # the base's own definition unchanged
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["char", "tiktoken"])
 def test_the_exported_chat_template_gives_gptlabs_ids(tmp_path, kind):
     from transformers import AutoTokenizer
@@ -321,6 +322,7 @@ def gptlab_chat(models_dir: Path, stdin: str) -> subprocess.CompletedProcess:
                           input=stdin, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_gptlab_chat_with_a_template_answers_until_the_end_of_turn(chat_run):
     models_dir, _ = chat_run
     result = gptlab_chat(models_dir, "abc\n/help\n/reset\nxyz\n")
@@ -330,6 +332,7 @@ def test_gptlab_chat_with_a_template_answers_until_the_end_of_turn(chat_run):
     assert result.stderr == ""
 
 
+@pytest.mark.slow
 def test_gptlab_chat_without_a_template_says_so_first(tmp_path):
     models_dir = tmp_path / "models"
     base_tokens = tmp_path / "tokens"

@@ -31,6 +31,7 @@ def test_a_project_command_outside_a_project_says_so(tmp_path, command):
 @pytest.mark.parametrize("command", [
     ["sample", "--models", "elsewhere"], ["params", "other.yaml"], ["tokens", "train.bin"],
 ])
+@pytest.mark.slow
 def test_commands_given_their_files_run_anywhere(tmp_path, command):
     # They fail on the missing file they were given, not on the folder they run in.
     assert "not a gptlab project" not in one_error_line(gptlab(tmp_path, *command))

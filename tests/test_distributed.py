@@ -162,6 +162,7 @@ def test_killed_ddp_run_resumes_to_the_uninterrupted_weights(tmp_path, tokens_di
     assert train_losses(folder) == train_losses(two_processes)
 
 
+@pytest.mark.slow
 def test_grad_accum_not_divisible_by_nproc_is_one_error_line(tmp_path, tokens_dir, params_for):
     folder = project(tmp_path, tokens_dir, params_for, nproc=2)
     write_params(folder, params_for({**{f"model.{k}": v for k, v in MODEL.items()},

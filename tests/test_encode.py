@@ -200,6 +200,7 @@ def test_tokenize_killed_mid_write_then_rerun_gives_the_uninterrupted_outputs(tm
     assert sorted(p.name for p in (killed / "data").iterdir()) == ["clean", "tokens"]
 
 
+@pytest.mark.slow
 def test_a_single_line_of_many_megabytes_streams_and_round_trips(tmp_path):
     line = ("abcdefghij" * 600_000) + "\n"  # 6 MB without a line break inside
     (tmp_path / "train.txt").write_text(line, encoding="utf-8")
@@ -240,6 +241,7 @@ def test_text_ranges_of_an_empty_file(tmp_path):
     assert text_ranges(tmp_path / "t.txt", 100) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shard_tokens", [1, 7, 1000, len(LONG_TEXT)])
 def test_shards_hold_at_most_shard_tokens_and_join_to_the_text(tmp_path, shard_tokens):
     text = LONG_TEXT[: 1000 if shard_tokens == 1 else 5000]  # a file per token: keep it short

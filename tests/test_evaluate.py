@@ -235,6 +235,7 @@ def stage_project(trained, tmp_path, params_for) -> Path:
     return project
 
 
+@pytest.mark.slow
 def test_stage_writes_metrics(stage_project):
     result = run_stage("evaluate", stage_project)
     assert result.returncode == 0, result.stderr
@@ -247,6 +248,7 @@ def test_stage_writes_metrics(stage_project):
     (lambda p: shutil.rmtree(p / "models"), "models/config.json"),
     (record_another_tokenizer_in_meta, "data/tokens/meta.json"),
 ])
+@pytest.mark.slow
 def test_stage_refuses_bad_inputs_in_one_line(stage_project, damage, named):
     damage(stage_project)
     result = run_stage("evaluate", stage_project)

@@ -85,6 +85,7 @@ def publish(folder: Path, tokenizer: Tokenizer, config: ModelConfig) -> tuple[Pa
     return models_dir, model.eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["char", "bpe", "tiktoken"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_transformers_loads_the_export_and_computes_gptlabs_logits(tmp_path, tokenizers, kind,
@@ -251,6 +252,7 @@ def gptlab(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_the_command_exports_a_folder_transformers_loads(tmp_path, models_dir):
     result = gptlab("export", "--format", "hf", "models", "hf", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -259,6 +261,7 @@ def test_the_command_exports_a_folder_transformers_loads(tmp_path, models_dir):
     assert AutoTokenizer.from_pretrained(tmp_path / "hf").decode([0, 1]) is not None
 
 
+@pytest.mark.slow
 def test_the_command_names_a_missing_models_folder_in_one_line(tmp_path):
     line = one_error_line(gptlab("export", "--format", "hf", "nowhere", "hf", cwd=tmp_path))
     assert line == "error: nowhere/config.json: not found (run the train stage first)"

@@ -243,6 +243,7 @@ def sample_project(folder: Path, models_dir: Path, params_for, overrides=None) -
     return folder
 
 
+@pytest.mark.slow
 def test_stage_writes_samples_and_metrics_the_same_every_run(tmp_path, models_dir, params_for):
     project = sample_project(tmp_path, models_dir, params_for)
     first = run_stage("sample", project)
@@ -259,6 +260,7 @@ def test_stage_writes_samples_and_metrics_the_same_every_run(tmp_path, models_di
     assert (project / "samples" / "samples.md").read_text() == markdown
 
 
+@pytest.mark.slow
 def test_stage_notes_a_prompt_it_cannot_encode_and_samples_the_rest(tmp_path, models_dir,
                                                                     params_for):
     """Capitals after clean.lowercase, say: the trained model is not lost to its prompts."""
@@ -280,6 +282,7 @@ def gptlab(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.Comple
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_sample_prints_the_continuation(tmp_path, models_dir):
     result = gptlab("sample", "--prompt", "the king", "--greedy", "--max-new-tokens", "20",
                     "--models", str(models_dir), cwd=tmp_path)
@@ -289,6 +292,7 @@ def test_cli_sample_prints_the_continuation(tmp_path, models_dir):
     assert separator == "-" * 15
 
 
+@pytest.mark.slow
 def test_cli_sample_takes_its_defaults_from_params_yaml_here(tmp_path, models_dir, params_for):
     write_params(tmp_path, params_for({**SAMPLE_PARAMS, "sample.prompts": ["the"],
                                        "sample.num_samples": 1, "sample.max_new_tokens": 7}))
@@ -301,11 +305,13 @@ def test_cli_sample_takes_its_defaults_from_params_yaml_here(tmp_path, models_di
                          [(["--temperature", "0"], "--temperature"),
                           (["--top-p", "1.5"], "--top-p"), (["--top-k", "0"], "--top-k"),
                           (["--prompt", "é"], "--prompt[0]: character 'é'")])
+@pytest.mark.slow
 def test_cli_sample_refuses_bad_options_in_one_line(tmp_path, models_dir, options, named):
     result = gptlab("sample", *options, "--models", str(models_dir), cwd=tmp_path)
     assert named in one_error_line(result)
 
 
+@pytest.mark.slow
 def test_cli_chat_continues_each_line_until_quit(tmp_path, models_dir):
     result = gptlab("chat", "--max-new-tokens", "15", "--models", str(models_dir), cwd=tmp_path,
                     stdin="the king\n\nqueen\n/quit\nnever read\n")
@@ -332,6 +338,7 @@ def test_markdown_code_survives_backticks_in_the_text():
     assert block.startswith("````text\n") and block.endswith("\n````")
 
 
+@pytest.mark.slow
 def test_cli_help_speaks_of_the_product_only(tmp_path):
     for args in (["--help"], ["sample", "--help"], ["chat", "--help"], ["serve", "--help"],
                  ["compare", "--help"], ["scaling", "--help"], ["report", "--help"]):

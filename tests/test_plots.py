@@ -105,6 +105,7 @@ def test_bad_logs_are_refused_naming_the_file_and_nothing_is_written(tmp_path, c
     assert not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.slow
 def test_stage_writes_figures_and_refuses_a_missing_log_in_one_line(tmp_path, params_for):
     write_params(tmp_path, params_for())
     assert "plots/train_log.csv: not found" in one_error_line(run_stage("plot", tmp_path))
@@ -225,6 +226,7 @@ def test_plain_dvc_plots_pages_render_offline_once_setup_set_the_template(pipeli
     assert drawn.count("<img") == 2 * len(FIGURES)  # the figures of both revisions
 
 
+@pytest.mark.slow
 def test_setup_without_npm_says_so_in_one_line_and_sets_a_page_loading_the_cdn(tmp_path):
     project = tmp_path / "project"
     project.mkdir()

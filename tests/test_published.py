@@ -381,6 +381,7 @@ def test_a_folder_written_before_hashes_were_recorded_still_loads(tokenizer_file
     assert_same_state_dict(model, load_published(models_dir).model)
 
 
+@pytest.mark.slow
 def test_readers_never_mix_two_published_models(tokenizer_file, models_dir):
     """Readers in threads load the folder while it is republished, again and again, with models
     of another shape each time: each load is one whole model, never one's config with another's

@@ -130,6 +130,7 @@ def test_the_frontier_of_the_sweep_is_its_lower_envelope(sweep):
         assert cheaper[-1].loss <= run.loss
 
 
+@pytest.mark.slow
 def test_the_frontier_fit_recovers_a_power_law_in_compute():
     e, a, gamma = 1.8, 2000.0, 0.17
     runs = [run_at(f"c{i}", c, e + a * c**-gamma)

@@ -377,6 +377,7 @@ def test_a_client_that_leaves_stops_its_generation(server, stream):
     assert health(server)["tokens_generated"] - before < 10000
 
 
+@pytest.mark.slow
 def test_under_load_every_request_completes_or_is_refused(models):
     with running(create_app(models, Limits(concurrency=2, queue=2))) as served:
         figures = load_test(served.port, clients=8, seconds=4, max_tokens=32, timeout=20)
@@ -454,6 +455,7 @@ def test_the_page_streams_answers_side_by_side_in_chromium(server, client, tmp_p
 # --- the command -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_gptlab_serve_serves_the_named_models_of_its_options(tmp_path):
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
@@ -489,6 +491,7 @@ def test_named_models_refuses_two_of_one_name():
         named_models(["models", "other/models"])
 
 
+@pytest.mark.slow
 def test_serve_refuses_a_missing_model_in_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "gptlab.cli", "serve", "--models",
                              str(tmp_path / "none")], capture_output=True, text=True, timeout=60)

@@ -173,6 +173,7 @@ def test_stage_stopped_after_a_checkpoint_resumes_to_the_same_result(
     assert_same_training(project, uninterrupted_train[0])
 
 
+@pytest.mark.slow
 def test_stage_reports_bad_input_in_one_line(tmp_path, params_for):
     write_params(tmp_path, params_for({"model.n_head": 3}))
     result = run_stage("train", tmp_path)
