@@ -23,7 +23,6 @@ import pytest
 from helpers import (
     STAGE_OUTPUTS,
     assert_same_training,
-    change_params,
     copy_project,
     dvc,
     dvc_run,
@@ -444,37 +443,3 @@ def test_dvc_repro_on_a_full_disk_stops_in_one_line_and_finishes_once_there_is_r
         results["first.out"] + results["first.err"])
     assert results["second.code"].strip() == "0", results["second.out"] + results["second.err"]
     assert_same_training(project, pipeline[0])
-
-
-# --- an experiment beside the workspace -----------------------------------------------------------
-
-
-def exp_losses(project: Path) -> dict[str, float]:
-    """The losses the project's one experiment recorded, by metrics file and key."""
-    shown = json.loads(dvc(project, "exp", "show", "--json"))
-    experiments = [exp for row in shown for exp in row.get("experiments") or []]
-    assert len(experiments) == 1, shown
-    metrics = experiments[0]["revs"][0]["data"]["metrics"]
-    return {f"{path}:{key}": value for path, file in metrics.items()
-            for key, value in file["data"].items() if "loss" in key}
-
-
-def test_exp_run_temp_beside_dvc_repro_gives_each_what_it_gives_alone(pipeline, tmp_path):
-    """`dvc exp run --temp` started while `dvc repro` trains in the workspace: the workspace
-    ends as a repro alone, the experiment with the losses it has when run alone."""
-    alone, both = (copy_project(pipeline[0], tmp_path / name) for name in ("alone", "both"))
-    for project in (alone, both):
-        change_params(project, {"seed": 7})
-    dvc(alone, "repro")
-    dvc(alone, "exp", "run", "--temp", "-S", "seed=8")
-
-    repro = start_dvc(both, "repro")
-    for line in repro.stdout:
-        if "Running stage 'train'" in line:
-            break
-    beside = dvc_run(both, "exp", "run", "--temp", "-S", "seed=8")
-    rest = repro.communicate(timeout=600)[0]
-    assert repro.returncode == 0, rest
-    assert_same_training(both, alone)
-    assert beside.returncode == 0, beside.stdout + beside.stderr
-    assert exp_losses(both) == exp_losses(alone)
