@@ -67,30 +67,6 @@ def fetch_url(url: str, sha256: str, cache: Path,
         named.unlink(missing_ok=True)
 
 
-def retrying(request: Callable[[], T], what: str, attempts: int,
-             transient: Callable[[Exception], Fault | None] | None = None) -> T:
-    """request() until it succeeds, retrying what a retry may change up to `attempts` times,
-    after the wait a Retry-After asks for or a backoff that grows with each attempt. Any other
-    error is raised as it is: only the caller knows which param it points at.
-
-    `transient` says whether an error is worth retrying; url_fault (5xx, 408/425/429, a dropped
-    or stalled connection) by default.
-    """
-    transient = transient or url_fault
-    for attempt in range(1, attempts + 1):
-        try:
-            return request()
-        except Exception as error:
-            if (fault := transient(error)) is None:
-                raise
-        if attempt < attempts:
-            wait = retry_after(fault.retry_after, BACKOFF_SECONDS * attempt)
-            print(f"{what} interrupted ({fault.problem}); retrying in {wait:.1f} s",
-                  file=sys.stderr)
-            time.sleep(wait)
-    raise GptlabError(f"data.spec: {what} failed after {attempts} attempts: {fault.problem}")
-
-
 @dataclass(frozen=True)
 class Fault:
     """A failure that a retry may change: what went wrong, and the server's Retry-After."""
@@ -114,6 +90,29 @@ def url_fault(error: Exception) -> Fault | None:
         # A dropped connection or one that stalled past the timeout; no retry makes disk room
         return Fault(str(getattr(error, "reason", error)) or type(error).__name__)
     return None
+
+
+def retrying(request: Callable[[], T], what: str, attempts: int,
+             transient: Callable[[Exception], Fault | None] = url_fault) -> T:
+    """request() until it succeeds, retrying what a retry may change up to `attempts` times,
+    after the wait a Retry-After asks for or a backoff that grows with each attempt. Any other
+    error is raised as it is: only the caller knows which param it points at.
+
+    `transient` says whether an error is worth retrying; url_fault (5xx, 408/425/429, a dropped
+    or stalled connection) by default.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return request()
+        except Exception as error:
+            if (fault := transient(error)) is None:
+                raise
+        if attempt < attempts:
+            wait = retry_after(fault.retry_after, BACKOFF_SECONDS * attempt)
+            print(f"{what} interrupted ({fault.problem}); retrying in {wait:.1f} s",
+                  file=sys.stderr)
+            time.sleep(wait)
+    raise GptlabError(f"data.spec: {what} failed after {attempts} attempts: {fault.problem}")
 
 
 def retry_after(header: str | None, default: float) -> float:
