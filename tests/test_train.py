@@ -19,6 +19,7 @@ from typing import get_args
 
 import pytest
 import torch
+import yaml
 from helpers import (
     TIMINGS,
     assert_same_training,
@@ -29,6 +30,7 @@ from helpers import (
     run_stage,
     start_train,
     train_project,
+    with_overrides,
     write_params,
     write_tokens,
 )
@@ -171,6 +173,24 @@ def test_stage_stopped_after_a_checkpoint_resumes_to_the_same_result(
     _, stderr = resumed.communicate()
     assert resumed.returncode == 0 and "resuming from step" in stderr
     assert_same_training(project, uninterrupted_train[0])
+
+
+def test_stage_that_read_params_changed_under_it_publishes_nothing(
+    tmp_path, char_tokens, default_params
+):
+    """The race DVC opens when it records a queued or --temp experiment beside a running
+    stage: params.yaml holds the experiment's values for a moment, the stage reads them, and
+    the workspace's come back. Forced here: read seed 8, then seed 7 is put back."""
+    project = train_project(tmp_path, char_tokens, default_params)
+    workspace = (project / "params.yaml").read_text()
+    write_params(project, with_overrides(yaml.safe_load(workspace), {"seed": 8}))
+    process = start_train(project)
+    wait_for_checkpoint(project, process)
+    (project / "params.yaml").write_text(workspace)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1, stderr
+    assert stderr.splitlines()[-1].startswith("error: params.yaml: changed while this ran")
+    assert not (project / "models").exists() and not (project / "metrics").exists()
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from gptlab.errors import GptlabError
+from gptlab.errors import GptlabError, refuse_if_inputs_changed
 
 HASH_CHUNK_BYTES = 1 << 20
 # Where DVC runs queued and temporary experiments: copies of the project inside it.
@@ -91,6 +91,7 @@ def atomic_path(path: str | os.PathLike, what: str = "it") -> Iterator[Path]:
         with disk_full_named(final, what):
             yield tmp
             _fsync_file(tmp)
+            refuse_if_inputs_changed()
             os.replace(tmp, final)
             _fsync_dir(final.parent)
     finally:
@@ -113,6 +114,7 @@ def atomic_dir(path: str | os.PathLike, what: str = "it") -> Iterator[Path]:
             yield tmp
             _share_files(tmp)
             _fsync_tree(tmp)
+            refuse_if_inputs_changed()
             _swap_in(tmp, final)
             _fsync_dir(final.parent)
     finally:

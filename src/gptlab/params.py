@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from gptlab.errors import GptlabError
+from gptlab.errors import GptlabError, note_input
 from gptlab.io import read_text
 
 PARAMS_FILE = "params.yaml"
@@ -540,6 +540,7 @@ _StrictLoader.add_implicit_resolver(
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     text = read_text(path, missing="run from the project folder")
+    note_input(path, text)
     try:
         data = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as error:
