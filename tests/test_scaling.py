@@ -228,6 +228,6 @@ def test_figure_is_a_png_byte_identical_across_writes(sweep, tmp_path):
     assert [path.name for path in (tmp_path / "a").iterdir()] == ["scaling.png"]
 
 
-def test_scaling_imports_torch_only_to_fit():
+def test_scaling_does_not_import_torch():
     check = "import sys, gptlab.lab.scaling; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", check]).returncode == 0

@@ -10,8 +10,8 @@ is logsumexp(a - alpha log N, b - beta log D, e), and L-BFGS minimizes the Huber
 and the observed log loss from every point of a grid of starts, keeping the best. The Huber
 loss (delta = 1e-3) counts a large miss linearly, so one odd run cannot drag the whole law.
 
-Only the fit needs torch (L-BFGS with autograd); the rest is numpy, and the module imports
-torch only when it fits.
+The fit is scipy's L-BFGS on numpy, with the gradient written out (the predicted log loss is
+a softmax-weighted sum, so its derivatives are the weights): a few milliseconds a start.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ matplotlib.use("Agg")  # files only: no display needed, and none on a server
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib import ticker
+from scipy.optimize import minimize
 from tqdm import tqdm
 
 from gptlab.errors import GptlabError
@@ -42,16 +43,14 @@ FRONTIER_PARAMETERS = 3  # E, A, gamma
 HUBER_DELTA = 1e-3
 # Starts of L-BFGS: every other point of Hoffmann et al.'s grid (alpha, beta in 0, 0.5, ..., 2;
 # e in -1, -0.5, ..., 1.5; a, b in 0, 5, ..., 25), which finds the same optimum on our sweeps
-# in a twentieth of the time: torch's L-BFGS takes some 40 ms a start.
+# in a twentieth of the time.
 LAW_STARTS = {"a": (0.0, 10.0, 20.0), "b": (0.0, 10.0, 20.0), "e": (-1.0, 0.0, 1.0),
               "alpha": (0.0, 1.0, 2.0), "beta": (0.0, 1.0, 2.0)}
 # The frontier's exponent on compute is smaller: about alpha beta / (alpha + beta).
 FRONTIER_STARTS = {"a": (0.0, 10.0, 20.0), "e": (-1.0, 0.0, 1.0), "gamma": (0.0, 0.25, 0.5)}
-# Run until a step changes nothing: the Huber objective near its optimum is tiny (~1e-5), so
-# torch's default tolerances would stop far from it. Ten steps of history are twice the
-# parameters, and cost a quarter less than torch's default of 100.
-LBFGS_SETTINGS = {"max_iter": 500, "tolerance_grad": 1e-10, "tolerance_change": 1e-14,
-                  "history_size": 10, "line_search_fn": "strong_wolfe"}
+# Run until a step changes nothing: the Huber objective near its optimum is tiny (~1e-5), and
+# scipy's default tolerances are relative to max(objective, 1), so they would stop far from it.
+LBFGS_OPTIONS = {"maxiter": 1000, "ftol": 1e-15, "gtol": 1e-12, "maxcor": 10}
 FIGURE_SIZE = (8, 5.5)
 CURVE_POINTS = 200
 # How far the fitted curves reach beyond the runs' compute, each way (a factor).
@@ -173,10 +172,15 @@ def check_runs(runs: Sequence[ScalingRun]) -> None:
                               f"{exponent} cannot be fitted; add runs of another {what}")
 
 
-def _law_log_loss(theta: Any, log_n: Any, log_d: Any) -> Any:
-    """log L_hat = logsumexp(a - alpha log N, b - beta log D, e), from torch tensors."""
+def _law_log_loss(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """log L_hat = logsumexp(a - alpha log N, b - beta log D, e) and its Jacobian in theta."""
     a, b, e, alpha, beta = theta
-    return (a - alpha * log_n).logaddexp(b - beta * log_d).logaddexp(e.expand_as(log_n))
+    terms, weights = _logsumexp_terms([a - alpha * log_n, b - beta * log_d,
+                                       np.full_like(log_n, e)])
+    jacobian = np.stack([weights[0], weights[1], weights[2],
+                         -weights[0] * log_n, -weights[1] * log_d], axis=1)
+    return terms, jacobian
 
 
 # --- the compute frontier ---------------------------------------------------------------------
@@ -204,10 +208,11 @@ def fit_frontier(frontier: Sequence[ScalingRun]) -> FrontierFit | None:
     return FrontierFit(math.exp(e), math.exp(a), gamma, objective)
 
 
-def _frontier_log_loss(theta: Any, log_c: Any) -> Any:
-    """log L_hat = logsumexp(a - gamma log C, e), from torch tensors."""
+def _frontier_log_loss(theta: np.ndarray, log_c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """log L_hat = logsumexp(a - gamma log C, e) and its Jacobian in theta."""
     a, e, gamma = theta
-    return (a - gamma * log_c).logaddexp(e.expand_as(log_c))
+    terms, weights = _logsumexp_terms([a - gamma * log_c, np.full_like(log_c, e)])
+    return terms, np.stack([weights[0], weights[1], -weights[0] * log_c], axis=1)
 
 
 # --- fitting ----------------------------------------------------------------------------------
@@ -216,12 +221,21 @@ def _grid(starts: dict[str, tuple[float, ...]]) -> list[tuple[float, ...]]:
     return list(itertools.product(*starts.values()))
 
 
-def _best_huber_fit(log_loss: Callable[..., Any], columns: list[np.ndarray],
-                    observed: np.ndarray, starts: list[tuple[float, ...]]
-                    ) -> tuple[list[float], float]:
+def _logsumexp_terms(terms: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """logsumexp over the terms, elementwise, and each term's softmax weight: the derivative
+    of the logsumexp by that term."""
+    stacked = np.stack(terms)
+    peak = stacked.max(axis=0)
+    exps = np.exp(stacked - peak)
+    total = exps.sum(axis=0)
+    return peak + np.log(total), exps / total
+
+
+def _best_huber_fit(log_loss: Callable[..., tuple[np.ndarray, np.ndarray]],
+                    columns: list[np.ndarray], observed: np.ndarray,
+                    starts: list[tuple[float, ...]]) -> tuple[list[float], float]:
     """The parameters, and the objective, of the best L-BFGS run over the starts."""
     best: tuple[list[float], float] | None = None
-    # Some 40 ms a start, a few hundred starts: long enough to show progress at a terminal.
     for start in tqdm(starts, desc="fitting", unit="start", leave=False, disable=None,
                       file=sys.stderr):
         theta, objective = _lbfgs(log_loss, columns, observed, start)
@@ -232,30 +246,25 @@ def _best_huber_fit(log_loss: Callable[..., Any], columns: list[np.ndarray],
     return best
 
 
-def _lbfgs(log_loss: Callable[..., Any], columns: list[np.ndarray], observed: np.ndarray,
-           start: tuple[float, ...]) -> tuple[list[float], float]:
+def _lbfgs(log_loss: Callable[..., tuple[np.ndarray, np.ndarray]], columns: list[np.ndarray],
+           observed: np.ndarray, start: tuple[float, ...]) -> tuple[list[float], float]:
     """Minimize the summed Huber loss between log_loss(theta, *columns) and `observed` with
-    L-BFGS in float64 from `start`; return where it stopped and the objective there."""
-    import torch  # only the fit needs it (see the module's docstring)
-    import torch.nn.functional as F
+    L-BFGS from `start`; return where it stopped and the objective there."""
 
-    inputs = [torch.from_numpy(column) for column in columns]
-    target = torch.from_numpy(observed)
-    theta = torch.tensor(start, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([theta], **LBFGS_SETTINGS)
+    def huber_and_gradient(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        predicted, jacobian = log_loss(theta, *columns)
+        residual = predicted - observed
+        inside = np.abs(residual) <= HUBER_DELTA
+        huber = np.where(inside, residual**2 / 2,
+                         HUBER_DELTA * (np.abs(residual) - HUBER_DELTA / 2))
+        slope = np.where(inside, residual, HUBER_DELTA * np.sign(residual))
+        return float(huber.sum()), jacobian.T @ slope
 
-    def objective() -> torch.Tensor:
-        optimizer.zero_grad()
-        value = F.huber_loss(log_loss(theta, *inputs), target, delta=HUBER_DELTA, reduction="sum")
-        value.backward()
-        return value
-
-    optimizer.step(objective)
-    # step() returns the objective where it started; the fit is judged where it stopped.
-    with torch.no_grad():
-        value = F.huber_loss(log_loss(theta, *inputs), target, delta=HUBER_DELTA,
-                             reduction="sum")
-    return theta.detach().tolist(), value.item()
+    # A start far from the data can overflow exp on the way: that start is simply not kept.
+    with np.errstate(over="ignore", invalid="ignore"):
+        result = minimize(huber_and_gradient, np.array(start, dtype=np.float64), jac=True,
+                          method="L-BFGS-B", options=LBFGS_OPTIONS)
+    return result.x.tolist(), float(result.fun)
 
 
 # --- the figure and the summary ---------------------------------------------------------------
