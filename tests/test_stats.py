@@ -17,6 +17,7 @@ from gptlab.lab.stats import (
     comparisons_json,
     group_of,
     group_runs,
+    holm,
     regularized_incomplete_beta,
     render_markdown,
     render_text,
@@ -198,6 +199,57 @@ def test_the_group_of_some_params_shares_them_all_and_no_more():
     assert group_of(groups, {"model.norm": "rmsnorm"}) is None
 
 
+def clipped(name: str, seed: int, clip: object, include: list | None = None) -> Run:
+    params = {"seed": seed, "train.grad_clip": clip, "data.include": include or ["a"]}
+    return Run(name, params, {"val_loss": 2.0})
+
+
+def test_an_int_and_a_float_of_equal_value_are_one_param_value_but_a_bool_is_not():
+    runs = [clipped("int", 1, 1), clipped("float", 2, 1.0), clipped("bool", 1, True),
+            clipped("half", 1, 0.5), clipped("nested", 3, 1, [1]), clipped("nested-f", 4, 1, [1.0])]
+    groups = group_runs(runs)
+    assert [(group.name, [run.name for run in group.runs]) for group in groups] == [
+        ('data.include=["a"], train.grad_clip=1', ["int", "float"]),
+        ('data.include=["a"], train.grad_clip=true', ["bool"]),
+        ('data.include=["a"], train.grad_clip=0.5', ["half"]),
+        ("data.include=[1], train.grad_clip=1", ["nested", "nested-f"])]
+    workspace = {"seed": 7, "train.grad_clip": 1.0, "data.include": ["a"]}
+    assert group_of(groups, workspace) is groups[0]
+    assert group_of(groups, {**workspace, "train.grad_clip": False}) is None
+
+
+def at(commit: str, name: str, norm: str, seed: int, val_loss: float) -> Run:
+    return Run(name, {"model.norm": norm, "seed": seed}, {"val_loss": val_loss}, commit)
+
+
+OLD, NEW = "1a2b3c4d5e6f" + "0" * 28, "9f8e7d6c5b4a" + "0" * 28
+
+
+def test_runs_of_different_commits_never_share_a_group_and_their_names_say_the_commit():
+    runs = [at(OLD, "old-1", "rmsnorm", 1, 2.0), at(NEW, "new-1", "rmsnorm", 1, 1.9),
+            at(OLD, "old-2", "rmsnorm", 2, 2.1), at(NEW, "new-ln", "layernorm", 1, 1.8)]
+    groups = group_runs(runs)
+    assert [(group.name, [run.name for run in group.runs]) for group in groups] == [
+        ("model.norm=rmsnorm @1a2b3c4", ["old-1", "old-2"]),
+        ("model.norm=rmsnorm @9f8e7d6", ["new-1"]),
+        ("model.norm=layernorm @9f8e7d6", ["new-ln"])]
+    assert [group.commit for group in groups] == [OLD, NEW, NEW]
+    # The workspace's group is the one of its own commit.
+    workspace = {"model.norm": "rmsnorm", "seed": 9}
+    assert group_of(groups, workspace, commit=NEW) is groups[1]
+    assert group_of(groups, workspace) is None
+
+
+def test_commits_alone_name_the_groups_and_one_commit_is_not_shown():
+    same_params = [at(OLD, "old", "rmsnorm", 1, 2.0), at(NEW, "new", "rmsnorm", 1, 1.9)]
+    assert [group.name for group in group_runs(same_params)] == ["@1a2b3c4", "@9f8e7d6"]
+    one_commit = [at(NEW, "a", "rmsnorm", 1, 2.0), at(NEW, "b", "layernorm", 1, 1.9)]
+    groups = group_runs(one_commit)
+    assert [(group.name, group.commit) for group in groups] == [("model.norm=rmsnorm", None),
+                                                                ("model.norm=layernorm", None)]
+    assert group_of(groups, {"model.norm": "rmsnorm"}, commit=OLD) is groups[0]
+
+
 # --- summaries and Welch's test ---------------------------------------------------------------
 
 def comparison(metric: str = "val_loss", baseline: str | None = None):
@@ -281,10 +333,27 @@ def test_summarize_needs_no_groups():
     assert summarize([1.0, 3.0]).sd == pytest.approx(math.sqrt(2))
 
 
+def test_a_run_without_a_metric_is_left_out_of_that_metrics_table_only():
+    # ln-4 has no bits_per_byte; the only scalenorm run has none either.
+    runs = [*RUNS[:6], Run("ln-4", {**RUNS[0].params, "seed": 4}, {"val_loss": 2.02})]
+    runs[5] = Run("sn-1", RUNS[5].params, {"val_loss": 2.10})
+    loss, bits = compare(group_runs(runs, ignore=["train.device"]))
+    assert [(row.group.name, row.summary.n) for row in loss.rows] == [
+        ("model.norm=rmsnorm", 2), ("model.norm=layernorm", 4), ("model.norm=scalenorm", 1)]
+    assert [run.name for run in loss.rows[1].group.runs] == ["ln-1", "ln-2", "ln-3", "ln-4"]
+    assert loss.rows[1].summary.mean == pytest.approx(mean_sd([*LAYERNORM, 2.02])[0])
+    assert [(row.group.name, row.summary.n) for row in bits.rows] == [
+        ("model.norm=rmsnorm", 2), ("model.norm=layernorm", 3)]
+    assert [run.name for run in bits.rows[1].group.runs] == ["ln-1", "ln-2", "ln-3"]
+    assert bits.rows[1].summary.mean == pytest.approx(mean_sd(LAYERNORM)[0] / math.log(2))
+
+
 @pytest.mark.parametrize(("runs", "metric", "baseline", "message"), [
     ([], "val_loss", None, "no runs to compare"),
-    (RUNS[:2], "perplexity", None, "run ln-1: no metric 'perplexity' (it has bits_per_byte, "
-                                   "val_loss)"),
+    (RUNS[:2], "perplexity", None, "no run of the baseline (all runs) has 'perplexity' (they "
+                                   "have bits_per_byte, val_loss)"),
+    (RUNS[:6], "perplexity", "rms-1", "no run of the baseline (model.norm=rmsnorm) has "
+                                      "'perplexity' (they have bits_per_byte, val_loss)"),
     ([Run("x", {}, {"val_loss": float("nan")})], "val_loss", None,
      "run x: val_loss is nan, not a finite number"),
     ([Run("x", {}, {"val_loss": "2.1"})], "val_loss", None,
@@ -296,6 +365,38 @@ def test_bad_input_is_one_line(runs, metric, baseline, message):
     with pytest.raises(GptlabError) as error:
         compare(group_runs(runs, ignore=["train.device"]), [metric], baseline)
     assert str(error.value) == message
+
+
+def test_an_unknown_correction_is_one_line():
+    with pytest.raises(GptlabError) as error:
+        compare(group_runs(RUNS), ["val_loss"], correction="bonferroni")
+    assert str(error.value) == "correction 'bonferroni': expected one of none, holm"
+
+
+# --- Holm's correction ------------------------------------------------------------------------
+
+def test_holm_multiplies_by_the_remaining_count_and_keeps_the_order():
+    # Sorted: 0.01 x 3 = 0.03, 0.03 x 2 = 0.06, 0.04 x 1 = 0.04 raised to the 0.06 before it.
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.3, 0.02]) == pytest.approx([0.3, 0.04])
+    assert holm([0.6, 0.4, 0.9]) == [1.0, 1.0, 1.0]  # capped at 1
+    assert holm([0.05]) == [0.05] and holm([]) == []
+
+
+def test_holm_adjusts_each_table_over_its_tests_only():
+    plain = comparison()
+    corrected = compare(group_runs(RUNS, ignore=["train.device"]), ["val_loss"],
+                        correction="holm")[0]
+    assert corrected.correction == "holm"
+    # rmsnorm, nonorm and scaled are tested against layernorm; scalenorm (one run) is not.
+    raw = {norm: row_of(plain, norm).versus_baseline.p_value
+           for norm in ("rmsnorm", "nonorm", "scaled")}
+    for norm, p_adjusted in zip(raw, holm(list(raw.values())), strict=True):
+        versus = row_of(corrected, norm).versus_baseline
+        assert versus.p_value == raw[norm] and versus.p_adjusted == p_adjusted
+    assert row_of(corrected, "scalenorm").versus_baseline.p_adjusted is None
+    assert all(row.versus_baseline is None or row.versus_baseline.p_adjusted is None
+               for row in plain.rows)
 
 
 # --- rendering --------------------------------------------------------------------------------
@@ -356,6 +457,40 @@ def test_json_holds_unrounded_numbers_and_null_for_what_is_not_estimated():
                                                                                         None, None)
     assert next(row for row in rows if row["group"] == "model.norm=layernorm")["vs_baseline"] \
         is None
+
+
+def three_groups_corrected() -> list:
+    """Two optimizers tested against sgd, each three seeds 0.01 apart: raw p = 0.00360 and
+    0.00183, so Holm gives 2 x 0.00183 to the smaller and raises the other to it."""
+    runs = [Run(f"{opt}-{seed}", {"seed": seed, "opt": opt}, {"val_loss": loss + seed / 100})
+            for opt, loss in [("sgd", 2.0), ("adam", 1.95), ("lion", 2.06)] for seed in range(3)]
+    return compare(group_runs(runs), ["val_loss"], correction="holm")
+
+
+HOLM_TEXT = """\
+val_loss (baseline: opt=sgd)
+group     n    mean      sd            95% CI      diff         diff 95% CI  p (Welch)  p (Holm)
+opt=adam  3  1.9600  0.0100  [1.9352, 1.9848]   -0.0500  [-0.0727, -0.0273]    0.00360   0.00365
+opt=sgd   3  2.0100  0.0100  [1.9852, 2.0348]  baseline
+opt=lion  3  2.0700  0.0100  [2.0452, 2.0948]   +0.0600    [0.0373, 0.0827]    0.00183   0.00365
+p (Holm): Welch's p, Holm-adjusted for the 2 comparisons of val_loss with the baseline
+"""
+
+
+def test_holm_adds_a_column_and_a_note_to_the_tables_and_a_key_to_json():
+    comparisons = three_groups_corrected()
+    assert render_text(comparisons) == HOLM_TEXT
+    markdown = render_markdown(comparisons).splitlines()
+    assert markdown[2] == ("| group | n | mean | sd | 95% CI | diff | diff 95% CI | p (Welch) "
+                           "| p (Holm) |")
+    assert markdown[5] == "| opt=sgd | 3 | 2.0100 | 0.0100 | [1.9852, 2.0348] | baseline |  |  |  |"
+    assert markdown[-1] == HOLM_TEXT.splitlines()[-1]
+    table = comparisons_json(comparisons)["val_loss"]
+    assert table["correction"] == "holm"
+    rms, scaled = table["rows"][0]["vs_baseline"], table["rows"][2]["vs_baseline"]
+    assert [rms["p_adjusted"], scaled["p_adjusted"]] == holm([rms["p_value"],
+                                                              scaled["p_value"]])
+    assert "correction" not in comparisons_json([comparison()])["val_loss"]
 
 
 def test_every_metric_asked_for_is_rendered_with_precision_to_its_scale():

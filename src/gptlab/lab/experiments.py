@@ -38,22 +38,26 @@ class Experiment:
     rev: str  # the experiment's commit
     params: dict[str, Any]
     metrics: dict[str, Any]
+    base: str | None = None  # the commit it was based on, whose code it ran
 
 
 @dataclass(frozen=True)
 class Experiments:
     """The experiments with results, those without (queued, running or failed), and the
-    params of the workspace."""
+    params of the workspace and the commit it is on."""
 
     finished: list[Experiment]
     unfinished: list[str]
     workspace: dict[str, Any]
+    head: str | None = None  # the workspace's commit; None where not known
 
 
 def read_experiments(project: Path = Path("."), all_commits: bool = False) -> Experiments:
     """The experiments of the current commit (of every commit with `all_commits`)."""
     shown = dvc(project, "exp", "show", "--json", *(["--all-commits"] if all_commits else []))
-    return parse_experiments(json.loads(shown))
+    # DVC lists the commits of --all-commits in no order that tells which one is HEAD.
+    head = git_output(project, "rev-parse", "HEAD").strip()
+    return parse_experiments(json.loads(shown), head)
 
 
 def dvc(project: Path, *args: str) -> str:
@@ -74,8 +78,8 @@ def dvc(project: Path, *args: str) -> str:
     return output
 
 
-def parse_experiments(shown: list[dict[str, Any]]) -> Experiments:
-    """What `dvc exp show --json` printed, as Experiments."""
+def parse_experiments(shown: list[dict[str, Any]], head: str | None = None) -> Experiments:
+    """What `dvc exp show --json` printed, as Experiments; `head` is the workspace's commit."""
     finished, unfinished, workspace = [], [], {}
     for baseline in shown:
         if baseline["rev"] == "workspace":
@@ -90,8 +94,9 @@ def parse_experiments(shown: list[dict[str, Any]]) -> Experiments:
                 unfinished.append(name)
             else:
                 params = flat_params(revision["data"])
-                finished.append(Experiment(name, revision["rev"], params, metrics))
-    return Experiments(finished, unfinished, workspace)
+                finished.append(Experiment(name, revision["rev"], params, metrics,
+                                           baseline["rev"]))
+    return Experiments(finished, unfinished, workspace, head)
 
 
 def flat_params(data: dict[str, Any]) -> dict[str, Any]:

@@ -4,6 +4,8 @@ confidence interval, and each group against a baseline by Welch's t-test.
 Two configurations trained from different seeds differ by chance alone; a difference means
 something only when it is large against the spread between seeds. A group of one run has no
 spread to measure, so it gets no standard deviation and no interval, never a made-up one.
+Several groups tested against one baseline find a "significant" difference by chance more
+often than one test does; Holm's step-down adjustment of their p-values corrects for that.
 
 Student's t distribution is computed here, from the regularized incomplete beta function, so
 that no statistics library is needed.
@@ -16,7 +18,7 @@ import math
 import numbers
 import statistics
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from gptlab.errors import GptlabError
@@ -25,6 +27,10 @@ SEED_KEY = "seed"
 DEFAULT_METRICS = ("val_loss", "bits_per_byte")
 CONFIDENCE = 0.95
 ONE_GROUP = "all runs"
+# A group's commit, where runs come from several, is shown by this many of its hex digits.
+SHORT_COMMIT = 7
+NO_CORRECTION, HOLM = "none", "holm"
+CORRECTIONS = (NO_CORRECTION, HOLM)
 # Shown for a param that some groups do not have at all.
 UNSET = "(unset)"
 # Lentz's method: a stand-in for zero that keeps its divisions finite, the relative change of
@@ -43,13 +49,15 @@ class Run:
     name: str
     params: dict[str, Any]  # flat, dotted keys: {"model.norm": "rmsnorm", "seed": 1}
     metrics: dict[str, float]  # flat: {"val_loss": 1.91, "bits_per_byte": 2.76}
+    commit: str | None = None  # the commit of the code it ran; None where not known
 
 
 @dataclass(frozen=True)
 class Group:
-    name: str  # the params that set it apart from the other groups: "model.norm=rmsnorm"
+    name: str  # what sets it apart from the other groups: "model.norm=rmsnorm @1a2b3c4"
     params: dict[str, Any]  # the params its runs share, seed and ignored keys left out
     runs: tuple[Run, ...]
+    commit: str | None  # its runs' commit where runs come from several commits, else None
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,7 @@ class Difference:
     diff: float  # the group's mean minus the baseline's
     ci95: tuple[float, float] | None  # Welch's 95% interval; None when it cannot be estimated
     p_value: float | None  # Welch's two-sided test; None when it cannot be computed
+    p_adjusted: float | None = None  # p_value corrected for the table's comparisons, if asked
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,7 @@ class Comparison:
     metric: str
     baseline: str  # the baseline group's name
     rows: tuple[Row, ...]  # sorted by the metric's mean
+    correction: str = NO_CORRECTION  # of the p-values for multiple comparisons
 
 
 # --- grouping ---------------------------------------------------------------------------------
@@ -86,34 +96,53 @@ class Comparison:
 def group_runs(runs: Iterable[Run], ignore: Iterable[str] = ()) -> list[Group]:
     """The runs grouped by their params with `seed` and the keys in `ignore` left out, in the
     order the groups first appear; each group is named by the params that differ between
-    groups."""
+    groups. Where the runs come from several commits, runs of different commits (which may have
+    run different code) never share a group: the commit is part of each group and its name."""
+    runs = list(runs)
     left_out = {SEED_KEY, *ignore}
-    members: dict[tuple[tuple[str, str], ...], list[Run]] = {}
-    shared: dict[tuple[tuple[str, str], ...], dict[str, Any]] = {}
+    by_commit = len({run.commit for run in runs}) > 1
+    members: dict[tuple[Any, ...], list[Run]] = {}
     for run in runs:
-        params = {key: value for key, value in run.params.items() if key not in left_out}
-        key = _hashable(params)
+        key = (_hashable(_grouped_params(run.params, left_out)), run.commit if by_commit else None)
         members.setdefault(key, []).append(run)
-        shared[key] = params
     if not members:
         raise GptlabError("no runs to compare")
-    differing = _differing_keys(list(shared.values()))
-    return [Group(_group_name(shared[key], differing), shared[key], tuple(grouped))
-            for key, grouped in members.items()]
+    # A group's params are its first run's: the others' are equal, if perhaps written 1.0 for 1.
+    shared = [_grouped_params(grouped[0].params, left_out) for grouped in members.values()]
+    differing = _differing_keys(shared)
+    return [Group(_group_name(params, differing, commit), params, tuple(grouped), commit)
+            for params, ((_, commit), grouped) in zip(shared, members.items(), strict=True)]
 
 
-def group_of(groups: Iterable[Group], params: dict[str, Any],
-             ignore: Iterable[str] = ()) -> Group | None:
-    """The group whose runs share exactly these params (seed and `ignore` left out), if any."""
-    left_out = {SEED_KEY, *ignore}
-    wanted = _hashable({key: value for key, value in params.items() if key not in left_out})
-    return next((group for group in groups if _hashable(group.params) == wanted), None)
+def group_of(groups: Iterable[Group], params: dict[str, Any], ignore: Iterable[str] = (),
+             commit: str | None = None) -> Group | None:
+    """The group whose runs share exactly these params (seed and `ignore` left out), if any;
+    where the groups are split by commit, the one of this commit."""
+    wanted = _hashable(_grouped_params(params, {SEED_KEY, *ignore}))
+    return next((group for group in groups
+                 if _hashable(group.params) == wanted and group.commit in (None, commit)), None)
+
+
+def _grouped_params(params: dict[str, Any], left_out: set[str]) -> dict[str, Any]:
+    return {key: value for key, value in params.items() if key not in left_out}
 
 
 def _hashable(params: dict[str, Any]) -> tuple[tuple[str, str], ...]:
     # Param values may be lists or dicts (data.include); their JSON text compares them.
-    return tuple(sorted((key, json.dumps(value, sort_keys=True, default=str))
+    return tuple(sorted((key, json.dumps(_canonical(value), sort_keys=True, default=str))
                         for key, value in params.items()))
+
+
+def _canonical(value: Any) -> Any:
+    """The value with each whole float made an int: `-S train.grad_clip=1` and `=1.0` set the
+    same param. A bool is no number here (True is not 1), and JSON keeps it apart."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_canonical(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _canonical(item) for key, item in value.items()}
+    return value
 
 
 def _differing_keys(param_sets: list[dict[str, Any]]) -> list[str]:
@@ -122,10 +151,11 @@ def _differing_keys(param_sets: list[dict[str, Any]]) -> list[str]:
             if len({_hashable({key: params.get(key, UNSET)}) for params in param_sets}) > 1]
 
 
-def _group_name(params: dict[str, Any], differing: list[str]) -> str:
-    if not differing:
-        return ONE_GROUP
-    return ", ".join(f"{key}={_shown(params.get(key, UNSET))}" for key in differing)
+def _group_name(params: dict[str, Any], differing: list[str], commit: str | None) -> str:
+    shown = ", ".join(f"{key}={_shown(params.get(key, UNSET))}" for key in differing)
+    if commit is not None:
+        return f"{shown} @{commit[:SHORT_COMMIT]}".lstrip()
+    return shown or ONE_GROUP
 
 
 def _shown(value: Any) -> str:
@@ -164,19 +194,70 @@ def difference(group: Summary, baseline: Summary) -> Difference:
 
 
 def compare(groups: Sequence[Group], metrics: Sequence[str] = DEFAULT_METRICS,
-            baseline: str | None = None) -> list[Comparison]:
+            baseline: str | None = None, correction: str = NO_CORRECTION) -> list[Comparison]:
     """For each metric, every group's summary and its difference from the baseline group (a
-    group's name or one of its runs' names; the first group by default), rows sorted by mean."""
+    group's name or one of its runs' names; the first group by default), rows sorted by mean.
+
+    A metric's table counts the runs that have it: a run without it is left out of that table
+    only, and a group with no such run has no row. `correction` "holm" adjusts the p-values of
+    each table for its number of comparisons."""
+    if correction not in CORRECTIONS:
+        raise GptlabError(f"correction {correction!r}: expected one of {', '.join(CORRECTIONS)}")
     reference = find_baseline(groups, baseline)
-    comparisons = []
-    for metric in metrics:
-        summaries = [summarize(metric_values(group, metric)) for group in groups]
-        base = summaries[groups.index(reference)]
-        rows = [Row(group, summary, None if group is reference else difference(summary, base))
-                for group, summary in zip(groups, summaries, strict=True)]
-        rows.sort(key=lambda row: row.summary.mean)
-        comparisons.append(Comparison(metric, reference.name, tuple(rows)))
-    return comparisons
+    return [_compare_metric(groups, reference, metric, correction) for metric in metrics]
+
+
+def _compare_metric(groups: Sequence[Group], reference: Group, metric: str,
+                    correction: str) -> Comparison:
+    base_group = _runs_with(reference, metric)
+    if not base_group.runs:
+        known = sorted({name for run in reference.runs for name in run.metrics})
+        raise GptlabError(f"no run of the baseline ({reference.name}) has {metric!r} (they "
+                          f"have {', '.join(known) or 'none'})")
+    base = summarize(metric_values(base_group, metric))
+    rows = []
+    for group in groups:
+        if group is reference:
+            rows.append(Row(base_group, base, None))
+        elif (measured := _runs_with(group, metric)).runs:
+            summary = summarize(metric_values(measured, metric))
+            rows.append(Row(measured, summary, difference(summary, base)))
+    if correction == HOLM:
+        rows = _holm_adjusted(rows)
+    rows.sort(key=lambda row: row.summary.mean)
+    return Comparison(metric, reference.name, tuple(rows), correction)
+
+
+def _runs_with(group: Group, metric: str) -> Group:
+    """The group with only the runs that have the metric."""
+    return replace(group, runs=tuple(run for run in group.runs if metric in run.metrics))
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of k p-values, in their order: the i-th smallest is
+    multiplied by k - i + 1 (i from 1), capped at 1, and raised to the largest adjusted value
+    before it, so that the adjusted values keep the order of the raw ones."""
+    k = len(p_values)
+    adjusted = [0.0] * k
+    running = 0.0
+    for rank, index in enumerate(sorted(range(k), key=lambda i: p_values[i])):
+        running = max(running, min(1.0, (k - rank) * p_values[index]))
+        adjusted[index] = running
+    return adjusted
+
+
+def _holm_adjusted(rows: list[Row]) -> list[Row]:
+    """The rows with Holm's adjustment over the tests that have a p-value."""
+    tested = [index for index, row in enumerate(rows) if _tested(row)]
+    adjusted = dict(zip(tested, holm([rows[index].versus_baseline.p_value for index in tested]),
+                        strict=True))
+    return [replace(row, versus_baseline=replace(row.versus_baseline, p_adjusted=adjusted[index]))
+            if index in adjusted else row for index, row in enumerate(rows)]
+
+
+def _tested(row: Row) -> bool:
+    """Whether the row has a test against the baseline (a p-value)."""
+    return row.versus_baseline is not None and row.versus_baseline.p_value is not None
 
 
 def find_baseline(groups: Sequence[Group], baseline: str | None) -> Group:
@@ -191,13 +272,10 @@ def find_baseline(groups: Sequence[Group], baseline: str | None) -> Group:
 
 
 def metric_values(group: Group, metric: str) -> list[float]:
-    """The metric of each run of the group; a run without it, or with a value that is not a
-    finite number, is a GptlabError naming the run."""
+    """The metric of each run of the group, which all have it; a value that is not a finite
+    number is a GptlabError naming the run."""
     values = []
     for run in group.runs:
-        if metric not in run.metrics:
-            raise GptlabError(f"run {run.name}: no metric {metric!r} "
-                              f"(it has {', '.join(sorted(run.metrics)) or 'none'})")
         value = run.metrics[metric]
         if isinstance(value, bool) or not isinstance(value, numbers.Real) \
                 or not math.isfinite(value):
@@ -330,12 +408,18 @@ def render_markdown(comparisons: Sequence[Comparison]) -> str:
 
 def comparisons_json(comparisons: Sequence[Comparison]) -> dict[str, Any]:
     """The comparisons as plain data for JSON, by metric, numbers unrounded, None for null."""
-    return {comparison.metric: {"baseline": comparison.baseline,
-                                "rows": [_row_json(row) for row in comparison.rows]}
-            for comparison in comparisons}
+    return {comparison.metric: _comparison_json(comparison) for comparison in comparisons}
 
 
-def _row_json(row: Row) -> dict[str, Any]:
+def _comparison_json(comparison: Comparison) -> dict[str, Any]:
+    # A correction's keys only with a correction: plain output has no keys that are always null.
+    corrected = comparison.correction != NO_CORRECTION
+    return {"baseline": comparison.baseline,
+            **({"correction": comparison.correction} if corrected else {}),
+            "rows": [_row_json(row, corrected) for row in comparison.rows]}
+
+
+def _row_json(row: Row, corrected: bool) -> dict[str, Any]:
     summary, versus = row.summary, row.versus_baseline
     return {
         "group": row.group.name,
@@ -345,7 +429,8 @@ def _row_json(row: Row) -> dict[str, Any]:
         "sd": summary.sd,
         "ci95": _pair(summary.ci95),
         "vs_baseline": None if versus is None else {
-            "diff": versus.diff, "ci95": _pair(versus.ci95), "p_value": versus.p_value},
+            "diff": versus.diff, "ci95": _pair(versus.ci95), "p_value": versus.p_value,
+            **({"p_adjusted": versus.p_adjusted} if corrected else {})},
     }
 
 
@@ -356,17 +441,20 @@ def _pair(interval: tuple[float, float] | None) -> list[float] | None:
 def _cells(comparison: Comparison) -> tuple[list[str], list[list[str]]]:
     """The table's header and rows as text, numbers rounded alike within the metric."""
     decimals = _decimals(comparison)
+    corrected = comparison.correction == HOLM
     header = ["group", "n", "mean", "sd", "95% CI", "diff", "diff 95% CI", "p (Welch)"]
+    header += ["p (Holm)"] if corrected else []
     rows = []
     for row in comparison.rows:
         summary, versus = row.summary, row.versus_baseline
         cells = [row.group.name, str(summary.n), f"{summary.mean:.{decimals}f}",
                  _number(summary.sd, decimals), _interval(summary.ci95, decimals)]
         if versus is None:
-            cells += ["baseline", "", ""]
+            cells += ["baseline", "", ""] + ([""] if corrected else [])
         else:
             cells += [f"{versus.diff:+.{decimals}f}", _interval(versus.ci95, decimals),
                       _p_value(versus.p_value)]
+            cells += [_p_value(versus.p_adjusted)] if corrected else []
         rows.append(cells)
     return header, rows
 
@@ -397,11 +485,18 @@ def _p_value(p: float | None) -> str:
 
 
 def _notes(comparison: Comparison) -> list[str]:
+    notes = []
     single = [row.group.name for row in comparison.rows if row.summary.n < 2]
-    if not single:
-        return []
-    each = "one run" if len(single) == 1 else "one run each"
-    return [f"{'; '.join(single)}: {each}, so no sd, interval or p-value; run more seeds"]
+    if single:
+        each = "one run" if len(single) == 1 else "one run each"
+        notes.append(f"{'; '.join(single)}: {each}, so no sd, interval or p-value; "
+                     f"run more seeds")
+    tests = sum(_tested(row) for row in comparison.rows)
+    if comparison.correction == HOLM and tests:
+        notes.append(f"p (Holm): Welch's p, Holm-adjusted for the {tests} "
+                     f"comparison{'' if tests == 1 else 's'} of {comparison.metric} with the "
+                     f"baseline")
+    return notes
 
 
 def _markdown_line(cells: list[str]) -> str:
