@@ -10,7 +10,10 @@ import os
 # than there are cores (xdist workers, and the stages, DVC queue workers and torchrun they
 # start): spinning, they starve each other, and a tiny model's few steps take minutes. Threads
 # that sleep instead keep their number, so every result is the same. Set before torch loads.
+# numpy's OpenBLAS spins its own threads after each call the same way (the scaling fits make
+# thousands of tiny ones): one thread, set before numpy loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import copy
 import gzip
@@ -40,7 +43,7 @@ TINYSHAKESPEARE = ROOT / "tests" / "data" / "tinyshakespeare.txt"
 # The environment the tests run in, which stands in for a project's own .venv.
 VENV = Path(sys.executable).parents[1]
 # What a process the tests start with an environment of its own keeps of this one's.
-PASSIVE_THREADS = {"OMP_WAIT_POLICY": os.environ["OMP_WAIT_POLICY"]}
+PASSIVE_THREADS = {key: os.environ[key] for key in ("OMP_WAIT_POLICY", "OPENBLAS_NUM_THREADS")}
 
 # A few KB of English verse (Coriolanus, I.i), e.g. enough merges for a 350-token BPE.
 VERSE = """\

@@ -12,13 +12,14 @@ from helpers import copy_project, dvc, dvc_run, gptlab, with_venv
 
 from gptlab.lab.experiments import read_experiments
 
-SWEEP = ("--widths", "16,32", "--steps", "10,20,40")
+# Two budgets, three shapes at each from a ladder of four: 6 runs of 8 to 48 steps.
+SWEEP = ("--budgets", "3.8e7,1.1e8", "--shapes", "1x16,2x16,1x32,2x32", "--per-budget", "3")
 
 
 @pytest.fixture(scope="module")
 def lab(pipeline, tmp_path_factory) -> Path:
-    """The pipeline's project after two seeds of each of two norms, and a 2 x 3 scaling sweep,
-    ran as queued experiments."""
+    """The pipeline's project after two seeds of each of two norms, and a scaling sweep of two
+    isoFLOP profiles of three shapes, ran as queued experiments."""
     project = with_venv(copy_project(pipeline[0], tmp_path_factory.mktemp("lab")))
     dvc(project, "exp", "run", "--queue", "-S", "seed=1,2", "-S", "model.norm=layernorm,rmsnorm")
     queued = gptlab(project, "scaling", "--queue", *SWEEP)
@@ -79,6 +80,13 @@ def test_scaling_fits_the_sweep_and_writes_its_summary_and_figure(lab):
     summary = json.loads((lab / "metrics" / "scaling.json").read_text())
     assert summary["runs"] == 6
     assert set(summary["law"]) >= {"E", "A", "B", "alpha", "beta"}
+    # Two isoFLOP profiles, each named by the budget its experiments were queued at.
+    assert set(summary["isoflop"]["profiles"]) == {"38000000.0", "110000000.0"}
+    assert all(profile["runs"] == 3 for profile in summary["isoflop"]["profiles"].values())
+    assert "isoFLOP profiles" in result.stdout and "at 3.8e+07 FLOPs (3 runs)" in result.stdout
+    # Six tiny runs cannot pin down a law: the output says so instead of advising a split.
+    assert summary["warnings"] and summary["compute_optimal"]["reliable"] is False
+    assert "no compute-optimal split" in result.stdout
     assert (lab / "plots" / "scaling.png").read_bytes().startswith(b"\x89PNG")
 
 

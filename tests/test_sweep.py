@@ -1,13 +1,23 @@
-"""gptlab.lab.sweep: the scaling sweep's grid, and its finished experiments as (N, D, loss)."""
+"""gptlab.lab.sweep: the scaling sweep's isoFLOP design, and its finished experiments as (N, D,
+loss)."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 from helpers import PROJECT_PARAMS
 
+from gptlab.cli import BUDGETS, SHAPES, SHAPES_PER_BUDGET
 from gptlab.errors import GptlabError
 from gptlab.lab.experiments import Experiment, Experiments
-from gptlab.lab.sweep import block_params, scaling_runs, sweep_grid, training_tokens
+from gptlab.lab.sweep import (
+    block_params,
+    isoflop_design,
+    repeated_data,
+    scaling_runs,
+    training_tokens,
+)
 
 MODEL = {f"model.{key}": value for key, value in PROJECT_PARAMS.model.model_dump().items()}
 TRAIN = {"train.batch_size": 12, "train.grad_accum": 2, "train.max_iters": 500}
@@ -15,27 +25,70 @@ METRICS = {"eval.val_loss": 2.1, "tokenize.vocab_size": 65}
 
 
 def experiment(name: str, width: int = 64, steps: int = 500, **metrics: float) -> Experiment:
-    params = {**MODEL, **TRAIN, "model.n_embd": width, "train.max_iters": steps}
+    params = {**MODEL, **TRAIN, "model.n_embd": width, "train.max_iters": steps, "seed": 3}
     return Experiment(name, f"{name}-rev", params, {**METRICS, **metrics})
 
 
-def test_the_grid_is_every_width_with_every_step_count():
-    grid = sweep_grid(PROJECT_PARAMS.model, [32, 64], [100, 200, 400])
-    assert [name for name, _ in grid] == [
-        "scale-w32-s100", "scale-w32-s200", "scale-w32-s400",
-        "scale-w64-s100", "scale-w64-s200", "scale-w64-s400"]
-    # Every run trains every weight from random ones, whatever the workspace starts from.
-    assert grid[4][1] == {"model.init": "scratch", "train.lora.rank": 0, "model.n_embd": 64,
-                          "train.max_iters": 200}
+def default_design():
+    return isoflop_design(PROJECT_PARAMS.model, PROJECT_PARAMS.train, list(BUDGETS),
+                          list(SHAPES), SHAPES_PER_BUDGET)
 
 
-@pytest.mark.parametrize(("widths", "steps", "message"), [
-    ([30], [100], r"^--widths: 30: .*n_head"),  # 4 heads do not divide 30
-    ([32], [0], r"^--steps: 0 is not a number of steps$"),
+def test_each_budget_takes_consecutive_shapes_that_slide_up_the_ladder():
+    planned = default_design()
+    assert [run.name for run in planned[:5]] == [
+        "scale-2e11-1x32", "scale-2e11-2x32", "scale-2e11-2x40", "scale-2e11-2x48",
+        "scale-2e11-2x64"]
+    assert [run.name for run in planned[-5:]] == [
+        "scale-2e12-2x64", "scale-2e12-3x64", "scale-2e12-3x80", "scale-2e12-4x80",
+        "scale-2e12-4x96"]
+    ladder = sorted({run.n_params for run in planned})
+    assert ladder == sorted(ladder) and len(ladder) == len(SHAPES)
+    for budget in BUDGETS:
+        sizes = [run.n_params for run in planned if run.budget == budget]
+        assert len(sizes) == SHAPES_PER_BUDGET and sizes == sorted(sizes)
+        assert ladder.index(sizes[-1]) - ladder.index(sizes[0]) == SHAPES_PER_BUDGET - 1
+
+
+def test_every_run_spends_its_budget_and_the_design_spans_what_a_law_needs():
+    planned = default_design()
+    tokens_per_step = PROJECT_PARAMS.train.batch_size * PROJECT_PARAMS.model.block_size
+    for run in planned:
+        assert run.n_tokens == run.steps * tokens_per_step
+        assert 6 * run.n_params * run.n_tokens == pytest.approx(run.budget, rel=0.01)
+        assert run.n_params == block_params(
+            {**MODEL, "model.n_layer": run.n_layer, "model.n_embd": run.n_embd}, 65)
+        # Every run trains every weight from random ones, whatever the workspace starts from.
+        assert run.overrides == {"model.init": "scratch", "train.lora.rank": 0,
+                                 "model.n_layer": run.n_layer, "model.n_embd": run.n_embd,
+                                 "train.max_iters": run.steps}
+    sizes = [run.n_params for run in planned]
+    assert max(BUDGETS) / min(BUDGETS) >= 10 and max(sizes) / min(sizes) >= 30
+
+
+def test_runs_that_read_the_train_split_more_than_once_are_named():
+    planned = default_design()
+    lines = repeated_data(planned, train_tokens=2_000_000)
+    longest = max(planned, key=lambda run: run.n_tokens)
+    assert len(lines) == 4 and all(" epochs of the 2,000,000-token train split: it repeats data"
+                                   in line for line in lines)
+    assert any(line.startswith(f"{longest.name} reads {longest.n_tokens:,} tokens, 1.7 epochs ")
+               for line in lines)
+    # The default sweep reads the default corpus's 4.5M-token train split at most once.
+    assert repeated_data(planned, train_tokens=4_525_044) == []
+
+
+@pytest.mark.parametrize(("budgets", "shapes", "per_budget", "message"), [
+    ([1e12], ["2x30", "2x32", "2x64"], 3, r"^--shapes: 2x30: .*n_head"),  # 4 heads, 30 wide
+    ([1e12], ["2x32", "wide"], 3, r"^--shapes: 'wide' is not LAYERSxWIDTH"),
+    ([1e12], ["1x32", "2x32", "2x64"], 2, r"^--per-budget: 2 shapes .* 3 or more"),
+    ([1e12], ["1x32", "2x32", "2x64"], 4, r"^--per-budget: .* at most the 3 --shapes"),
+    ([1e12, 1.01e12], ["1x32", "2x32", "2x64"], 3, r"^--budgets: 1e12,1e12: expected distinct"),
+    ([1e3], ["1x32", "2x32", "2x64"], 3, r"^--budgets: 1e3 FLOPs buy shape 1x32 .* less than"),
 ])
-def test_a_bad_grid_is_refused_before_anything_is_queued(widths, steps, message):
+def test_a_bad_design_is_refused_before_anything_is_queued(budgets, shapes, per_budget, message):
     with pytest.raises(GptlabError, match=message):
-        sweep_grid(PROJECT_PARAMS.model, widths, steps)
+        isoflop_design(PROJECT_PARAMS.model, PROJECT_PARAMS.train, budgets, shapes, per_budget)
 
 
 @pytest.mark.parametrize("changes", [
@@ -58,15 +111,26 @@ def test_d_is_tokens_per_step_times_steps():
 
 
 def test_scaling_runs_are_the_sweeps_experiments_only():
-    found = Experiments([experiment("scale-w32-s500", width=32), experiment("seed-2"),
-                         experiment("scale-w64-s1000", width=64, steps=1000,
-                                    **{"eval.val_loss": 1.8})],
+    found = Experiments([experiment("scale-2e11-1x32", width=32), experiment("seed-2"),
+                         experiment("scale-6.3e11-1x64", width=64, steps=1000,
+                                    **{"eval.val_loss": 1.8}),
+                         experiment("scale-w32-s500", width=32)],
                         [], {})
     runs = scaling_runs(found)
-    assert [(run.name, run.loss) for run in runs] == [("scale-w32-s500", 2.1),
-                                                      ("scale-w64-s1000", 1.8)]
+    assert [(run.name, run.loss) for run in runs] == [
+        ("scale-2e11-1x32", 2.1), ("scale-6.3e11-1x64", 1.8), ("scale-w32-s500", 2.1)]
     assert runs[1].n_tokens == 2 * runs[0].n_tokens
     assert runs[0].n_params == block_params(found.finished[0].params, 65)
+    # The budget its name gives (a sweep of another design has none), and its seed.
+    assert [run.budget for run in runs] == [2e11, 6.3e11, None]
+    assert {run.seed for run in runs} == {3}
+
+
+def test_runs_of_one_name_from_two_commits_are_told_apart():
+    first, second = experiment("scale-2e11-1x32"), experiment("scale-2e11-1x32")
+    found = Experiments([replace(first, base="a" * 40), replace(second, base="b" * 40)], [], {})
+    assert [run.name for run in scaling_runs(found)] == ["scale-2e11-1x32@aaaaaaa",
+                                                         "scale-2e11-1x32@bbbbbbb"]
 
 
 def test_a_sweep_experiment_without_results_is_one_line():

@@ -20,7 +20,9 @@ from gptlab import __version__
 from gptlab.errors import GptlabError, run_main
 from gptlab.lab.experiments import Experiments, read_experiments, recover
 from gptlab.lab.stats import (
+    CORRECTIONS,
     DEFAULT_METRICS,
+    NO_CORRECTION,
     Run,
     compare,
     comparisons_json,
@@ -49,10 +51,13 @@ SAMPLING_DEFAULTS = (f"Defaults come from the sample section of ./params.yaml if
 # A gptlab project is a folder with DVC's pipeline, or one inside such a folder.
 PROJECT_FILE = "dvc.yaml"
 SAMPLE_SEPARATOR = "-" * 15
-# `gptlab scaling --queue`'s grid: 12 runs of the default corpus and model, some 15 minutes on
-# two CPU cores.
-SWEEP_WIDTHS = (32, 64, 96, 128)
-SWEEP_STEPS = (500, 1000, 2000)
+# `gptlab scaling --queue`'s default sweep, on the default corpus and recipe: three budgets a
+# decade apart, five shapes at each. The shapes climb a ladder about 1.5x apart in N (12K to
+# 440K, 36x); each budget takes the five around where some 20 tokens per parameter would put
+# its best model, and no run reads the 4.5M-token train split more than once.
+BUDGETS = (2e11, 6e11, 2e12)
+SHAPES = ("1x32", "2x32", "2x40", "2x48", "2x64", "3x64", "3x80", "4x80", "4x96")
+SHAPES_PER_BUDGET = 5
 DESCRIPTION = ("Tools around the gptlab pipeline (the stages themselves run with `dvc repro`). "
                "`sample` and `chat` take their defaults from the sample section of "
                "./params.yaml, and every option overrides its key.")
@@ -151,7 +156,8 @@ def add_lab_commands(commands: argparse._SubParsersAction) -> None:
         description="Groups the experiments of this commit by their params, seed (and --ignore "
                     "keys) left out; for each group and metric: runs, mean, standard deviation "
                     "and 95% interval (Student's t); against the baseline group: the "
-                    "difference of means with its interval and Welch's t-test p-value. The "
+                    "difference of means with its interval and Welch's t-test p-value. An "
+                    "experiment without a metric is left out of that metric's table only. The "
                     "scaling sweep's experiments (scale-*) are left out.")
     compare.add_argument("--metric", dest="metrics", action="append", metavar="NAME",
                          help="metric to compare (repeat; default: val_loss and bits_per_byte)")
@@ -161,23 +167,34 @@ def add_lab_commands(commands: argparse._SubParsersAction) -> None:
                          help="the group (or a run in it) to compare with (default: the "
                               "group of the workspace's params)")
     compare.add_argument("--all-commits", action="store_true",
-                         help="the experiments of every commit, not only the current one")
+                         help="the experiments of every commit, not only the current one. "
+                              "Experiments of different commits may have run different code, "
+                              "so they never share a group: with several commits, each group's "
+                              "name ends with its commit (model.norm=rmsnorm @1a2b3c4)")
+    compare.add_argument("--correct", choices=CORRECTIONS, default=NO_CORRECTION,
+                         help="correct the p-values of each table for its several comparisons "
+                              "with the baseline: holm adds Holm's step-down adjusted p "
+                              f"(default: {NO_CORRECTION})")
     output = compare.add_mutually_exclusive_group()
     output.add_argument("--md", action="store_true", help="Markdown tables")
     output.add_argument("--json", action="store_true", help="JSON")
     scaling = commands.add_parser(
         "scaling", help="queue a scaling sweep, or fit scaling laws to the finished one",
-        description="With --queue: queue one experiment per model width and training length. "
-                    "Without: fit L(N, D) = E + A/N^alpha + B/D^beta (Hoffmann et al. 2022) "
-                    "and the compute frontier to the finished experiments of the sweep; write "
-                    "metrics/scaling.json and plots/scaling.png.")
+        description="With --queue: queue isoFLOP profiles, at each compute budget several model "
+                    "shapes trained for the steps that spend it. Without: fit them (Hoffmann et "
+                    "al. 2022's approaches 2 and 3: the best N and D of each budget, and L(N, D) "
+                    "= E + A/N^alpha + B/D^beta) with bootstrap intervals, and the compute "
+                    "frontier; write metrics/scaling.json and plots/scaling.png.")
     scaling.add_argument("--queue", action="store_true", help="queue the sweep's experiments")
-    scaling.add_argument("--widths", type=int_list, default=list(SWEEP_WIDTHS),
-                         metavar="W,W,...", help="model.n_embd of the sweep (default: "
-                         f"{','.join(map(str, SWEEP_WIDTHS))})")
-    scaling.add_argument("--steps", type=int_list, default=list(SWEEP_STEPS),
-                         metavar="S,S,...", help="train.max_iters of the sweep (default: "
-                         f"{','.join(map(str, SWEEP_STEPS))})")
+    scaling.add_argument("--budgets", type=float_list, default=list(BUDGETS),
+                         metavar="C,C,...", help="compute budgets in FLOPs (default: "
+                         f"{','.join(f'{c:g}' for c in BUDGETS)})")
+    scaling.add_argument("--shapes", type=str_list, default=list(SHAPES),
+                         metavar="LxW,...", help="the ladder of model shapes, model.n_layer x "
+                         f"model.n_embd (default: {','.join(SHAPES)})")
+    scaling.add_argument("--per-budget", type=int, default=SHAPES_PER_BUDGET, metavar="K",
+                         help="shapes at each budget, consecutive on the ladder, sliding up it "
+                              f"as the budget grows (default: {SHAPES_PER_BUDGET})")
     scaling.add_argument("--budget", type=float, metavar="FLOPS",
                          help="compute for the compute-optimal N and D (default: the largest "
                               "run's)")
@@ -232,11 +249,15 @@ def at_least(smallest: int):
     return parse
 
 
-def int_list(text: str) -> list[int]:
+def float_list(text: str) -> list[float]:
     try:
-        return [int(part) for part in text.split(",")]
+        return [float(part) for part in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a list of integers") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of numbers") from None
+
+
+def str_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def run_compare(args: argparse.Namespace) -> None:
@@ -245,12 +266,12 @@ def run_compare(args: argparse.Namespace) -> None:
     groups = group_runs(comparable_runs(found, metrics), args.ignore)
     baseline = args.baseline
     if baseline is None:
-        workspace = group_of(groups, found.workspace, args.ignore)
+        workspace = group_of(groups, found.workspace, args.ignore, found.head)
         if workspace is None:
             print(f"note: no experiment has the workspace's params; the baseline is the first "
                   f"group, {groups[0].name} (choose one with --baseline)", file=sys.stderr)
         baseline = groups[0].name if workspace is None else workspace.name
-    comparisons = compare(groups, metrics, baseline)
+    comparisons = compare(groups, metrics, baseline, args.correct)
     if args.json:
         print(json.dumps(comparisons_json(comparisons), indent=2))
     else:
@@ -258,8 +279,9 @@ def run_compare(args: argparse.Namespace) -> None:
 
 
 def comparable_runs(found: Experiments, metrics: list[str]) -> list[Run]:
-    """The finished experiments that have every metric, but not the scaling sweep's (another
-    question); a note on stderr says what was left out."""
+    """The finished experiments that have any of the metrics, but not the scaling sweep's
+    (another question); notes on stderr say what was left out, and which experiments each
+    metric's table leaves out for lacking it."""
     from gptlab.lab.sweep import PREFIX as SWEEP_PREFIX
 
     names = [*found.unfinished, *(e.name for e in found.finished)]
@@ -271,13 +293,18 @@ def comparable_runs(found: Experiments, metrics: list[str]) -> list[Run]:
             close = difflib.get_close_matches(metric, known, n=3, cutoff=0.5)
             hint = f"did you mean {', '.join(close)}?" if close else f"metrics: {', '.join(known)}"
             raise GptlabError(f"--metric {metric}: no experiment has it ({hint})")
-    runs = [Run(e.name, e.params, e.metrics) for e in candidates
-            if all(metric in e.metrics for metric in metrics)]
+    runs = [Run(e.name, e.params, e.metrics, e.base) for e in candidates
+            if any(metric in e.metrics for metric in metrics)]
     compared = {run.name for run in runs}
     without_results = [name for name in names if name not in compared and name not in sweep]
     if without_results:
         print(f"note: left out {counted(without_results, 'experiment')} without results: "
               f"{', '.join(without_results)}", file=sys.stderr)
+    for metric in metrics:
+        lacking = [run.name for run in runs if metric not in run.metrics]
+        if lacking:
+            print(f"note: {metric}: left out {counted(lacking, 'experiment')} without it: "
+                  f"{', '.join(lacking)}", file=sys.stderr)
     if sweep:
         print(f"note: left out the scaling sweep's {counted(sweep, 'experiment')} "
               f"({SWEEP_PREFIX}*)", file=sys.stderr)
@@ -292,26 +319,40 @@ def counted(items: list, noun: str) -> str:
 
 def run_scaling(args: argparse.Namespace) -> None:
     from gptlab.io import write_json
-    from gptlab.lab.scaling import analyse_sweep, scaling_summary, write_scaling_figure
-    from gptlab.lab.sweep import queue_sweep, scaling_runs, sweep_grid
+    from gptlab.lab.scaling import (
+        analyse_sweep,
+        render_scaling,
+        scaling_summary,
+        write_scaling_figure,
+    )
+    from gptlab.lab.sweep import (
+        isoflop_design,
+        queue_sweep,
+        repeated_data,
+        scaling_runs,
+        train_split_tokens,
+        workspace_train_tokens,
+    )
 
     if args.queue:
-        grid = sweep_grid(load_params().model, args.widths, args.steps)
-        queue_sweep(grid)
-        print(f"queued {len(grid)} experiments ({', '.join(name for name, _ in grid)}); run "
-              f"them with `dvc queue start`, then `gptlab scaling`")
+        params = load_params()
+        planned = isoflop_design(params.model, params.train, args.budgets, args.shapes,
+                                 args.per_budget)
+        train_tokens = workspace_train_tokens()
+        for line in repeated_data(planned, train_tokens) if train_tokens else []:
+            print(f"note: {line}", file=sys.stderr)
+        queue_sweep(planned)
+        print(f"queued {len(planned)} experiments ({', '.join(run.name for run in planned)}); "
+              f"run them with `dvc queue start`, then `gptlab scaling`")
         return
-    runs = scaling_runs(read_experiments(all_commits=args.all_commits))
+    experiments = read_experiments(all_commits=args.all_commits)
+    runs = scaling_runs(experiments)
     sweep = analyse_sweep(runs)
     budget = max(run.compute for run in runs) if args.budget is None else args.budget
-    summary = scaling_summary(sweep, budget)
+    summary = scaling_summary(sweep, budget, train_split_tokens(experiments))
     write_json(Path("metrics/scaling.json"), summary, "the scaling fit")
     figure = write_scaling_figure(sweep, Path("plots/scaling.png"))
-    law, best = summary["law"], summary["compute_optimal"]
-    print(f"{len(runs)} runs: L(N, D) = {law['E']:.3f} + {law['A']:.4g}/N^{law['alpha']:.3f} + "
-          f"{law['B']:.4g}/D^{law['beta']:.3f}")
-    print(f"compute-optimal at {best['compute']:.3g} FLOPs: N = {best['n_params']:.3g}, "
-          f"D = {best['n_tokens']:.3g} ({best['tokens_per_param']:.1f} tokens per parameter)")
+    print(render_scaling(summary))
     print(f"wrote metrics/scaling.json and {figure}")
 
 

@@ -1,55 +1,129 @@
-"""A scaling sweep as DVC experiments: a grid of model widths and training lengths queued with
-`dvc exp run --queue`, and the finished runs read back as (N, D, loss) for gptlab.lab.scaling.
+"""A scaling sweep as DVC experiments, and its finished runs read back as (N, D, loss) for
+gptlab.lab.scaling.
 
-N counts the parameters the blocks hold (no token or position tables, no output layer: what
-Hoffmann et al. count), D the training tokens, and the loss is the validation loss on every
-token of the split (metrics/eval.json).
+The sweep is Hoffmann et al.'s (2022) approach 2: isoFLOP profiles. At each of a few compute
+budgets C, several model shapes (depth x width) each train for the steps that spend C = 6 N D,
+so that the loss against N at fixed C is a valley whose bottom is that budget's best model.
+
+N counts the parameters the blocks hold (no token or position tables, no output layer): the
+non-embedding count of Kaplan et al. (2020); Hoffmann et al. counted every parameter. D counts
+the training tokens, and the loss is the validation loss on every token of the split
+(metrics/eval.json).
 """
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from pydantic import ValidationError
 
 from gptlab.errors import GptlabError
 from gptlab.lab.experiments import Experiments
 from gptlab.lab.scaling import ScalingRun
-from gptlab.model import build_model
-from gptlab.params import ModelConfig, ModelParams, describe
+from gptlab.params import ModelConfig, ModelParams, TrainParams, describe
 
 PREFIX = "scale-"
 # Every run of a sweep trains every weight from random ones: N and D count nothing else.
-# The sweep's metrics: the loss on every token of the validation split, and the vocabulary.
-LOSS, VOCAB_SIZE = "eval.val_loss", "tokenize.vocab_size"
+# The sweep's metrics: the loss on every token of the validation split, the vocabulary, and
+# the train split's size (to count epochs).
+LOSS, VOCAB_SIZE, TRAIN_TOKENS = "eval.val_loss", "tokenize.vocab_size", "tokenize.train_tokens"
 FROM_SCRATCH = {"model.init": "scratch", "train.lora.rank": 0}
+# An experiment's name: scale-<budget>-<layers>x<width>, e.g. scale-6e11-2x64.
+NAME = re.compile(rf"^{PREFIX}(?P<budget>\d+(?:\.\d+)?(?:e\d+)?)-\d+x\d+$")
 
 
-def sweep_grid(model: ModelParams, widths: list[int],
-               steps: list[int]) -> list[tuple[str, dict[str, Any]]]:
-    """The sweep's experiments, each a name and its params, checked before any is queued."""
-    grid = []
-    for width in widths:
-        try:
-            ModelParams(**{**model.model_dump(), "n_embd": width})
-        except ValidationError as error:
-            raise GptlabError(f"--widths: {width}: {describe(error, ModelParams)}") from None
-        for count in steps:
-            if count < 1:
-                raise GptlabError(f"--steps: {count} is not a number of steps")
-            grid.append((f"{PREFIX}w{width}-s{count}", {**FROM_SCRATCH, "model.n_embd": width,
-                                                       "train.max_iters": count}))
-    return grid
+@dataclass(frozen=True)
+class PlannedRun:
+    """One experiment of the sweep: its name, budget, shape, N, and the steps that spend it."""
+
+    name: str
+    budget: float
+    n_layer: int
+    n_embd: int
+    n_params: int
+    steps: int
+    n_tokens: int
+
+    @property
+    def overrides(self) -> dict[str, Any]:
+        return {**FROM_SCRATCH, "model.n_layer": self.n_layer, "model.n_embd": self.n_embd,
+                "train.max_iters": self.steps}
 
 
-def queue_sweep(grid: list[tuple[str, dict[str, Any]]], project: Path = Path(".")) -> None:
-    """Queue each experiment of the grid (`dvc queue start` runs them)."""
-    for name, params in grid:
-        settings = [item for key, value in params.items() for item in ("-S", f"{key}={value}")]
+def isoflop_design(model: ModelParams, train: TrainParams, budgets: list[float],
+                   shapes: list[str], per_budget: int) -> list[PlannedRun]:
+    """The sweep's experiments, checked before any is queued: at each budget (smallest first),
+    `per_budget` consecutive shapes of the ladder (sorted by N), sliding up it as the budget
+    grows, each trained for the steps that spend the budget."""
+    ladder = sorted((_shape_size(model, shape) for shape in shapes), key=lambda size: size[2])
+    if per_budget < 3 or per_budget > len(ladder):
+        raise GptlabError(f"--per-budget: {per_budget} shapes at each budget needs 3 or more "
+                          f"(a valley has a bottom and two sides) and at most the "
+                          f"{len(ladder)} --shapes given")
+    budgets = sorted(budgets)
+    labels = [_budget_label(budget) for budget in budgets]
+    if len(set(labels)) < len(labels) or any(budget <= 0 for budget in budgets):
+        raise GptlabError(f"--budgets: {','.join(labels)}: expected distinct positive FLOPs")
+    tokens_per_step = train.batch_size * train.grad_accum * model.block_size
+    planned = []
+    slide = len(ladder) - per_budget
+    for index, (budget, label) in enumerate(zip(budgets, labels, strict=True)):
+        first = round(index * slide / (len(budgets) - 1)) if len(budgets) > 1 else slide // 2
+        for n_layer, n_embd, n_params in ladder[first:first + per_budget]:
+            steps = round(budget / (6 * n_params * tokens_per_step))
+            if steps < 1:
+                raise GptlabError(f"--budgets: {label} FLOPs buy shape {n_layer}x{n_embd} "
+                                  f"(N = {n_params}) less than one step of {tokens_per_step} "
+                                  f"tokens; raise the budget")
+            planned.append(PlannedRun(f"{PREFIX}{label}-{n_layer}x{n_embd}", budget, n_layer,
+                                      n_embd, n_params, steps, steps * tokens_per_step))
+    return planned
+
+
+def _shape_size(model: ModelParams, shape: str) -> tuple[int, int, int]:
+    """(n_layer, n_embd, N) of a shape written LAYERSxWIDTH, refused in one line if the model
+    section cannot take it."""
+    match = re.fullmatch(r"(\d+)x(\d+)", shape)
+    if match is None:
+        raise GptlabError(f"--shapes: {shape!r} is not LAYERSxWIDTH (e.g. 2x64)")
+    n_layer, n_embd = int(match[1]), int(match[2])
+    try:
+        changed = ModelParams(**{**model.model_dump(), "n_layer": n_layer, "n_embd": n_embd})
+    except ValidationError as error:
+        raise GptlabError(f"--shapes: {shape}: {describe(error, ModelParams)}") from None
+    params = {f"model.{key}": value for key, value in changed.model_dump().items()}
+    # N leaves out the token table and output layer, so any vocabulary counts it the same.
+    return n_layer, n_embd, block_params(params, vocab_size=1)
+
+
+def _budget_label(budget: float) -> str:
+    """2e11 as "2e11" and 6.3e11 as "6.3e11": a budget as an experiment's name can hold it."""
+    text = f"{budget:.2g}"
+    if "e" not in text:
+        return text
+    mantissa, exponent = text.split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def repeated_data(planned: list[PlannedRun], train_tokens: int) -> list[str]:
+    """One line for each run that reads the train split more than once."""
+    return [f"{run.name} reads {run.n_tokens:,} tokens, {run.n_tokens / train_tokens:.1f} epochs "
+            f"of the {train_tokens:,}-token train split: it repeats data"
+            for run in planned if run.n_tokens > train_tokens]
+
+
+def queue_sweep(planned: list[PlannedRun], project: Path = Path(".")) -> None:
+    """Queue each experiment of the sweep (`dvc queue start` runs them)."""
+    for run in planned:
+        name = run.name
+        settings = [item for key, value in run.overrides.items()
+                    for item in ("-S", f"{key}={value}")]
         command = [sys.executable, "-m", "dvc", "exp", "run", "--queue", "-n", name, *settings]
         result = subprocess.run(command, cwd=project, capture_output=True, text=True)
         if result.returncode:
@@ -58,17 +132,23 @@ def queue_sweep(grid: list[tuple[str, dict[str, Any]]], project: Path = Path("."
 
 
 def scaling_runs(experiments: Experiments, prefix: str = PREFIX) -> list[ScalingRun]:
-    """The experiments named `prefix...` as (N, D, validation loss); one without results is
-    a GptlabError, since a fit without it would not be the sweep's."""
+    """The experiments named `prefix...` as (N, D, validation loss), each with the budget its
+    name gives (none for a sweep of another design) and its seed; one without results is a
+    GptlabError, since a fit without it would not be the sweep's. Runs of one name from several
+    commits (--all-commits) are told apart by their commit."""
     unfinished = [name for name in experiments.unfinished if name.startswith(prefix)]
     if unfinished:
         raise GptlabError(f"experiment {unfinished[0]} of the sweep has no results: still queued "
                           f"or running, or failed (`dvc queue status`, `dvc queue logs "
                           f"{unfinished[0]}`); wait for it, or remove it with `dvc exp remove`")
+    finished = [e for e in experiments.finished if e.name.startswith(prefix)]
+    if not finished:
+        raise GptlabError(f"no experiments of the sweep ({prefix}*) in this commit; queue them "
+                          f"with `gptlab scaling --queue` and run them with `dvc queue start` "
+                          f"(or add --all-commits for earlier commits' sweeps)")
+    names = [experiment.name for experiment in finished]
     runs = []
-    for experiment in experiments.finished:
-        if not experiment.name.startswith(prefix):
-            continue
+    for experiment in finished:
         metrics = experiment.metrics
         if LOSS not in metrics or VOCAB_SIZE not in metrics:
             raise GptlabError(f"experiment {experiment.name}: no {LOSS} or {VOCAB_SIZE} in its "
@@ -80,17 +160,38 @@ def scaling_runs(experiments: Experiments, prefix: str = PREFIX) -> list[Scaling
             problem = (f"no {error.args[0]}" if isinstance(error, KeyError)
                        else describe(error, ModelParams))
             raise GptlabError(f"experiment {experiment.name}: params.yaml: {problem}") from None
-        runs.append(ScalingRun(experiment.name, n_params, n_tokens, metrics[LOSS]))
-    if not runs:
-        raise GptlabError(f"no experiments of the sweep ({prefix}*) in this commit; queue them "
-                          f"with `gptlab scaling --queue` and run them with `dvc queue start` "
-                          f"(or add --all-commits for earlier commits' sweeps)")
+        name = (experiment.name if names.count(experiment.name) == 1
+                else f"{experiment.name}@{(experiment.base or experiment.rev)[:7]}")
+        planned = NAME.match(experiment.name)
+        runs.append(ScalingRun(name, n_params, n_tokens, metrics[LOSS],
+                               budget=float(planned["budget"]) if planned else None,
+                               seed=experiment.params.get("seed")))
     return runs
+
+
+def workspace_train_tokens(path: Path = Path("metrics/tokenize.json")) -> int | None:
+    """The workspace's train split in tokens, if its tokenize stage has run."""
+    try:
+        return int(json.loads(path.read_text(encoding="utf-8"))["train_tokens"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def train_split_tokens(experiments: Experiments, prefix: str = PREFIX) -> int | None:
+    """The train split's size in tokens, as the sweep's tokenize stage counted it (None when
+    its runs did not record it)."""
+    counts = {e.metrics.get(TRAIN_TOKENS) for e in experiments.finished
+              if e.name.startswith(prefix)}
+    return counts.pop() if len(counts) == 1 and None not in counts else None
 
 
 def block_params(params: dict[str, object], vocab_size: int) -> int:
     """N: the parameters of the model's blocks and final norm (GPT.block_params), counted on a
     copy without storage (meta device)."""
+    import torch  # the model's torch, only when counting: `gptlab --help` should not wait for it
+
+    from gptlab.model import build_model
+
     model = {key.removeprefix("model."): value for key, value in params.items()
              if key.startswith("model.")}
     config = ModelConfig.of(ModelParams(**model), vocab_size)
