@@ -51,12 +51,14 @@ SAMPLING_DEFAULTS = (f"Defaults come from the sample section of ./params.yaml if
 # A gptlab project is a folder with DVC's pipeline, or one inside such a folder.
 PROJECT_FILE = "dvc.yaml"
 SAMPLE_SEPARATOR = "-" * 15
-# `gptlab scaling --queue`'s default sweep, on the default corpus and recipe: three budgets a
-# decade apart, five shapes at each. The shapes climb a ladder about 1.5x apart in N (12K to
-# 440K, 36x); each budget takes the five around where some 20 tokens per parameter would put
-# its best model, and no run reads the 4.5M-token train split more than once.
-BUDGETS = (2e11, 6e11, 2e12)
-SHAPES = ("1x32", "2x32", "2x40", "2x48", "2x64", "3x64", "3x80", "4x80", "4x96")
+# `gptlab scaling --queue`'s default sweep, on the default corpus and recipe: three budgets 4x
+# apart, five shapes at each. The shapes climb a ladder about 1.6x apart in N (1.8K to 56K,
+# 31x); each budget takes the five around where some 200 tokens per parameter would put its
+# best model (a first sweep here found the best models of these budgets that data-hungry),
+# sliding 4 rungs over the 16x of budget, as N_opt grows about as C^0.5. Two runs of the
+# largest budget read the 4.5M-token train split more than once, and say so when queued.
+BUDGETS = (3e10, 1.2e11, 4.8e11)
+SHAPES = ("1x12", "1x16", "1x20", "1x24", "2x20", "2x24", "2x32", "2x40", "2x48")
 SHAPES_PER_BUDGET = 5
 DESCRIPTION = ("Tools around the gptlab pipeline (the stages themselves run with `dvc repro`). "
                "`sample` and `chat` take their defaults from the sample section of "
