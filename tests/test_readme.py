@@ -86,24 +86,6 @@ def test_the_first_table_covers_the_headline_metrics():
     assert {"val_loss", "perplexity", "bits_per_byte", "tokens_per_sec"} <= keys
 
 
-# The README's scaling table: each exponent's row, and where metrics/scaling.json keeps it.
-SCALING_EXPONENTS = {"a": ("isoflop", "a"), "b": ("isoflop", "b"), "alpha": ("law", "alpha"),
-                     "beta": ("law", "beta")}
-
-
-@pytest.mark.parametrize("row", table_rows(README, "| exponent | this lab |"),
-                         ids=lambda row: row[0])
-def test_each_exponent_of_the_scaling_table_is_the_committed_fit(row):
-    """`0.52 [0.41, 0.60]`: the fitted value and its 95% interval, as committed."""
-    name = re.match(r"`(\w+)`", row[0]).group(1)
-    section, key = SCALING_EXPONENTS[name]
-    fitted = committed("metrics/scaling.json")[section][key]
-    shown = re.fullmatch(r"([\d.-]+) \[([\d.-]+), ([\d.-]+)\]", row[1]).groups()
-    for value, metric in zip(shown, (fitted["value"], fitted["ci95"]["low"],
-                                     fitted["ci95"]["high"]), strict=True):
-        assert_shows(value, metric, f"{section}.{key}")
-
-
 @pytest.mark.parametrize("page", ["README.md", *sorted(
     path.relative_to(ROOT).as_posix() for path in (ROOT / "docs").glob("*.md"))])
 def test_every_relative_link_of_the_docs_points_to_a_file_of_the_repository(page):
