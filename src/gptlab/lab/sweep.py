@@ -34,7 +34,7 @@ PREFIX = "scale-"
 # the train split's size (to count epochs).
 LOSS, VOCAB_SIZE, TRAIN_TOKENS = "eval.val_loss", "tokenize.vocab_size", "tokenize.train_tokens"
 FROM_SCRATCH = {"model.init": "scratch", "train.lora.rank": 0}
-# An experiment's name: scale-<budget>-<layers>x<width>, e.g. scale-6e11-2x64.
+# An experiment's name: scale-<budget>-<layers>x<width>, e.g. scale-1.2e11-2x20.
 NAME = re.compile(rf"^{PREFIX}(?P<budget>\d+(?:\.\d+)?(?:e\d+)?)-\d+x\d+$")
 
 
