@@ -16,7 +16,9 @@ from gptlab.lab.sweep import (
     isoflop_design,
     repeated_data,
     scaling_runs,
+    train_split_tokens,
     training_tokens,
+    workspace_train_tokens,
 )
 
 MODEL = {f"model.{key}": value for key, value in PROJECT_PARAMS.model.model_dump().items()}
@@ -165,3 +167,25 @@ def test_a_sweep_experiment_with_params_that_cannot_be_counted_is_one_line(key, 
 def test_no_sweep_at_all_says_how_to_queue_one():
     with pytest.raises(GptlabError, match=r"gptlab scaling --queue"):
         scaling_runs(Experiments([experiment("seed-2")], [], {}))
+
+
+def test_the_train_split_counts_when_every_sweep_run_agrees_and_only_then():
+    def counted(name: str, tokens: int | None) -> Experiment:
+        metrics = {**METRICS, **({"tokenize.train_tokens": tokens} if tokens else {})}
+        return Experiment(name, "rev", experiment(name).params, metrics)
+
+    same = Experiments([counted("scale-3e10-1x12", 900), counted("scale-3e10-1x16", 900),
+                        counted("seed-2", 5)], [], {})
+    assert train_split_tokens(same) == 900
+    assert train_split_tokens(Experiments([counted("scale-3e10-1x12", 900),
+                                           counted("scale-3e10-1x16", 800)], [], {})) is None
+    assert train_split_tokens(Experiments([counted("scale-3e10-1x12", None)], [], {})) is None
+
+
+def test_the_workspace_train_split_is_read_from_the_tokenize_metrics(tmp_path):
+    metrics = tmp_path / "tokenize.json"
+    assert workspace_train_tokens(metrics) is None  # the pipeline has not run
+    metrics.write_text('{"train_tokens": 4525044}')
+    assert workspace_train_tokens(metrics) == 4525044
+    metrics.write_text("not json")
+    assert workspace_train_tokens(metrics) is None
