@@ -387,11 +387,6 @@ class GPT(nn.Module):
         output layer's weight)."""
         return count_params(self, [self.pos_emb] if non_embedding else [], trainable)
 
-    def block_params(self) -> int:
-        """N of the scaling laws (Kaplan et al.'s non-embedding count): the blocks and the final
-        norm, every table and the output layer left out."""
-        return count_params(self, [self.tok_emb, self.pos_emb, self.lm_head])
-
     def flops_per_token(self) -> int:
         """Training FLOPs per token (forward + backward), as in nanoGPT's estimate_mfu."""
         c = self.config
@@ -439,10 +434,6 @@ class Bigram(nn.Module):
         """GPT.num_params's count: there is no position table for non_embedding to leave out,
         and the one table stays, being the output layer (as a tied GPT's token table)."""
         return count_params(self, [], trainable)
-
-    def block_params(self) -> int:
-        """N of the scaling laws: a bigram has no blocks, only its table."""
-        return count_params(self, [self.logits_table])
 
     def flops_per_token(self) -> int:
         return 6 * self.num_params()

@@ -5,9 +5,9 @@ and warnings where the runs cannot identify what was fitted.
 
     L(N, D) = E + A / N^alpha + B / D^beta
 
-N counts non-embedding parameters (Kaplan et al. 2020's convention; Hoffmann et al. counted
-every parameter), D training tokens, and a run costs C = 6 N D FLOPs. As in the paper, the fit
-works in logs: with a = log A, b = log B and e = log E, the predicted log loss is
+N counts every parameter (Hoffmann et al.'s convention; Kaplan et al. 2020 counted
+non-embedding parameters), D training tokens, and a run costs C = 6 N D FLOPs. As in the
+paper, the fit works in logs: with a = log A, b = log B and e = log E, the predicted log loss is
 logsumexp(a - alpha log N, b - beta log D, e), and L-BFGS minimizes the Huber loss between it
 and the observed log loss from every point of a grid of starts, keeping the best. The Huber
 loss (delta = 1e-3) counts a large miss linearly, so one odd run cannot drag the whole law.
@@ -77,8 +77,8 @@ INTERVAL_BUDGETS = 3  # and an interval on a, a third to disagree with the line
 VANISHED_SHARE = 0.01
 WIDE_INTERVAL = 10.0  # an interval whose ends differ by this factor pins nothing down
 SPREAD_FACTOR = 3.0  # residuals this many times the seed spread: the law's form does not fit
-N_CONVENTION = ("non-embedding parameters (Kaplan et al. 2020's convention; Hoffmann et al. "
-                "2022 counted all parameters)")
+N_CONVENTION = ("all parameters, the token table once (Hoffmann et al. 2022's convention; "
+                "Kaplan et al. 2020 counted non-embedding parameters)")
 FIGURE_SIZE = (14, 5.5)
 CURVE_POINTS = 200
 # How far the fitted curves reach beyond the runs' compute, each way (a factor).
@@ -91,7 +91,7 @@ Interval = tuple[float, float]
 @dataclass(frozen=True)
 class ScalingRun:
     name: str
-    n_params: float  # N: non-embedding parameters
+    n_params: float  # N: all parameters
     n_tokens: float  # D: training tokens
     loss: float  # validation loss, nats per token
     budget: float | None = None  # C the run was planned at: one isoFLOP profile's runs share it
@@ -640,7 +640,7 @@ def _draw_law(figure: plt.Figure, axes: plt.Axes, sweep: Sweep) -> None:
                      zorder=3)
         axes.plot(curve_compute, sweep.law.loss(size, curve_compute / (6 * size)), color=colour,
                   linewidth=1, alpha=0.7)
-    figure.colorbar(colours, ax=axes, label="model size N (non-embedding parameters)")
+    figure.colorbar(colours, ax=axes, label="model size N (parameters)")
     law, bounds = sweep.law, parameter_intervals(sweep)
     axes.plot([], [], color="gray", linewidth=1,
               label=f"fit: L = {law.E:.3g} + {law.A:.3g}/N^{law.alpha:.3f} "
@@ -692,7 +692,7 @@ def _draw_isoflop(axes: plt.Axes, sweep: Sweep) -> None:
     isoflop, bounds = sweep.isoflop, parameter_intervals(sweep)
     exponent = ("" if isoflop.a is None else
                 f": N_opt ∝ C^a, a {_with_interval(isoflop.a, bounds['a'])}")
-    axes.set(xscale="log", yscale="log", xlabel="model size N (non-embedding parameters)",
+    axes.set(xscale="log", yscale="log", xlabel="model size N (parameters)",
              ylabel="validation loss (nats/token)", title=f"isoFLOP profiles{exponent}")
     _label_losses(axes)
     axes.legend(fontsize="small", title="budget (FLOPs)")

@@ -5,10 +5,15 @@ The sweep is Hoffmann et al.'s (2022) approach 2: isoFLOP profiles. At each of a
 budgets C, several model shapes (depth x width) each train for the steps that spend C = 6 N D,
 so that the loss against N at fixed C is a valley whose bottom is that budget's best model.
 
-N counts the parameters the blocks hold (no token or position tables, no output layer): the
-non-embedding count of Kaplan et al. (2020); Hoffmann et al. counted every parameter. D counts
-the training tokens, and the loss is the validation loss on every token of the split
-(metrics/eval.json).
+N counts every parameter of the model, as Hoffmann et al. did (the token table once: tied, it
+is also the output layer), D the training tokens, and the loss is the validation loss on every
+token of the split (metrics/eval.json). With N so counted, a run's C = 6 N D falls 9-26% short
+of the FLOPs nanoGPT's estimate counts for the default ladder (attention over the 64-token
+context, which weighs most in the smallest shapes); the non-embedding count of Kaplan et al.
+(2020) leaves out the output layer too, and with it up to half the compute of these shapes.
+
+Each run's warmup is at most a twentieth of its steps, so the shortest runs are not spent
+warming up; its cosine decay ends at its last step, as each run's schedule always does.
 """
 
 from __future__ import annotations
@@ -29,18 +34,25 @@ from gptlab.lab.scaling import ScalingRun
 from gptlab.params import ModelConfig, ModelParams, TrainParams, describe
 
 PREFIX = "scale-"
-# Every run of a sweep trains every weight from random ones: N and D count nothing else.
-# The sweep's metrics: the loss on every token of the validation split, the vocabulary, and
-# the train split's size (to count epochs).
-LOSS, VOCAB_SIZE, TRAIN_TOKENS = "eval.val_loss", "tokenize.vocab_size", "tokenize.train_tokens"
-FROM_SCRATCH = {"model.init": "scratch", "train.lora.rank": 0}
+# The sweep's metrics: the loss on every token of the validation split, and the tokenize
+# stage's counts (vocabulary, for N; train split, for epochs) as metrics/tokenize.json holds
+# them (an experiment's metrics prefix them with the stage).
+LOSS = "eval.val_loss"
+SPLIT_KEYS = ("vocab_size", "train_tokens")
+VOCAB_SIZE, TRAIN_TOKENS = (f"tokenize.{key}" for key in SPLIT_KEYS)
+TOKENIZE_METRICS = Path("metrics/tokenize.json")
+# Every run of a sweep trains every weight from random ones (N and D count nothing else), with
+# the vocabulary unpadded (N counts only the rows the model uses).
+FROM_SCRATCH = {"model.init": "scratch", "train.lora.rank": 0, "model.pad_vocab": False}
+WARMUP_SHARE = 20  # a run warms up for at most 1/20 of its steps
 # An experiment's name: scale-<budget>-<layers>x<width>, e.g. scale-1.2e11-2x20.
 NAME = re.compile(rf"^{PREFIX}(?P<budget>\d+(?:\.\d+)?(?:e\d+)?)-\d+x\d+$")
 
 
 @dataclass(frozen=True)
 class PlannedRun:
-    """One experiment of the sweep: its name, budget, shape, N, and the steps that spend it."""
+    """One experiment of the sweep: its name, budget, shape, N, the steps that spend it, and
+    its warmup."""
 
     name: str
     budget: float
@@ -49,19 +61,21 @@ class PlannedRun:
     n_params: int
     steps: int
     n_tokens: int
+    warmup: int
 
     @property
     def overrides(self) -> dict[str, Any]:
         return {**FROM_SCRATCH, "model.n_layer": self.n_layer, "model.n_embd": self.n_embd,
-                "train.max_iters": self.steps}
+                "train.max_iters": self.steps, "train.warmup_iters": self.warmup}
 
 
 def isoflop_design(model: ModelParams, train: TrainParams, budgets: list[float],
-                   shapes: list[str], per_budget: int) -> list[PlannedRun]:
+                   shapes: list[str], per_budget: int, vocab_size: int) -> list[PlannedRun]:
     """The sweep's experiments, checked before any is queued: at each budget (smallest first),
     `per_budget` consecutive shapes of the ladder (sorted by N), sliding up it as the budget
     grows, each trained for the steps that spend the budget."""
-    ladder = sorted((_shape_size(model, shape) for shape in shapes), key=lambda size: size[2])
+    ladder = sorted((_shape_size(model, shape, vocab_size) for shape in shapes),
+                    key=lambda size: size[2])
     if per_budget < 3 or per_budget > len(ladder):
         raise GptlabError(f"--per-budget: {per_budget} shapes at each budget needs 3 or more "
                           f"(a valley has a bottom and two sides) and at most the "
@@ -82,11 +96,12 @@ def isoflop_design(model: ModelParams, train: TrainParams, budgets: list[float],
                                   f"(N = {n_params}) less than one step of {tokens_per_step} "
                                   f"tokens; raise the budget")
             planned.append(PlannedRun(f"{PREFIX}{label}-{n_layer}x{n_embd}", budget, n_layer,
-                                      n_embd, n_params, steps, steps * tokens_per_step))
+                                      n_embd, n_params, steps, steps * tokens_per_step,
+                                      min(train.warmup_iters, steps // WARMUP_SHARE)))
     return planned
 
 
-def _shape_size(model: ModelParams, shape: str) -> tuple[int, int, int]:
+def _shape_size(model: ModelParams, shape: str, vocab_size: int) -> tuple[int, int, int]:
     """(n_layer, n_embd, N) of a shape written LAYERSxWIDTH, refused in one line if the model
     section cannot take it."""
     match = re.fullmatch(r"(\d+)x(\d+)", shape)
@@ -94,12 +109,12 @@ def _shape_size(model: ModelParams, shape: str) -> tuple[int, int, int]:
         raise GptlabError(f"--shapes: {shape!r} is not LAYERSxWIDTH (e.g. 2x64)")
     n_layer, n_embd = int(match[1]), int(match[2])
     try:
-        changed = ModelParams(**{**model.model_dump(), "n_layer": n_layer, "n_embd": n_embd})
+        changed = ModelParams(**{**model.model_dump(), "n_layer": n_layer, "n_embd": n_embd,
+                                 "pad_vocab": FROM_SCRATCH["model.pad_vocab"]})
     except ValidationError as error:
         raise GptlabError(f"--shapes: {shape}: {describe(error, ModelParams)}") from None
     params = {f"model.{key}": value for key, value in changed.model_dump().items()}
-    # N leaves out the token table and output layer, so any vocabulary counts it the same.
-    return n_layer, n_embd, block_params(params, vocab_size=1)
+    return n_layer, n_embd, model_params(params, vocab_size)
 
 
 def _budget_label(budget: float) -> str:
@@ -154,7 +169,7 @@ def scaling_runs(experiments: Experiments, prefix: str = PREFIX) -> list[Scaling
             raise GptlabError(f"experiment {experiment.name}: no {LOSS} or {VOCAB_SIZE} in its "
                               f"metrics (did its evaluate and tokenize stages run?)")
         try:
-            n_params = block_params(experiment.params, metrics[VOCAB_SIZE])
+            n_params = model_params(experiment.params, metrics[VOCAB_SIZE])
             n_tokens = training_tokens(experiment.params)
         except (ValidationError, KeyError) as error:
             problem = (f"no {error.args[0]}" if isinstance(error, KeyError)
@@ -169,12 +184,17 @@ def scaling_runs(experiments: Experiments, prefix: str = PREFIX) -> list[Scaling
     return runs
 
 
-def workspace_train_tokens(path: Path = Path("metrics/tokenize.json")) -> int | None:
-    """The workspace's train split in tokens, if its tokenize stage has run."""
+def workspace_split(path: Path = TOKENIZE_METRICS) -> tuple[int, int]:
+    """The workspace's vocabulary size and train split in tokens, as its tokenize stage
+    counted them: N depends on the one and the epochs of a run on the other."""
     try:
-        return int(json.loads(path.read_text(encoding="utf-8"))["train_tokens"])
-    except (OSError, ValueError, KeyError):
-        return None
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+        vocab_size, train_tokens = (int(metrics[key]) for key in SPLIT_KEYS)
+    except (OSError, ValueError, KeyError, TypeError):
+        raise GptlabError(f"{path}: no vocab_size and train_tokens; the sweep's model sizes "
+                          f"depend on the vocabulary, so run the tokenize stage first "
+                          f"(`dvc repro tokenize`)") from None
+    return vocab_size, train_tokens
 
 
 def train_split_tokens(experiments: Experiments, prefix: str = PREFIX) -> int | None:
@@ -185,9 +205,9 @@ def train_split_tokens(experiments: Experiments, prefix: str = PREFIX) -> int | 
     return counts.pop() if len(counts) == 1 and None not in counts else None
 
 
-def block_params(params: dict[str, object], vocab_size: int) -> int:
-    """N: the parameters of the model's blocks and final norm (GPT.block_params), counted on a
-    copy without storage (meta device)."""
+def model_params(params: dict[str, object], vocab_size: int) -> int:
+    """N: every parameter of the model (its num_params with the tables), counted on a copy
+    without storage (meta device)."""
     import torch  # the model's torch, only when counting: `gptlab --help` should not wait for it
 
     from gptlab.model import build_model
@@ -197,7 +217,7 @@ def block_params(params: dict[str, object], vocab_size: int) -> int:
     config = ModelConfig.of(ModelParams(**model), vocab_size)
     with torch.device("meta"):
         built = build_model(config)
-    return built.block_params()
+    return built.num_params(non_embedding=False)
 
 
 def training_tokens(params: dict[str, object]) -> int:
