@@ -94,3 +94,13 @@ def test_every_relative_link_of_the_docs_points_to_a_file_of_the_repository(page
     relative = [t for t in targets if not re.match(r"[a-z]+:", t)]
     missing = [t for t in relative if not ((ROOT / page).parent / t).exists()]
     assert missing == []
+
+
+def test_the_scaling_table_shows_the_committed_fit_with_its_intervals():
+    gptlab_row = table_rows(README, "| fit | a (N_opt ∝ C^a) |")[0]
+    assert gptlab_row[0].startswith("gptlab, default corpus")
+    law = committed("metrics/scaling.json")["law"]
+    for cell, name in zip(gptlab_row[1:], ("a", "b", "alpha", "beta"), strict=True):
+        estimate = law[name]
+        shown = [estimate["value"], estimate["ci95"]["low"], estimate["ci95"]["high"]]
+        assert cell == "{:.2f} [{:.2f}, {:.2f}]".format(*shown), name

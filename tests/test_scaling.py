@@ -462,11 +462,18 @@ def test_summary_gives_every_fitted_number_with_its_interval(sweep):
     assert numbers_only(summary)
     law, optimal = sweep.law, sweep.law.compute_optimal(BUDGET)
     assert summary["runs"] == 15
-    assert summary["N"].startswith("non-embedding parameters (Kaplan et al. 2020's convention")
+    assert summary["N"].startswith("all parameters, the token table once (Hoffmann et al.")
     for name in ("E", "A", "B", "alpha", "beta"):
         estimate = summary["law"][name]
         assert estimate["value"] == getattr(law, name)
         assert estimate["ci95"]["low"] < estimate["value"] < estimate["ci95"]["high"]
+    # The law's own split exponents, to set beside the isoFLOP profiles': the truth's within
+    # the interval, as the profiles' is below.
+    for name, truth in (("a", TRUE_A), ("b", TRUE_B)):
+        estimate = summary["law"][name]
+        assert estimate["ci95"]["low"] < truth < estimate["ci95"]["high"]
+    assert summary["law"]["a"]["value"] == pytest.approx(law.beta / (law.alpha + law.beta))
+    assert summary["law"]["a"]["value"] + summary["law"]["b"]["value"] == pytest.approx(1)
     assert summary["law"]["residuals"] == law.residuals
     assert summary["law"]["residual_rms"] == pytest.approx(
         math.sqrt(np.mean(np.square(list(law.residuals.values())))))
@@ -501,7 +508,9 @@ def test_the_text_gives_the_law_the_exponents_and_the_advice_with_intervals(swee
     alpha = law["alpha"]
     assert (f"alpha {alpha['value']:.3g} [{alpha['ci95']['low']:.3g}, "
             f"{alpha['ci95']['high']:.3g}]") in lines[1]
-    assert lines[3].startswith(f"isoFLOP profiles: N_opt ∝ C^a with a = "
+    assert lines[2].startswith(f"  its compute-optimal split: N_opt ∝ C^a with a = "
+                               f"{law['a']['value']:.3g} [")
+    assert lines[4].startswith(f"isoFLOP profiles: N_opt ∝ C^a with a = "
                                f"{isoflop['a']['value']:.3g} [")
     assert lines[-1].startswith(f"compute-optimal at 1e+21 FLOPs: N = "
                                 f"{advice['n_params']['value']:.3g} [")

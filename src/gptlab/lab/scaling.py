@@ -146,6 +146,14 @@ class LawFit:
         return Allocation(compute, n_params, n_tokens, float(self.loss(n_params, n_tokens)))
 
     @property
+    def split_exponents(self) -> tuple[float, float] | None:
+        """(a, b) of the law's compute-optimal split, N_opt ∝ C^a and D_opt ∝ C^b: approach 3's
+        answer to what approach 2 measures (None without a best split)."""
+        if not self.has_optimum:
+            return None
+        return self.beta / (self.alpha + self.beta), self.alpha / (self.alpha + self.beta)
+
+    @property
     def residual_rms(self) -> float:
         """The root mean square of the residuals: about the law's relative miss."""
         return math.sqrt(np.mean(np.square(list(self.residuals.values()))))
@@ -438,11 +446,15 @@ def parameter_intervals(sweep: Sweep) -> dict[str, Interval | None]:
 
 
 def allocation_intervals(sweep: Sweep, budget: float) -> dict[str, Interval | None]:
-    """The 95% intervals of the law's compute-optimal N_opt and D_opt at `budget`, over the
-    refits whose exponents are both positive."""
-    optima = [law.compute_optimal(budget) for law in sweep.bootstrap.laws if law.has_optimum]
+    """The 95% intervals of the law's compute-optimal N_opt and D_opt at `budget`, and of the
+    exponents of its split (law_a, law_b), over the refits whose exponents are both
+    positive."""
+    laws = [law for law in sweep.bootstrap.laws if law.has_optimum]
+    optima = [law.compute_optimal(budget) for law in laws]
     return {"N_opt": interval95(optimal.n_params for optimal in optima),
-            "D_opt": interval95(optimal.n_tokens for optimal in optima)}
+            "D_opt": interval95(optimal.n_tokens for optimal in optima),
+            "law_a": interval95(law.split_exponents[0] for law in laws),
+            "law_b": interval95(law.split_exponents[1] for law in laws)}
 
 
 def profile_interval(sweep: Sweep, budget: float) -> Interval | None:
@@ -740,6 +752,7 @@ def scaling_summary(sweep: Sweep, budget: float, train_tokens: float | None = No
         "runs": len(sweep.runs),
         "N": N_CONVENTION,
         "law": {**{name: _estimate(getattr(law, name), bounds[name]) for name in LAW_NAMES},
+                **_split_summary(law, bounds),
                 "huber": law.objective, "residual_rms": law.residual_rms,
                 "residuals": law.residuals},
         "frontier": _frontier_summary(sweep),
@@ -763,6 +776,14 @@ def _estimate(value: float, interval: Interval | None) -> dict[str, Any]:
     if interval is None:
         return {"value": value}
     return {"value": value, "ci95": {"low": interval[0], "high": interval[1]}}
+
+
+def _split_summary(law: LawFit, bounds: dict[str, Interval | None]) -> dict[str, Any]:
+    """The law's a and b, as the isoFLOP fit's are named, when it has a best split."""
+    if law.split_exponents is None:
+        return {}
+    a, b = law.split_exponents
+    return {"a": _estimate(a, bounds["law_a"]), "b": _estimate(b, bounds["law_b"])}
 
 
 def _frontier_summary(sweep: Sweep) -> dict[str, Any]:
@@ -816,6 +837,8 @@ def render_scaling(summary: dict[str, Any]) -> str:
              f"{law['B']['value']:.4g}/D^{law['beta']['value']:.3f}",
              f"  95% intervals from {summary['bootstrap']['samples']} resamples: "
              + ", ".join(f"{name} {_rendered(law[name])}" for name in LAW_NAMES),
+             *([f"  its compute-optimal split: N_opt ∝ C^a with a = {_rendered(law['a'])}, "
+                f"D_opt ∝ C^b with b = {_rendered(law['b'])}"] if "a" in law else []),
              f"  N counts {summary['N']}",
              *_rendered_isoflop(summary.get("isoflop"))]
     if advice["reliable"]:
