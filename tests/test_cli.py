@@ -179,3 +179,10 @@ def test_compare_correct_holm_adjusts_the_p_values(monkeypatch, capsys, tmp_path
     assert len(tested) == 3
     assert [versus["p_adjusted"] for versus in tested] == holm(
         [versus["p_value"] for versus in tested])
+
+
+def test_scaling_refuses_too_few_resamples_for_an_interval(tmp_path):
+    result = gptlab(tmp_path, "scaling", "--samples", "5")
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1].endswith(
+        "argument --samples: expected an integer >= 40, got '5'")

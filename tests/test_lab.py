@@ -74,11 +74,13 @@ def test_report_of_an_experiment_shows_its_own_results(lab, tmp_path):
 
 
 def test_scaling_fits_the_sweep_and_writes_its_summary_and_figure(lab):
-    result = gptlab(lab, "scaling")
+    # The fewest resamples it takes, for time: the default's 200 take a minute here.
+    result = gptlab(lab, "scaling", "--samples", "40")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("6 runs: L(N, D) = ")
+    assert "95% intervals from 40 resamples" in result.stdout
     summary = json.loads((lab / "metrics" / "scaling.json").read_text())
-    assert summary["runs"] == 6
+    assert summary["runs"] == 6 and summary["bootstrap"]["samples"] == 40
     assert set(summary["law"]) >= {"E", "A", "B", "alpha", "beta"}
     # Two isoFLOP profiles, each named by the budget its experiments were queued at.
     assert set(summary["isoflop"]["profiles"]) == {"38000000.0", "110000000.0"}

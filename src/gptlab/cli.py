@@ -60,6 +60,8 @@ SAMPLE_SEPARATOR = "-" * 15
 BUDGETS = (1e10, 4.6e10, 2.2e11, 1e12)
 SHAPES = ("1x8", "1x12", "1x16", "1x24", "2x24", "2x32", "2x48", "2x64", "3x96")
 SHAPES_PER_BUDGET = 5
+# Bootstrap resamples of `gptlab scaling`: 2.5% of 40 is one refit at each end of an interval.
+BOOTSTRAP_SAMPLES, MIN_BOOTSTRAP_SAMPLES = 200, 40
 DESCRIPTION = ("Tools around the gptlab pipeline (the stages themselves run with `dvc repro`). "
                "`sample` and `chat` take their defaults from the sample section of "
                "./params.yaml, and every option overrides its key.")
@@ -200,6 +202,10 @@ def add_lab_commands(commands: argparse._SubParsersAction) -> None:
     scaling.add_argument("--budget", type=float, metavar="FLOPS",
                          help="compute for the compute-optimal N and D (default: the largest "
                               "run's)")
+    scaling.add_argument("--samples", type=at_least(MIN_BOOTSTRAP_SAMPLES),
+                         default=BOOTSTRAP_SAMPLES, metavar="K",
+                         help="bootstrap resamples behind each 95%% interval (default: "
+                              f"{BOOTSTRAP_SAMPLES}; fewer are quicker and coarser)")
     scaling.add_argument("--all-commits", action="store_true",
                          help="the experiments of every commit, not only the current one")
     report = commands.add_parser(
@@ -349,7 +355,7 @@ def run_scaling(args: argparse.Namespace) -> None:
         return
     experiments = read_experiments(all_commits=args.all_commits)
     runs = scaling_runs(experiments)
-    sweep = analyse_sweep(runs)
+    sweep = analyse_sweep(runs, samples=args.samples)
     budget = max(run.compute for run in runs) if args.budget is None else args.budget
     summary = scaling_summary(sweep, budget, train_split_tokens(experiments))
     write_json(Path("metrics/scaling.json"), summary, "the scaling fit")

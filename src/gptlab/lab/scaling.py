@@ -67,7 +67,6 @@ FRONTIER_STARTS = {"a": (0.0, 10.0, 20.0), "e": (-1.0, 0.0, 1.0), "gamma": (0.0,
 # Run until a step changes nothing: the Huber objective near its optimum is tiny (~1e-5), and
 # scipy's default tolerances are relative to max(objective, 1), so they would stop far from it.
 LBFGS_OPTIONS = {"maxiter": 1000, "ftol": 1e-15, "gtol": 1e-12, "maxcor": 10}
-BOOTSTRAP_SAMPLES = 200
 INTERVAL_PERCENTILES = (2.5, 97.5)  # a 95% percentile interval
 PROFILE_SIZES = 3  # a parabola needs three distinct N
 EXPONENT_BUDGETS = 2  # N_opt = k_n C^a needs two budgets' vertices
@@ -229,8 +228,7 @@ class Sweep:
     bootstrap: Bootstrap
 
 
-def analyse_sweep(runs: Sequence[ScalingRun], samples: int = BOOTSTRAP_SAMPLES,
-                  seed: int = 0) -> Sweep:
+def analyse_sweep(runs: Sequence[ScalingRun], samples: int, seed: int = 0) -> Sweep:
     """The law fitted to the runs, their isoFLOP profiles, their compute frontier and its fit,
     and `samples` bootstrap refits (seeded by `seed`) for the intervals."""
     law = fit_law(runs)
@@ -387,7 +385,7 @@ def _frontier_log_loss(theta: np.ndarray, log_c: np.ndarray) -> tuple[np.ndarray
 
 # --- the bootstrap ----------------------------------------------------------------------------
 
-def bootstrap(runs: Sequence[ScalingRun], samples: int = BOOTSTRAP_SAMPLES, seed: int = 0,
+def bootstrap(runs: Sequence[ScalingRun], samples: int, seed: int = 0,
               law: LawFit | None = None) -> Bootstrap:
     """The law and the isoFLOP fit refitted to `samples` resamples of the runs, drawn by a
     generator seeded with `seed`. Each refit starts from `law`, the fit to all the runs (fitted
