@@ -37,6 +37,7 @@ from gptlab.lab.scaling import (
     interval95,
     render_scaling,
     resample,
+    scaling_figure,
     scaling_summary,
     seed_spread,
     write_scaling_figure,
@@ -525,6 +526,17 @@ def test_figure_is_a_png_byte_identical_across_writes(sweep, tmp_path):
     height, width = matplotlib.image.imread(first).shape[:2]
     assert (width, height) == (14 * 60, 5.5 * 60)
     assert [path.name for path in (tmp_path / "a").iterdir()] == ["scaling.png"]
+
+
+@pytest.mark.slow
+def test_the_figure_gives_every_number_of_the_law_with_its_interval(sweep):
+    summary = scaling_summary(sweep, BUDGET)
+    law_axes = scaling_figure(sweep).axes[0]
+    label = law_axes.get_legend().get_texts()[0].get_text()
+    for name in ("E", "A", "B", "alpha", "beta", "a", "b"):
+        estimate = summary["law"][name]
+        low, high = estimate["ci95"]["low"], estimate["ci95"]["high"]
+        assert f"{name} {estimate['value']:.3g} [{low:.3g}, {high:.3g}]" in label, name
 
 
 def test_scaling_does_not_import_torch():

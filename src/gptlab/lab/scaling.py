@@ -447,12 +447,17 @@ def allocation_intervals(sweep: Sweep, budget: float) -> dict[str, Interval | No
     """The 95% intervals of the law's compute-optimal N_opt and D_opt at `budget`, and of the
     exponents of its split (law_a, law_b), over the refits whose exponents are both
     positive."""
-    laws = [law for law in sweep.bootstrap.laws if law.has_optimum]
-    optima = [law.compute_optimal(budget) for law in laws]
+    optima = [law.compute_optimal(budget) for law in sweep.bootstrap.laws if law.has_optimum]
     return {"N_opt": interval95(optimal.n_params for optimal in optima),
             "D_opt": interval95(optimal.n_tokens for optimal in optima),
-            "law_a": interval95(law.split_exponents[0] for law in laws),
-            "law_b": interval95(law.split_exponents[1] for law in laws)}
+            **split_intervals(sweep)}
+
+
+def split_intervals(sweep: Sweep) -> dict[str, Interval | None]:
+    """The 95% intervals of the law's split exponents, law_a and law_b, over the refits that
+    have a split."""
+    splits = [law.split_exponents for law in sweep.bootstrap.laws if law.has_optimum]
+    return {"law_a": interval95(a for a, _ in splits), "law_b": interval95(b for _, b in splits)}
 
 
 def profile_interval(sweep: Sweep, budget: float) -> Interval | None:
@@ -651,18 +656,28 @@ def _draw_law(figure: plt.Figure, axes: plt.Axes, sweep: Sweep) -> None:
         axes.plot(curve_compute, sweep.law.loss(size, curve_compute / (6 * size)), color=colour,
                   linewidth=1, alpha=0.7)
     figure.colorbar(colours, ax=axes, label="model size N (parameters)")
-    law, bounds = sweep.law, parameter_intervals(sweep)
-    axes.plot([], [], color="gray", linewidth=1,
-              label=f"fit: L = {law.E:.3g} + {law.A:.3g}/N^{law.alpha:.3f} "
-                    f"+ {law.B:.3g}/D^{law.beta:.3f}\n"
-                    f"alpha {_with_interval(law.alpha, bounds['alpha'])}, "
-                    f"beta {_with_interval(law.beta, bounds['beta'])}")
+    axes.plot([], [], color="gray", linewidth=1, label=_law_label(sweep))
     _draw_frontier(axes, sweep, curve_compute)
     axes.set(xscale="log", yscale="log", xlabel="training compute C = 6ND (FLOPs)",
              ylabel="validation loss (nats/token)",
              title=f"Scaling law fitted to {len(sweep.runs)} runs (Hoffmann et al. 2022)")
     _label_losses(axes)
     axes.legend(fontsize="small")
+
+
+def _law_label(sweep: Sweep) -> str:
+    """The law with an interval on each of its numbers, and its split's exponents."""
+    law, bounds = sweep.law, parameter_intervals(sweep) | split_intervals(sweep)
+    lines = [f"fit: L = {law.E:.3g} + {law.A:.3g}/N^{law.alpha:.3f} + {law.B:.3g}/D^{law.beta:.3f}",
+             ", ".join(f"{name} {_with_interval(getattr(law, name), bounds[name])}"
+                       for name in ("E", "A", "B")),
+             ", ".join(f"{name} {_with_interval(getattr(law, name), bounds[name])}"
+                       for name in ("alpha", "beta"))]
+    if law.split_exponents is not None:
+        lines.append("split: " + ", ".join(
+            f"{name} {_with_interval(value, bounds[f'law_{name}'])}"
+            for name, value in zip(("a", "b"), law.split_exponents, strict=True)))
+    return "\n".join(lines)
 
 
 def _draw_frontier(axes: plt.Axes, sweep: Sweep, curve_compute: np.ndarray) -> None:
