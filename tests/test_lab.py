@@ -53,8 +53,13 @@ def test_compare_groups_the_seeds_of_each_choice_against_the_workspace(lab):
         assert versus["diff"] == pytest.approx(means["rmsnorm"] - means["layernorm"])
         assert 0 <= versus["p_value"] <= 1
         assert [row["mean"] for row in table["rows"]] == sorted(means.values())
-    text = gptlab(lab, "compare", "--metric", "val_loss")
-    assert text.returncode == 0 and "val_loss (baseline: model.norm=layernorm)" in text.stdout
+    text = gptlab(lab, "compare", "--metric", "val_loss", "--target", "100")
+    assert text.returncode == 0, text.stderr
+    assert "val_loss (baseline: model.norm=layernorm; target: 100)" in text.stdout
+    # Every group's loss is far below 100: the column says it, each p below 0.01.
+    rows = [line.split() for line in text.stdout.splitlines()
+            if line.startswith("model.norm=")]
+    assert len(rows) == 2 and all(float(row[-2]) < -90 and row[-1] == "<0.001" for row in rows)
     unknown = gptlab(lab, "compare", "--metric", "tokens_per_sec")
     assert unknown.returncode == 1
     assert unknown.stderr.splitlines()[-1].startswith(

@@ -493,6 +493,61 @@ def test_holm_adds_a_column_and_a_note_to_the_tables_and_a_key_to_json():
     assert "correction" not in comparisons_json([comparison()])["val_loss"]
 
 
+# --- a fixed target ---------------------------------------------------------------------------
+
+TARGET = 2.02
+
+
+def targeted() -> list:
+    return compare(group_runs(RUNS, ignore=["train.device"]), ["val_loss"], target=TARGET)
+
+
+@pytest.mark.parametrize(("norm", "values", "cdf"), [
+    ("layernorm", LAYERNORM, cdf_df2),  # three seeds: 2 df, mean below the target
+    ("rmsnorm", RMSNORM, cdf_df1),  # two seeds: 1 df
+    ("scaled", SCALED, cdf_df2),  # above the target: p near 1
+])
+def test_each_group_is_tested_one_sided_for_being_below_the_target(norm, values, cdf):
+    mean, sd = mean_sd(values)
+    test = row_of(targeted()[0], norm).versus_target
+    assert test.diff == pytest.approx(mean - TARGET, abs=1e-14)
+    assert test.p_value == pytest.approx(cdf((mean - TARGET) / (sd / math.sqrt(len(values)))),
+                                         abs=1e-12)
+
+
+def test_below_the_target_needs_a_spread_and_without_one_is_certain():
+    table = targeted()[0]
+    assert row_of(table, "scalenorm").versus_target.p_value is None  # one run
+    same = [Run(f"r{seed}", {"seed": seed}, {"val_loss": value})
+            for seed, value in enumerate([1.9, 1.9, 1.9])]
+    below, above = (compare(group_runs(same), ["val_loss"], target=target)[0].rows[0]
+                    for target in (2.0, 1.8))
+    assert (below.versus_target.p_value, above.versus_target.p_value) == (0.0, 1.0)
+
+
+def test_a_target_adds_columns_a_note_and_json_keys_and_none_without_it():
+    comparisons = targeted()
+    text = render_text(comparisons).splitlines()
+    assert text[0] == "val_loss (baseline: model.norm=layernorm; target: 2.02)"
+    assert text[1].split()[-5:] == ["(Welch)", "vs", "target", "p", "(below)"]
+    assert text[-1] == "p (below): one-sided t-test that the group's mean is below 2.02"
+    assert render_markdown(comparisons).splitlines()[2].endswith(
+        "| p (Welch) | vs target | p (below) |")
+    table = comparisons_json(comparisons)["val_loss"]
+    assert table["target"] == TARGET
+    rms = next(row for row in table["rows"] if row["group"] == "model.norm=rmsnorm")
+    assert rms["vs_target"]["diff"] == pytest.approx(mean_sd(RMSNORM)[0] - TARGET)
+    assert 0 < rms["vs_target"]["p_below"] < 0.5
+    plain = comparisons_json([comparison()])["val_loss"]
+    assert "target" not in plain and all("vs_target" not in row for row in plain["rows"])
+    assert "target" not in render_text([comparison()])
+
+
+def test_a_target_that_is_not_a_number_is_one_line():
+    with pytest.raises(GptlabError, match=r"^--target: nan is not a finite number$"):
+        compare(group_runs(RUNS), ["val_loss"], target=float("nan"))
+
+
 def test_every_metric_asked_for_is_rendered_with_precision_to_its_scale():
     runs = [Run(f"r{seed}", {"seed": seed}, {"tokens_per_sec": 41000.0 + seed * 123.45,
                                              "val_loss": 2.0 + seed / 100})

@@ -179,6 +179,11 @@ def add_lab_commands(commands: argparse._SubParsersAction) -> None:
                          help="correct the p-values of each table for its several comparisons "
                               "with the baseline: holm adds Holm's step-down adjusted p "
                               f"(default: {NO_CORRECTION})")
+    compare.add_argument("--target", type=float, metavar="VALUE",
+                         help="a fixed value to test each group's mean against too: the "
+                              "difference and the one-sided p-value (Student's t) that the mean "
+                              "is below VALUE, as a loss target is met (a speedrun record: "
+                              "p < 0.01 over 5 or more seeds)")
     output = compare.add_mutually_exclusive_group()
     output.add_argument("--md", action="store_true", help="Markdown tables")
     output.add_argument("--json", action="store_true", help="JSON")
@@ -279,7 +284,7 @@ def run_compare(args: argparse.Namespace) -> None:
             print(f"note: no experiment has the workspace's params; the baseline is the first "
                   f"group, {groups[0].name} (choose one with --baseline)", file=sys.stderr)
         baseline = groups[0].name if workspace is None else workspace.name
-    comparisons = compare(groups, metrics, baseline, args.correct)
+    comparisons = compare(groups, metrics, baseline, args.correct, args.target)
     if args.json:
         print(json.dumps(comparisons_json(comparisons), indent=2))
     else:

@@ -77,10 +77,17 @@ class Difference:
 
 
 @dataclass(frozen=True)
+class TargetTest:
+    diff: float  # the group's mean minus the target
+    p_value: float | None  # one-sided t-test that the mean is below the target; None for one run
+
+
+@dataclass(frozen=True)
 class Row:
     group: Group
     summary: Summary
     versus_baseline: Difference | None  # None on the baseline's own row
+    versus_target: TargetTest | None = None  # None without a target
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,7 @@ class Comparison:
     baseline: str  # the baseline group's name
     rows: tuple[Row, ...]  # sorted by the metric's mean
     correction: str = NO_CORRECTION  # of the p-values for multiple comparisons
+    target: float | None = None  # the fixed value each group's mean is tested against
 
 
 # --- grouping ---------------------------------------------------------------------------------
@@ -193,22 +201,38 @@ def difference(group: Summary, baseline: Summary) -> Difference:
     return Difference(diff, (diff - half_width, diff + half_width), p_value)
 
 
+def below_target(summary: Summary, target: float) -> TargetTest:
+    """The group's mean minus `target`, with the one-sided p-value of Student's t-test (n - 1
+    degrees of freedom) that the mean is below it: the rule of a speedrun record, where a
+    recipe counts when its mean loss over seeds is below the target with p < 0.01."""
+    diff = summary.mean - target
+    if summary.sd is None:
+        return TargetTest(diff, None)
+    if summary.sd == 0:  # every run scored the same: below the target for certain, or not
+        return TargetTest(diff, 0.0 if diff < 0 else 1.0)
+    return TargetTest(diff, t_cdf(diff / (summary.sd / math.sqrt(summary.n)), summary.n - 1))
+
+
 def compare(groups: Sequence[Group], metrics: Sequence[str] = DEFAULT_METRICS,
-            baseline: str | None = None, correction: str = NO_CORRECTION) -> list[Comparison]:
+            baseline: str | None = None, correction: str = NO_CORRECTION,
+            target: float | None = None) -> list[Comparison]:
     """For each metric, every group's summary and its difference from the baseline group (a
-    group's name or one of its runs' names; the first group by default), rows sorted by mean.
+    group's name or one of its runs' names; the first group by default), rows sorted by mean;
+    with a `target`, each group's test of being below it too.
 
     A metric's table counts the runs that have it: a run without it is left out of that table
     only, and a group with no such run has no row. `correction` "holm" adjusts the p-values of
     each table for its number of comparisons."""
     if correction not in CORRECTIONS:
         raise GptlabError(f"correction {correction!r}: expected one of {', '.join(CORRECTIONS)}")
+    if target is not None and not math.isfinite(target):
+        raise GptlabError(f"--target: {target} is not a finite number")
     reference = find_baseline(groups, baseline)
-    return [_compare_metric(groups, reference, metric, correction) for metric in metrics]
+    return [_compare_metric(groups, reference, metric, correction, target) for metric in metrics]
 
 
 def _compare_metric(groups: Sequence[Group], reference: Group, metric: str,
-                    correction: str) -> Comparison:
+                    correction: str, target: float | None) -> Comparison:
     base_group = _runs_with(reference, metric)
     if not base_group.runs:
         known = sorted({name for run in reference.runs for name in run.metrics})
@@ -224,8 +248,10 @@ def _compare_metric(groups: Sequence[Group], reference: Group, metric: str,
             rows.append(Row(measured, summary, difference(summary, base)))
     if correction == HOLM:
         rows = _holm_adjusted(rows)
+    if target is not None:
+        rows = [replace(row, versus_target=below_target(row.summary, target)) for row in rows]
     rows.sort(key=lambda row: row.summary.mean)
-    return Comparison(metric, reference.name, tuple(rows), correction)
+    return Comparison(metric, reference.name, tuple(rows), correction, target)
 
 
 def _runs_with(group: Group, metric: str) -> Group:
@@ -383,7 +409,7 @@ def render_text(comparisons: Sequence[Comparison]) -> str:
         header, rows = _cells(comparison)
         widths = [max(len(line[column]) for line in [header, *rows])
                   for column in range(len(header))]
-        lines = [f"{comparison.metric} (baseline: {comparison.baseline})"]
+        lines = [f"{comparison.metric} (baseline: {comparison.baseline}{_target_text(comparison)})"]
         for line in [header, *rows]:
             cells = [line[0].ljust(widths[0])]
             cells += [cell.rjust(width) for cell, width in zip(line[1:], widths[1:], strict=True)]
@@ -397,7 +423,8 @@ def render_markdown(comparisons: Sequence[Comparison]) -> str:
     sections = []
     for comparison in comparisons:
         header, rows = _cells(comparison)
-        lines = [f"**{comparison.metric}** (baseline: {_escaped(comparison.baseline)})", "",
+        lines = [f"**{comparison.metric}** (baseline: {_escaped(comparison.baseline)}"
+                 f"{_target_text(comparison)})", "",
                  _markdown_line(header),
                  "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
         lines += [_markdown_line(row) for row in rows]
@@ -416,11 +443,12 @@ def _comparison_json(comparison: Comparison) -> dict[str, Any]:
     corrected = comparison.correction != NO_CORRECTION
     return {"baseline": comparison.baseline,
             **({"correction": comparison.correction} if corrected else {}),
+            **({"target": comparison.target} if comparison.target is not None else {}),
             "rows": [_row_json(row, corrected) for row in comparison.rows]}
 
 
 def _row_json(row: Row, corrected: bool) -> dict[str, Any]:
-    summary, versus = row.summary, row.versus_baseline
+    summary, versus, target = row.summary, row.versus_baseline, row.versus_target
     return {
         "group": row.group.name,
         "runs": [run.name for run in row.group.runs],
@@ -431,6 +459,8 @@ def _row_json(row: Row, corrected: bool) -> dict[str, Any]:
         "vs_baseline": None if versus is None else {
             "diff": versus.diff, "ci95": _pair(versus.ci95), "p_value": versus.p_value,
             **({"p_adjusted": versus.p_adjusted} if corrected else {})},
+        **({"vs_target": {"diff": target.diff, "p_below": target.p_value}}
+           if target is not None else {}),
     }
 
 
@@ -444,6 +474,7 @@ def _cells(comparison: Comparison) -> tuple[list[str], list[list[str]]]:
     corrected = comparison.correction == HOLM
     header = ["group", "n", "mean", "sd", "95% CI", "diff", "diff 95% CI", "p (Welch)"]
     header += ["p (Holm)"] if corrected else []
+    header += ["vs target", "p (below)"] if comparison.target is not None else []
     rows = []
     for row in comparison.rows:
         summary, versus = row.summary, row.versus_baseline
@@ -455,6 +486,8 @@ def _cells(comparison: Comparison) -> tuple[list[str], list[list[str]]]:
             cells += [f"{versus.diff:+.{decimals}f}", _interval(versus.ci95, decimals),
                       _p_value(versus.p_value)]
             cells += [_p_value(versus.p_adjusted)] if corrected else []
+        if (target := row.versus_target) is not None:
+            cells += [f"{target.diff:+.{decimals}f}", _p_value(target.p_value)]
         rows.append(cells)
     return header, rows
 
@@ -484,6 +517,10 @@ def _p_value(p: float | None) -> str:
     return f"<{P_VALUE_FLOOR:g}" if p < P_VALUE_FLOOR else f"{p:#.3g}"
 
 
+def _target_text(comparison: Comparison) -> str:
+    return "" if comparison.target is None else f"; target: {comparison.target:g}"
+
+
 def _notes(comparison: Comparison) -> list[str]:
     notes = []
     single = [row.group.name for row in comparison.rows if row.summary.n < 2]
@@ -496,6 +533,9 @@ def _notes(comparison: Comparison) -> list[str]:
         notes.append(f"p (Holm): Welch's p, Holm-adjusted for the {tests} "
                      f"comparison{'' if tests == 1 else 's'} of {comparison.metric} with the "
                      f"baseline")
+    if comparison.target is not None:
+        notes.append(f"p (below): one-sided t-test that the group's mean is below "
+                     f"{comparison.target:g}")
     return notes
 
 
