@@ -27,9 +27,9 @@ from gptlab.encode import encode_file
 from gptlab.errors import GptlabError
 from gptlab.evaluate import evaluate_model, evaluate_tokens, train_sample
 from gptlab.model import build_model
-from gptlab.published import save_published
+from gptlab.published import load_published, save_published
 from gptlab.tokenizers import CharTokenizer
-from gptlab.tokens import read_header
+from gptlab.tokens import open_split, read_header, read_meta
 from gptlab.train import train
 
 CPU = torch.device("cpu")
@@ -166,6 +166,27 @@ def test_evaluation_is_deterministic(untrained):
     first, second = evaluate_in(untrained), evaluate_in(untrained)
     del first["tokens_per_sec"], second["tokens_per_sec"]
     assert first == second
+
+
+def test_a_fixed_context_scores_windows_of_that_length(trained):
+    """eval.context: the split cut into windows of that many tokens, whatever the model's
+    block size; null keeps the block size. Shorter windows give each token less context, so
+    the trained model scores worse."""
+    tokens_dir = trained / "data" / "tokens"
+    tokens = open_split(tokens_dir, "val", read_meta(tokens_dir, ["val_tokens", "val_shards"]))
+    published = load_published(trained / "models", CPU)
+    block_size = published.config.model.block_size
+    for context in (block_size, block_size // 2, 3):
+        expected = evaluate_tokens(published.model, tokens, context, 8, CPU, torch.float32)
+        metrics = evaluate_in(trained, context=context)
+        assert metrics["val_loss"] == pytest.approx(expected.loss, abs=1e-6), context
+        assert metrics["tokens"] == expected.tokens
+    assert evaluate_in(trained, context=None)["val_loss"] == evaluate_in(
+        trained, context=block_size)["val_loss"]
+    assert evaluate_in(trained, context=3)["val_loss"] > evaluate_in(trained)["val_loss"]
+    with pytest.raises(GptlabError, match=rf"^eval.context: {block_size + 1} tokens is longer "
+                                          rf"than the model's block_size \({block_size}\)"):
+        evaluate_in(trained, context=block_size + 1)
 
 
 def test_train_split_shows_the_overfitting_gap(trained):

@@ -1,7 +1,8 @@
 """Evaluation: the trained model scored on every token of the validation split, exactly once.
 
 Training estimates its loss from a few random windows; here the whole split is cut into
-consecutive windows of block_size tokens, so the score is exact and the same on every run. A
+consecutive windows of block_size tokens (eval.context, when set, so that models of different
+block sizes are scored alike), so the score is exact and the same on every run. A
 token early in its window sees little context, which makes the score slightly worse than a
 sliding window would, at a cost of one forward pass per block_size tokens instead of one per
 token.
@@ -170,11 +171,11 @@ def text_metrics(published: Published, tokens: dict[str, list[np.ndarray]],
                  meta: dict[str, Any], params: EvalParams, dtype: torch.dtype) -> dict[str, Any]:
     """Loss, perplexity and bits per byte of every validation token (and of a train sample)."""
     model, device = published.model, published.device
-    block_size = published.config.model.block_size
-    scores = {"val": evaluate_tokens(model, tokens["val"], block_size, params.batch_size,
+    window = scoring_window(params.context, published.config.model.block_size)
+    scores = {"val": evaluate_tokens(model, tokens["val"], window, params.batch_size,
                                      device, dtype)}
     if params.train_split:
-        sample = train_sample(tokens["train"], params.train_tokens, block_size)
+        sample = train_sample(tokens["train"], params.train_tokens, window)
         scores["train"] = evaluate_windows(model, sample, params.batch_size, device, dtype)
     metrics = {metric_name(split, key): value for split, score in scores.items()
                for key, value in split_metrics(score, meta, split).items()}
@@ -268,6 +269,17 @@ def conversation_metrics(published: Published, shards: list[np.ndarray],
             "tokens": score.tokens, "answers": len(conversations),
             "exact_match": round(exact_match(model, conversations, chat), 6),
             "tokens_per_sec": round(score.tokens / score.seconds, 1)}
+
+
+def scoring_window(context: int | None, block_size: int) -> int:
+    """The tokens of each scoring window: eval.context, or the model's block size; a model
+    cannot be scored past the positions it was trained on."""
+    if context is None:
+        return block_size
+    if context > block_size:
+        raise GptlabError(f"eval.context: {context} tokens is longer than the model's block_size "
+                          f"({block_size}); set it to {block_size} or less, or null")
+    return context
 
 
 def metric_name(split: str, key: str) -> str:

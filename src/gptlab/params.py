@@ -387,7 +387,11 @@ class EvalParams(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = param("float32", description=(
         "float32 keeps scores comparable across machines; auto | bfloat16 | float16 are faster."))
     batch_size: int = param(64, ge=1, description=(
-        "Windows of model.block_size tokens (or task continuations) scored per batch."))
+        "Windows of eval.context tokens (or task continuations) scored per batch."))
+    context: int | None = param(None, ge=1, description=(
+        "Tokens per scoring window of the text splits, at most the model's block_size; null: "
+        "the model's block_size. Fix it to compare models of different block sizes on the same "
+        "windows (a longer context scores better just by seeing more)."))
     train_split: bool = param(False, description=(
         "Also score a fixed sample of the train split, to show the overfitting gap (true | "
         "false)."))
