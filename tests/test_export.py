@@ -46,6 +46,7 @@ MODELS = {
     "gpt2-gelu_tanh-bias-untied": {**GPT2_LAYOUT, "mlp": "gelu_tanh", "bias": True,
                                    "tie_weights": False},
     "gpt2-gelu-nobias-tied": {**GPT2_LAYOUT, "mlp": "gelu", "bias": False, "tie_weights": True},
+    "gpt2-relu2-nobias-tied": {**GPT2_LAYOUT, "mlp": "relu2", "bias": False, "tie_weights": True},
     "llama-nobias-tied": {**LLAMA_LAYOUT, "bias": False, "tie_weights": True},
     "llama-bias-untied": {**LLAMA_LAYOUT, "bias": True, "tie_weights": False},
 }

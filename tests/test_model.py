@@ -205,9 +205,17 @@ def gpt2_gelu(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize(("mlp", "matches_gpt2"), [("gelu", False), ("gelu_tanh", True)])
 def test_gelu_tanh_is_gpt2s_gelu_and_gelu_stays_exact(mlp, matches_gpt2):
     x = torch.linspace(-6, 6, 1001, dtype=torch.float64)
-    activation = tiny_model(mlp=mlp).blocks[0].mlp.gelu.double()
+    activation = tiny_model(mlp=mlp).blocks[0].mlp.activation.double()
     assert torch.allclose(activation(x), gpt2_gelu(x), rtol=0, atol=1e-12) == matches_gpt2
     assert torch.equal(activation(x), F.gelu(x)) != matches_gpt2
+
+
+def test_relu2_is_relu_squared_in_an_mlp_of_gelus_shape():
+    x = torch.linspace(-6, 6, 1001, dtype=torch.float64)
+    relu2, gelu = tiny_model(mlp="relu2").blocks[0].mlp, tiny_model(mlp="gelu").blocks[0].mlp
+    assert torch.equal(relu2.activation(x), torch.where(x > 0, x * x, torch.zeros_like(x)))
+    assert ({name: p.shape for name, p in relu2.named_parameters()}
+            == {name: p.shape for name, p in gelu.named_parameters()})
 
 
 def test_swiglu_matches_gelu_mlp_size():

@@ -151,6 +151,19 @@ def test_torchs_tanh_gelu_converts_to_gelu_tanh(tmp_path):
     assert config.mlp == "gelu_tanh"
 
 
+def test_a_relu_squared_gpt2_converts_to_relu2_and_computes_its_logits(tmp_path):
+    reference = tiny_gpt2(activation_function="relu2")
+    reference.save_pretrained(tmp_path)
+    config, state = convert_gpt2(tmp_path)
+    assert config.mlp == "relu2"
+    model = build_model(config)
+    model.load_state_dict(state)
+    with torch.no_grad():
+        ours, _ = model.eval()(torch.tensor(PROMPT))
+        theirs = reference(torch.tensor(PROMPT)).logits
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
 def copy_checkpoint(source: Path, folder: Path, config: dict[str, Any] | None = None,
                     weights: Any = None) -> Path:
     """A copy of a checkpoint folder with config.json's keys changed and its tensors passed

@@ -55,10 +55,12 @@ HF_FILES = (HF_CONFIG, HF_WEIGHTS, HF_TOKENIZER, HF_TOKENIZER_CONFIG)
 LAYOUTS = {
     ("learned", "layernorm", "gelu"): "gpt2",
     ("learned", "layernorm", "gelu_tanh"): "gpt2",
+    ("learned", "layernorm", "relu2"): "gpt2",
     ("rope", "rmsnorm", "swiglu"): "llama",
 }
-# transformers' names of gptlab's GELUs; `gelu_new` is GPT-2's own tanh approximation.
-HF_GELU = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
+# transformers' names of gptlab's 4x MLPs' activations; `gelu_new` is GPT-2's own tanh
+# approximation.
+HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu2": "relu2"}
 # A bounded count made possessive, such as {1,3}+ (see oniguruma_pattern).
 POSSESSIVE_COUNT = re.compile(r"(\{\d+(?:,\d*)?\})\+")
 # torch.nn.RMSNorm(eps=None) adds the machine epsilon of its input's dtype; the weights are
@@ -94,7 +96,7 @@ def hf_layout(config: ModelConfig, where: Path) -> str:
     if layout is None:
         raise GptlabError(f"{where}: {config.pos} positions with {config.norm} and a "
                           f"{config.mlp} MLP fit no Hugging Face layout (GPT-2: learned, "
-                          f"layernorm, gelu or gelu_tanh; Llama: rope, rmsnorm, swiglu)")
+                          f"layernorm, gelu, gelu_tanh or relu2; Llama: rope, rmsnorm, swiglu)")
     return layout
 
 
@@ -163,7 +165,7 @@ def hf_config(config: ModelConfig, layout: str, eot_id: int | None) -> dict[str,
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
                 "n_layer": config.n_layer, "n_head": config.n_head, "n_embd": config.n_embd,
                 "n_positions": config.block_size, "n_inner": None,
-                "activation_function": HF_GELU[config.mlp],
+                "activation_function": HF_ACTIVATIONS[config.mlp],
                 "layer_norm_epsilon": LAYER_NORM_EPSILON,
                 "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
                 "resid_pdrop": config.dropout, **shared}

@@ -202,17 +202,33 @@ class CausalSelfAttention(nn.Module):
         return F.linear(y.view(B, C), self.out_proj.weight, self.out_proj.bias)
 
 
-class GeluMLP(nn.Module):
+class ReLUSquared(nn.Module):
+    """relu(x)^2: the modded-nanogpt speedrun's activation (So et al. 2021, "Primer")."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(x).square()
+
+
+def make_activation(mlp: str) -> nn.Module:
+    """The 4x-wide MLP's activation. GPT-2 was trained with GELU's tanh approximation: its
+    weights need it to match exactly."""
+    if mlp == "relu2":
+        return ReLUSquared()
+    return nn.GELU(approximate="tanh" if mlp == "gelu_tanh" else "none")
+
+
+class MLP(nn.Module):
+    """up 4x, the activation, down: GPT-2's feed-forward block."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.up_proj = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        # GPT-2 was trained with the tanh approximation: its weights need it to match exactly.
-        self.gelu = nn.GELU(approximate="tanh" if config.mlp == "gelu_tanh" else "none")
+        self.activation = make_activation(config.mlp)
         self.down_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.down_proj(self.gelu(self.up_proj(x))))
+        return self.dropout(self.down_proj(self.activation(self.up_proj(x))))
 
 
 def swiglu_hidden_size(n_embd: int) -> int:
@@ -240,7 +256,7 @@ def make_norm(config: ModelConfig) -> nn.Module:
 
 
 def make_mlp(config: ModelConfig) -> nn.Module:
-    return SwiGLU(config) if config.mlp == "swiglu" else GeluMLP(config)
+    return SwiGLU(config) if config.mlp == "swiglu" else MLP(config)
 
 
 class Block(nn.Module):

@@ -200,9 +200,10 @@ class ModelShape(Section):
         "Positions: learned (a table, as GPT-2) | rope (rotary embeddings on queries and keys)."))
     norm: Literal["layernorm", "rmsnorm"] = param("layernorm", description=(
         "Normalisation: layernorm | rmsnorm."))
-    mlp: Literal["gelu", "gelu_tanh", "swiglu"] = param("gelu", description=(
+    mlp: Literal["gelu", "gelu_tanh", "relu2", "swiglu"] = param("gelu", description=(
         "Feed-forward block: gelu (4x wide, exact GELU) | gelu_tanh (the same with GELU's tanh "
-        "approximation, as GPT-2's weights were trained) | swiglu (gated, 8/3x wide, as LLaMA)."))
+        "approximation, as GPT-2's weights were trained) | relu2 (4x wide, ReLU squared, as the "
+        "modded-nanogpt speedrun) | swiglu (gated, 8/3x wide, as LLaMA)."))
     pad_vocab: bool = param(True, description=(
         "Pad the token embedding and output layer to a multiple of 64 rows (true | false): "
         "faster matrix products; the padding ids are never scored or sampled."))

@@ -48,8 +48,10 @@ HUB_GPT2 = {
     "gpt2-xl": ("openai-community/gpt2-xl", "15ea56dee5df4983c59b2538573817e1667135e2"),
 }
 # Hugging Face's names of GPT-2's GELU: its tanh approximation (`gelu_new` computes it in
-# Python, `gelu_pytorch_tanh` with torch's kernel), or the exact one.
-GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+# Python, `gelu_pytorch_tanh` with torch's kernel), or the exact one; and ReLU squared, which
+# gptlab's relu2 models export as.
+GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
+                    "relu2": "relu2"}
 LAYER_NORM_EPSILON = 1e-5  # torch's LayerNorm default, which gptlab's LayerNorm uses
 # GPT2LMHeadModel prefixes its tensors; the Hub's OpenAI checkpoints were saved without it.
 PREFIX = "transformer."
