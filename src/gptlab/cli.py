@@ -56,7 +56,7 @@ SAMPLE_SEPARATOR = "-" * 15
 # 347K, 175x) as the budget grows. The design was chosen on synthetic runs: a law of
 # Chinchilla's exponents at this corpus's losses, sampled at these runs with seed-to-seed
 # noise, is recovered within 10%, which the narrower design of three budgets over 16x and N
-# over 18x did not do (tests/test_scaling.py).
+# over 18x did not do (tests/test_sweep.py).
 BUDGETS = (1e10, 4.6e10, 2.2e11, 1e12)
 SHAPES = ("1x8", "1x12", "1x16", "1x24", "2x24", "2x32", "2x48", "2x64", "3x96")
 SHAPES_PER_BUDGET = 5

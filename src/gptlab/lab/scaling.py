@@ -431,10 +431,14 @@ def interval95(values: Iterable[float | None]) -> Interval | None:
 
 
 def parameter_intervals(sweep: Sweep) -> dict[str, Interval | None]:
-    """The 95% intervals of the law's parameters, and of the isoFLOP exponents a and b when 3
-    or more profiles are usable (None where there is none)."""
+    """The 95% intervals of the law's parameters and of its split's exponents (law_a, law_b,
+    over the refits that have a split), and of the isoFLOP exponents a and b when 3 or more
+    profiles are usable (None where there is none)."""
     bounds = {name: interval95(getattr(law, name) for law in sweep.bootstrap.laws)
               for name in LAW_NAMES}
+    splits = [split for law in sweep.bootstrap.laws if (split := law.split_exponents)]
+    bounds |= {"law_a": interval95(a for a, _ in splits),
+               "law_b": interval95(b for _, b in splits)}
     if sweep.isoflop is not None and len(sweep.isoflop.usable) >= INTERVAL_BUDGETS:
         isoflops = sweep.bootstrap.isoflops
     else:
@@ -444,20 +448,11 @@ def parameter_intervals(sweep: Sweep) -> dict[str, Interval | None]:
 
 
 def allocation_intervals(sweep: Sweep, budget: float) -> dict[str, Interval | None]:
-    """The 95% intervals of the law's compute-optimal N_opt and D_opt at `budget`, and of the
-    exponents of its split (law_a, law_b), over the refits whose exponents are both
-    positive."""
+    """The 95% intervals of the law's compute-optimal N_opt and D_opt at `budget`, over the
+    refits whose exponents are both positive."""
     optima = [law.compute_optimal(budget) for law in sweep.bootstrap.laws if law.has_optimum]
     return {"N_opt": interval95(optimal.n_params for optimal in optima),
-            "D_opt": interval95(optimal.n_tokens for optimal in optima),
-            **split_intervals(sweep)}
-
-
-def split_intervals(sweep: Sweep) -> dict[str, Interval | None]:
-    """The 95% intervals of the law's split exponents, law_a and law_b, over the refits that
-    have a split."""
-    splits = [law.split_exponents for law in sweep.bootstrap.laws if law.has_optimum]
-    return {"law_a": interval95(a for a, _ in splits), "law_b": interval95(b for _, b in splits)}
+            "D_opt": interval95(optimal.n_tokens for optimal in optima)}
 
 
 def profile_interval(sweep: Sweep, budget: float) -> Interval | None:
@@ -667,7 +662,7 @@ def _draw_law(figure: plt.Figure, axes: plt.Axes, sweep: Sweep) -> None:
 
 def _law_label(sweep: Sweep) -> str:
     """The law with an interval on each of its numbers, and its split's exponents."""
-    law, bounds = sweep.law, parameter_intervals(sweep) | split_intervals(sweep)
+    law, bounds = sweep.law, parameter_intervals(sweep)
     lines = [f"fit: L = {law.E:.3g} + {law.A:.3g}/N^{law.alpha:.3f} + {law.B:.3g}/D^{law.beta:.3f}",
              ", ".join(f"{name} {_with_interval(getattr(law, name), bounds[name])}"
                        for name in ("E", "A", "B")),
