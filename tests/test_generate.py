@@ -3,6 +3,7 @@ prompts, the sample stage end to end, and the `gptlab sample` and `chat` command
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
@@ -24,9 +25,19 @@ from helpers import (
 )
 from torch import nn
 
+from gptlab.device import cpu_has_native_bf16
 from gptlab.errors import GptlabError
-from gptlab.generate import EOT_CHECK_EVERY, code_span, encode_prompt, fenced, generate, next_tokens
+from gptlab.generate import (
+    EOT_CHECK_EVERY,
+    code_span,
+    encode_prompt,
+    fenced,
+    generate,
+    next_tokens,
+    ready_to_generate,
+)
 from gptlab.model import Bigram, build_model
+from gptlab.published import load_published
 from gptlab.tokenizers import CharTokenizer
 from gptlab.train import train
 
@@ -320,15 +331,62 @@ def test_cli_chat_continues_each_line_until_quit(tmp_path, models_dir):
     assert len(result.stdout) == 2 * (15 + 1)
 
 
-def test_generation_runs_on_one_cpu_thread_and_restores_the_setting():
+def greedy_tokens(model: nn.Module, count: int = 6) -> list[int]:
+    [tokens] = generate(model, [1, 2], num_samples=1, max_new_tokens=count, temperature=1.0,
+                        top_k=None, top_p=1.0, greedy=True, eot_id=None,
+                        generator=torch.Generator().manual_seed(0))
+    return tokens
+
+
+def threads_seen(model: nn.Module) -> tuple[set[int], list[int]]:
+    """The thread counts the model ran with while generating, and what it generated."""
+    seen: list[int] = []
+    hook = model.register_forward_pre_hook(lambda m, args: seen.append(torch.get_num_threads()))
+    tokens = greedy_tokens(model)
+    hook.remove()
+    return set(seen), tokens
+
+
+def test_a_small_model_generates_on_one_thread_a_large_one_on_every_core_alike(monkeypatch):
     model = build_model(model_config(vocab_size=11, n_layer=1, n_head=2, n_embd=16, block_size=8))
-    seen = []
-    model.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
     before = torch.get_num_threads()
-    generate(model, [1, 2], num_samples=1, max_new_tokens=3, temperature=1.0, top_k=None,
-             top_p=1.0, greedy=True, eot_id=None, generator=torch.Generator().manual_seed(0))
-    assert set(seen) == {1}
-    assert torch.get_num_threads() == before
+    torch.set_num_threads(2)
+    try:
+        small, tokens = threads_seen(model)
+        assert small == {1} and torch.get_num_threads() == 2  # restored afterwards
+        # The same model counted as large: every core, the same tokens.
+        monkeypatch.setattr("gptlab.generate.THREADED_FROM_PARAMS", model.num_params())
+        large, same_tokens = threads_seen(model)
+        assert large == {2} and same_tokens == tokens
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_ready_to_generate_casts_the_weights_once_and_generation_runs_in_their_dtype(
+        models_dir):
+    published = load_published(models_dir)
+    reference = copy.deepcopy(published.model)
+    assert ready_to_generate(published, "bfloat16", "sample.dtype") is published
+    model = published.model
+    assert not model.training
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.new_cache(2).keys[0].dtype == torch.bfloat16  # no step converts the cache
+    autocast_seen = []
+    model.register_forward_pre_hook(
+        lambda m, args: autocast_seen.append(torch.is_autocast_enabled("cpu")))
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    assert greedy_tokens(model, 40)
+    assert autocast_seen and not any(autocast_seen)  # the weights' dtype, not autocast's
+    # bf16 weights compute what float32 ones do, to bf16's 8 bits of mantissa.
+    with torch.inference_mode():
+        ours = model(prompt)[0].float()
+        theirs = reference(prompt)[0]
+    assert torch.allclose(ours, theirs, atol=0.1 * theirs.abs().max().item())
+    # auto is float32 on a CPU without native bf16, and then casts nothing.
+    again = load_published(models_dir)
+    ready_to_generate(again, "auto", "sample.dtype")
+    expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    assert {p.dtype for p in again.model.parameters()} == {expected}
 
 
 def test_markdown_code_survives_backticks_in_the_text():

@@ -101,7 +101,7 @@ def client(server) -> openai.OpenAI:
 def sampled(published: Published, prompt: str, *, n: int = 1, max_tokens: int, seed: int,
             temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0) -> list[str]:
     """What `gptlab sample` prints after the prompt for these settings (its code path)."""
-    params = SampleParams(device="cpu", prompts=[prompt], num_samples=n,
+    params = SampleParams(device="cpu", dtype="auto", prompts=[prompt], num_samples=n,
                           max_new_tokens=max_tokens, temperature=temperature, top_k=top_k,
                           top_p=top_p, greedy=False, seed=seed)
     return sample_all(published, params)[0].continuations
@@ -146,8 +146,9 @@ def test_temperature_zero_is_greedy(client, models):
                                        seed=1).choices[0].text
     assert greedy == client.completions.create(model="tiny", prompt="the", max_tokens=20,
                                                temperature=0, seed=2).choices[0].text
-    params = SampleParams(device="cpu", prompts=["the"], num_samples=1, max_new_tokens=20,
-                          temperature=1.0, top_k=None, top_p=1.0, greedy=True, seed=0)
+    params = SampleParams(device="cpu", dtype="auto", prompts=["the"], num_samples=1,
+                          max_new_tokens=20, temperature=1.0, top_k=None, top_p=1.0, greedy=True,
+                          seed=0)
     assert greedy == sample_all(models["tiny"], params)[0].continuations[0]
 
 

@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 from pydantic import ValidationError
 
@@ -62,6 +62,8 @@ SHAPES = ("1x8", "1x12", "1x16", "1x24", "2x24", "2x32", "2x48", "2x64", "3x96")
 SHAPES_PER_BUDGET = 5
 # Bootstrap resamples of `gptlab scaling`: 2.5% of 40 is one refit at each end of an interval.
 BOOTSTRAP_SAMPLES, MIN_BOOTSTRAP_SAMPLES = 200, 40
+# sample.dtype's names, for the --dtype of sample, chat and serve.
+DTYPE_CHOICES = get_args(SampleParams.model_fields["dtype"].annotation)
 DESCRIPTION = ("Tools around the gptlab pipeline (the stages themselves run with `dvc repro`). "
                "`sample` and `chat` take their defaults from the sample section of "
                "./params.yaml, and every option overrides its key.")
@@ -241,6 +243,9 @@ def add_serve_command(commands: argparse._SubParsersAction) -> None:
                             "0.0.0.0 for every network)")
     serve.add_argument("--port", type=int, default=8000, help="default: 8000")
     serve.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    serve.add_argument("--dtype", choices=list(DTYPE_CHOICES), default="auto",
+                       help="the weights' dtype (default: auto, bfloat16 where the hardware "
+                            "does bf16 natively)")
     serve.add_argument("--concurrency", type=at_least(1), default=2, metavar="N",
                        help="generations running at once (default: 2)")
     serve.add_argument("--queue", type=at_least(0), default=16, metavar="N",
@@ -448,6 +453,7 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--greedy", action=argparse.BooleanOptionalAction)
     parser.add_argument("--seed", type=int, metavar="S")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--dtype", choices=list(DTYPE_CHOICES))
 
 
 def sampling_params(args: argparse.Namespace) -> SampleParams:
@@ -478,11 +484,13 @@ def option_name(key: str) -> str:
 def run_sample(args: argparse.Namespace) -> None:
     # Imported here: torch takes over a second to load, which `params` and `tokens` need not.
     from gptlab.device import pick_device
-    from gptlab.generate import sample_all
+    from gptlab.generate import ready_to_generate, sample_all
     from gptlab.published import load_published
 
     params = sampling_params(args)
-    published = load_published(args.models, pick_device(params.device, "--device"))
+    published = ready_to_generate(
+        load_published(args.models, pick_device(params.device, "--device")), params.dtype,
+        "--dtype")
     prompts_name = "--prompt" if args.prompts else "sample.prompts"
     for result in sample_all(published, params, prompts_name):
         for continuation in result.continuations:
@@ -494,11 +502,14 @@ def run_chat(args: argparse.Namespace) -> None:
     import torch
 
     from gptlab.device import pick_device
+    from gptlab.generate import ready_to_generate
     from gptlab.published import load_published
     from gptlab.tokenizers import chat_tokens_of
 
     params = sampling_params(args).model_copy(update={"num_samples": 1})
-    published = load_published(args.models, pick_device(params.device, "--device"))
+    published = ready_to_generate(
+        load_published(args.models, pick_device(params.device, "--device")), params.dtype,
+        "--dtype")
     # One generator for the session: the same lines typed again give the same replies.
     generator = torch.Generator(published.device).manual_seed(params.seed)
     chat = chat_tokens_of(published.tokenizer)
@@ -568,7 +579,7 @@ def run_serve(args: argparse.Namespace) -> None:
 
     limits = Limits(max_tokens=args.max_tokens, concurrency=args.concurrency, queue=args.queue)
     serve(args.models or ["models"], args.host, args.port, pick_device(args.device, "--device"),
-          limits)
+          args.dtype, limits)
 
 
 def typed_lines(interactive: bool) -> Iterator[str]:

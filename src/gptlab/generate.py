@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gptlab.device import autocast, has_bf16, pick_device
+from gptlab.device import pick_device, pick_dtype
 from gptlab.errors import GptlabError
 from gptlab.model import KVCache
 from gptlab.params import SampleParams
@@ -35,6 +35,12 @@ from gptlab.tokenizers import Tokenizer
 
 # Generated tokens between checks whether every sample has reached its end-of-text token.
 EOT_CHECK_EVERY = 16
+# Parameters from which generation on a CPU uses every core. Below, a cached step is about a
+# hundred tiny kernels that a second thread only slows with synchronisation, and that collapse
+# when another process holds a core (the default model on 2 cores: 2,240 vs 525 tokens/s with
+# one busy neighbour). Above, each matrix product is worth sharing (GPT-2 124M on 2 cores: a
+# 512-token prompt in 0.7 s instead of 1.5 s).
+THREADED_FROM_PARAMS = 10_000_000
 
 
 @torch.inference_mode()
@@ -109,17 +115,23 @@ def generate_steps(
     tokens[:, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
     pick = functools.partial(next_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                              greedy=greedy, generator=generator)
-    dtype = generation_dtype(device)
-    with one_cpu_thread(device), autocast(device, dtype):
-        yield from decode_steps(model, tokens, len(prompt), pick, dtype)
+    with generation_threads(model, device):
+        yield from decode_steps(model, tokens, len(prompt), pick)
+
+
+def ready_to_generate(published: Published, dtype_name: str, param: str) -> Published:
+    """The published model in eval mode with its weights in the dtype `dtype_name` picks for
+    its device (params key `param`): cast once here, where autocast would cast every weight
+    again for every token, the very traffic that bounds generation."""
+    published.model.eval().to(pick_dtype(dtype_name, published.device, param))
+    return published
 
 
 @contextlib.contextmanager
-def one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """Run on a single CPU thread: a cached step is about a hundred tiny kernels, which a second
-    thread only slows with synchronisation, and which collapse when another process holds a
-    core (measured on 2 cores: 2,240 vs 525 tokens/s with one busy neighbour)."""
-    if device.type != "cpu":
+def generation_threads(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Run a model below THREADED_FROM_PARAMS on a single CPU thread, a larger one on every
+    core (torch's default)."""
+    if device.type != "cpu" or model.num_params() >= THREADED_FROM_PARAMS:
         yield
         return
     threads = torch.get_num_threads()
@@ -128,12 +140,6 @@ def one_cpu_thread(device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-def generation_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on a GPU that computes in it natively (half the memory traffic per token, which
-    bounds generation), else float32: on CPUs, generation stays in the model's float32."""
-    return torch.bfloat16 if device.type == "cuda" and has_bf16(device) else torch.float32
 
 
 def start_ids(prompt_ids: list[int], eot_id: int | None) -> list[int]:
@@ -147,12 +153,12 @@ def start_ids(prompt_ids: list[int], eot_id: int | None) -> list[int]:
 
 
 def decode_steps(model: nn.Module, tokens: Tensor, prompt_length: int,
-                 pick: Callable[[Tensor], Tensor], dtype: torch.dtype) -> Iterator[Tensor]:
+                 pick: Callable[[Tensor], Tensor]) -> Iterator[Tensor]:
     """Write new tokens into tokens[:, prompt_length:] one column at a time, yielding each.
 
-    The cache holds keys and values in the compute dtype, so no step converts the prefix.
+    The cache holds keys and values in the weights' dtype, so no step converts the prefix.
     """
-    cache = model.new_cache(tokens.size(0), dtype)
+    cache = model.new_cache(tokens.size(0))
     refill_length = max(1, cache.capacity // 2)  # a block_size of 1 still keeps one token
     logits = last_logits(model, tokens[:, :prompt_length], cache)
     for position in range(prompt_length, tokens.size(1)):
@@ -269,7 +275,9 @@ def sample_prompts(models_dir: Path, params: SampleParams) -> tuple[str, dict[st
     skipped with a note on the page, not an error: the stage runs after training, and failing
     here would throw a finished experiment away.
     """
-    published = load_published(models_dir, pick_device(params.device, "sample.device"))
+    published = ready_to_generate(
+        load_published(models_dir, pick_device(params.device, "sample.device")), params.dtype,
+        "sample.dtype")
     results = [sample_or_skip(published, prompt, f"sample.prompts[{index}]", params)
                for index, prompt in enumerate(params.prompts)]
     new_tokens = sum(result.new_tokens for result in results)

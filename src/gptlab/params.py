@@ -428,6 +428,9 @@ class EvalParams(Section):
 class SampleParams(Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = param("auto", description=(
         "auto (cuda > mps > cpu) | cpu | cuda | mps."))
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = param("auto", description=(
+        "auto (bfloat16 where the hardware does bf16 natively, float16 on an older GPU, else "
+        "float32) | float32 | bfloat16 | float16: the weights are cast once, after loading."))
     prompts: list[str] = param(["\n", "To be, or not to be"], description=(
         "Prompts to continue; each character must be in the tokenizer's vocabulary."))
     num_samples: int = param(3, ge=1, description="Samples per prompt, generated as one batch.")

@@ -645,14 +645,17 @@ def named_models(specs: list[str]) -> dict[str, Path]:
     return named
 
 
-def serve(specs: list[str], host: str, port: int, device: torch.device,
+def serve(specs: list[str], host: str, port: int, device: torch.device, dtype: str,
           limits: Limits) -> None:
-    """Load every model, then answer on host:port until interrupted."""
+    """Load every model, its weights cast to `dtype` (a sample.dtype name), then answer on
+    host:port until interrupted."""
     import uvicorn
 
+    from gptlab.generate import ready_to_generate
     from gptlab.published import load_published
 
-    models = {name: load_published(path, device) for name, path in named_models(specs).items()}
+    models = {name: ready_to_generate(load_published(path, device), dtype, "--dtype")
+              for name, path in named_models(specs).items()}
     if host != LOOPBACK:
         print(f"note: listening on {host}: anyone who can reach this machine can use the "
               f"models", flush=True)
