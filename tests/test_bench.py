@@ -30,6 +30,7 @@ from helpers import (
 )
 
 from gptlab.bench import __main__ as bench_main
+from gptlab.bench import gpt2_cpu
 from gptlab.bench import ladder as bench
 from gptlab.bench.ladder import (
     GPT2_OPTIMIZER,
@@ -326,3 +327,45 @@ def test_the_parallel_tokenize_module_imports_no_torch():
     is."""
     check = "import sys, gptlab.bench.parallel_tokenize; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", check]).returncode == 0
+
+
+# --- GPT-2 (124M)'s shape on a CPU (gptlab.bench.gpt2_cpu), here at a tiny shape -----------------
+
+TINY_GPT2 = {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 128}
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_gpt2_bench_gives_transformers_gptlabs_weights(batch):
+    """Both sides generate the same greedy tokens: the table compares like with like."""
+    config = gpt2_cpu.gpt2_config(**TINY_GPT2)
+    ours, figures = gpt2_cpu.generation_figures(config, "gptlab", batch, torch.float32, 20, 30)
+    theirs, _ = gpt2_cpu.generation_figures(config, "transformers", batch, torch.float32, 20, 30)
+    assert ours.tokens == theirs.tokens
+    assert len(ours.tokens) == batch and all(len(row) == 30 for row in ours.tokens)
+    assert 0 < ours.prefill_seconds < ours.seconds
+    assert figures["tokens_per_sec"] == pytest.approx(batch * 30 / ours.seconds)
+    assert figures["decode_tokens_per_sec"] == pytest.approx(
+        batch * 29 / (ours.seconds - ours.prefill_seconds))
+
+
+def test_the_gpt2_bench_trains_the_same_weights_on_both_sides():
+    config = gpt2_cpu.gpt2_config(**TINY_GPT2)
+    padded_rows = config.padded_vocab_size - config.vocab_size  # gptlab's table only
+    full = [gpt2_cpu.step_figures(config, impl, 0, 32, 1)["trainable"] for impl in gpt2_cpu.IMPLS]
+    assert full[0] - full[1] == padded_rows * config.n_embd
+    # Rank-8 adapters on attention's two projections, A (8 x in) and B (out x 8), each layer.
+    lora = [gpt2_cpu.step_figures(config, impl, 8, 32, 1)["trainable"] for impl in gpt2_cpu.IMPLS]
+    width = config.n_embd
+    assert lora == [config.n_layer * 8 * ((width + 3 * width) + (width + width))] * 2
+
+
+def test_a_missing_transformers_is_a_row_without_its_figures(capsys):
+    figures = {"tokens_per_sec": 50.0, "decode_tokens_per_sec": 60.0, "peak_mb": 700.0}
+    gpt2_cpu.print_row("generate, batch 1, float32", [figures, None], 80.0,
+                       "decode_tokens_per_sec")
+    gpt2_cpu.print_row("generate, batch 8, float32", [figures, {**figures, "peak_mb": 900.0,
+                                                                "tokens_per_sec": 25.0}],
+                       120.0, "decode_tokens_per_sec")
+    missing, present = capsys.readouterr().out.splitlines()
+    assert "(not installed)" in missing and missing.split()[-2:] == ["75%", "700"]
+    assert present.split()[-7:] == ["25.0", "2.0x", "120.0", "50%", "700", "/", "900"]

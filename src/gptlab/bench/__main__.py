@@ -1,7 +1,8 @@
 """`make bench` (`python -m gptlab.bench`): the pipeline's speed on this machine, stage by
-stage, `gptlab serve` under load (gptlab.bench.serving), then the GPU speed ladder
-(gptlab.bench.ladder) where there is a GPU. Figures that need a process of their own come from
-gptlab.bench.parallel_tokenize and gptlab.bench.finetune_memory."""
+stage, `gptlab serve` under load (gptlab.bench.serving), GPT-2 (124M)'s shape beside
+transformers (gptlab.bench.gpt2_cpu), then the GPU speed ladder (gptlab.bench.ladder) where
+there is a GPU. Figures that need a process of their own come from
+gptlab.bench.parallel_tokenize and gptlab.bench.gpt2_cpu."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from gptlab.bench.gpt2_cpu import bench_gpt2_cpu
 from gptlab.bench.ladder import bench_gpu
 from gptlab.bench.serving import bench_serving
 from gptlab.clean import (
@@ -61,7 +63,7 @@ def main() -> None:
     bench_training(corpus, params)
     bench_sampling(Path("models"))
     bench_serving(Path("models"))
-    bench_finetune_memory()
+    bench_gpt2_cpu()
     bench_dvc_overhead()
     bench_gpu(params.train)
 
@@ -169,16 +171,6 @@ def bench_sampling(models_dir: Path) -> None:
             for _ in range(3)
         )
         print(f"  batch {batch}: {batch * 500 / seconds:8,.0f} tokens/s (best of 3)")
-
-
-def bench_finetune_memory() -> None:
-    """Peak memory of a fine-tuning step of GPT-2 small, every weight vs LoRA adapters."""
-    print("\nfine-tune GPT-2 small's shape, batch 1, block 1024 (peak memory of a step)")
-    for name, rank in (("every weight", 0), ("LoRA rank 8, qkv and out", 8)):
-        result = subprocess.run([sys.executable, "-m", "gptlab.bench.finetune_memory",
-                                 str(rank)], capture_output=True, text=True, check=True)
-        peak_mb, trainable = result.stdout.split()
-        print(f"  {name:26s} {float(peak_mb):8,.0f} MB  ({int(trainable):,} trainable)")
 
 
 def bench_dvc_overhead() -> None:
