@@ -25,6 +25,7 @@ from helpers import (
 )
 from torch import nn
 
+from gptlab import generate as gptlab_generate
 from gptlab.device import cpu_has_native_bf16
 from gptlab.errors import GptlabError
 from gptlab.generate import (
@@ -34,9 +35,10 @@ from gptlab.generate import (
     fenced,
     generate,
     next_tokens,
+    prepare_to_generate,
     ready_to_generate,
 )
-from gptlab.model import Bigram, build_model
+from gptlab.model import Bigram, PrepackedLinear, build_model
 from gptlab.published import load_published
 from gptlab.tokenizers import CharTokenizer
 from gptlab.train import train
@@ -360,6 +362,18 @@ def test_a_small_model_generates_on_one_thread_a_large_one_on_every_core_alike(m
         assert large == {2} and same_tokens == tokens
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_large_float32_model_on_cpu_generates_through_prepacked_products_alike(monkeypatch):
+    model = build_model(model_config(vocab_size=11, n_layer=2, n_head=2, n_embd=16, block_size=8))
+    reference = copy.deepcopy(model).eval()
+    monkeypatch.setattr("gptlab.generate.THREADED_FROM_PARAMS", model.num_params())
+    assert prepare_to_generate(model, torch.float32) is model
+    assert any(isinstance(m, PrepackedLinear) for m in model.modules())
+    assert greedy_tokens(model, 20) == greedy_tokens(reference, 20)
+    # Still a large model once its packed weights are no longer parameters: every core.
+    assert model.num_params() < gptlab_generate.THREADED_FROM_PARAMS
+    assert threads_seen(model)[0] == {torch.get_num_threads()}
 
 
 def test_ready_to_generate_casts_the_weights_once_and_generation_runs_in_their_dtype(

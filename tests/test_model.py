@@ -1,5 +1,6 @@
 """Tests of gptlab.model: shapes, causality, variants, init, the KV cache and the CPU bf16 path."""
 
+import copy
 import itertools
 import json
 import math
@@ -16,6 +17,7 @@ from gptlab.model import (
     KVCache,
     apply_rope,
     build_model,
+    prepack_linears,
     rope_tables,
     swiglu_hidden_size,
 )
@@ -400,6 +402,28 @@ def test_decode_step_gives_forwards_logits_for_each_new_token(pos, arch):
         assert decode_cache.length == BLOCK
         with pytest.raises(ValueError, match="capacity"):
             model.decode_step(idx[:, 0], decode_cache)
+
+
+@pytest.mark.parametrize("mlp", ["gelu_tanh", "swiglu"])
+def test_prepacked_linears_compute_what_the_plain_ones_do(mlp):
+    """oneDNN's prepacked products, forward and the decode path, to float32 rounding."""
+    model = tiny_model(mlp=mlp, n_layer=2).eval()
+    prepacked = copy.deepcopy(model)
+    per_block = 2 + (3 if mlp == "swiglu" else 2)  # attention's two, the MLP's
+    assert prepack_linears(prepacked) == 2 * per_block
+    assert all(type(m) is not nn.Linear for block in prepacked.blocks for m in block.modules())
+    # The tied output layer keeps the token table: the plain weights left are the embeddings'.
+    assert prepacked.lm_head.weight is prepacked.tok_emb.weight
+    idx = random_tokens(2, BLOCK)
+    with torch.no_grad():
+        torch.testing.assert_close(prepacked(idx)[0], model(idx)[0], atol=1e-5, rtol=1e-5)
+        caches = [m.new_cache(2) for m in (model, prepacked)]
+        for m, cache in zip((model, prepacked), caches, strict=True):
+            m(idx[:, :4], cache=cache)
+        for position in range(4, BLOCK):
+            expected = model.decode_step(idx[:, position], caches[0])
+            actual = prepacked.decode_step(idx[:, position], caches[1])
+            torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_bigram_accepts_a_cache():

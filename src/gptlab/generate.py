@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from gptlab.device import pick_device, pick_dtype
 from gptlab.errors import GptlabError
-from gptlab.model import KVCache
+from gptlab.model import KVCache, PrepackedLinear, prepack_linears
 from gptlab.params import SampleParams
 from gptlab.published import Published, load_published
 from gptlab.tokenizers import Tokenizer
@@ -120,18 +120,37 @@ def generate_steps(
 
 
 def ready_to_generate(published: Published, dtype_name: str, param: str) -> Published:
-    """The published model in eval mode with its weights in the dtype `dtype_name` picks for
-    its device (params key `param`): cast once here, where autocast would cast every weight
-    again for every token, the very traffic that bounds generation."""
-    published.model.eval().to(pick_dtype(dtype_name, published.device, param))
+    """The published model made ready by `prepare_to_generate` in the dtype `dtype_name` picks
+    for its device (params key `param`)."""
+    prepare_to_generate(published.model, pick_dtype(dtype_name, published.device, param))
     return published
+
+
+def prepare_to_generate(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """The model in eval mode with its weights in `dtype`, cast once here, where autocast would
+    cast every weight again for every token, the very traffic that bounds generation; on a CPU,
+    a large float32 model's blocks get oneDNN's prepacked products. It can generate, no longer
+    train."""
+    model.eval().to(dtype)
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if (on_cpu and dtype == torch.float32 and is_large(model)
+            and torch.backends.mkldnn.is_available()):
+        prepack_linears(model)
+    return model
+
+
+def is_large(model: nn.Module) -> bool:
+    """Whether the model has THREADED_FROM_PARAMS parameters or more; a prepacked one does
+    (only those are prepacked), its packed weights no longer being parameters."""
+    return (model.num_params() >= THREADED_FROM_PARAMS
+            or any(isinstance(module, PrepackedLinear) for module in model.modules()))
 
 
 @contextlib.contextmanager
 def generation_threads(model: nn.Module, device: torch.device) -> Iterator[None]:
     """Run a model below THREADED_FROM_PARAMS on a single CPU thread, a larger one on every
     core (torch's default)."""
-    if device.type != "cpu" or model.num_params() >= THREADED_FROM_PARAMS:
+    if device.type != "cpu" or is_large(model):
         yield
         return
     threads = torch.get_num_threads()

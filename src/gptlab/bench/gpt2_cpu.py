@@ -30,7 +30,7 @@ from torch import nn
 
 from gptlab.device import DTYPES, cpu_has_native_bf16, peak_memory_mb
 from gptlab.export import gpt2_weights, hf_config
-from gptlab.generate import generate_steps
+from gptlab.generate import generate_steps, prepare_to_generate
 from gptlab.lora import add_adapters
 from gptlab.model import GPT
 from gptlab.optim import make_optimizer
@@ -109,10 +109,11 @@ def generation_figures(config: ModelConfig, impl: str, batch: int, dtype: torch.
                        prompt_tokens: int = PROMPT_TOKENS,
                        new_tokens: int = NEW_TOKENS) -> tuple[Generated, dict[str, float]]:
     """Greedy generation of new_tokens after a random prompt, `batch` samples at once."""
-    model = gptlab_model(config).eval()
+    model = gptlab_model(config)
     if impl == "transformers":
-        model = transformers_model(model, config).eval()
-    model.to(dtype)
+        model = transformers_model(model, config).eval().to(dtype)
+    else:
+        prepare_to_generate(model, dtype)
     prompt = torch.randint(0, config.vocab_size, (prompt_tokens,),
                            generator=torch.Generator().manual_seed(1)).tolist()
     run = generate_gptlab if impl == "gptlab" else generate_transformers
