@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from helpers import model_config
 from torch import nn
 
+from gptlab import model as model_module
 from gptlab.model import (
     GPT,
     Bigram,
@@ -424,6 +425,18 @@ def test_prepacked_linears_compute_what_the_plain_ones_do(mlp):
             expected = model.decode_step(idx[:, position], caches[0])
             actual = prepacked.decode_step(idx[:, position], caches[1])
             torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_build_whose_prepacked_product_fails_is_found_before_generating(monkeypatch):
+    def unsupported(self, linear):
+        raise RuntimeError("no oneDNN here")
+
+    model_module.can_prepack.cache_clear()
+    monkeypatch.setattr(model_module.PrepackedLinear, "__init__", unsupported)
+    try:
+        assert model_module.can_prepack() is False
+    finally:
+        model_module.can_prepack.cache_clear()
 
 
 def test_bigram_accepts_a_cache():

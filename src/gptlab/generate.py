@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from gptlab.device import pick_device, pick_dtype
 from gptlab.errors import GptlabError
-from gptlab.model import KVCache, PrepackedLinear, prepack_linears
+from gptlab.model import KVCache, PrepackedLinear, can_prepack, prepack_linears
 from gptlab.params import SampleParams
 from gptlab.published import Published, load_published
 from gptlab.tokenizers import Tokenizer
@@ -133,8 +133,7 @@ def prepare_to_generate(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     train."""
     model.eval().to(dtype)
     on_cpu = next(model.parameters()).device.type == "cpu"
-    if (on_cpu and dtype == torch.float32 and is_large(model)
-            and torch.backends.mkldnn.is_available()):
+    if on_cpu and dtype == torch.float32 and is_large(model) and can_prepack():
         prepack_linears(model)
     return model
 

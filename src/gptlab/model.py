@@ -18,6 +18,7 @@ of 64 for speed (unless `pad_vocab` is off), but the padding ids are never score
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -216,6 +217,20 @@ class PrepackedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+@functools.cache
+def can_prepack() -> bool:
+    """Whether this torch build packs and multiplies as PrepackedLinear does: the operators are
+    private to torch (torch.compile's), so a build without them, or with other arguments, is
+    found here once rather than in the middle of a generation."""
+    linear = nn.Linear(4, 3)
+    x = torch.randn(2, 4)
+    try:
+        with torch.no_grad():
+            return torch.allclose(PrepackedLinear(linear)(x), linear(x), atol=1e-5)
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return False
 
 
 def prepack_linears(model: nn.Module) -> int:

@@ -34,7 +34,7 @@ from gptlab.device import cpu_model_name
 from gptlab.encode import encode_file, encode_splits
 from gptlab.errors import exit_stopped
 from gptlab.evaluate import evaluate_model
-from gptlab.generate import generate
+from gptlab.generate import generate, ready_to_generate
 from gptlab.params import CleanParams, Params, RunParams, load_params
 from gptlab.published import load_published, read_config
 from gptlab.tokenizers import BPETokenizer, CharTokenizer, TiktokenTokenizer, Tokenizer
@@ -160,7 +160,9 @@ def bench_sampling(models_dir: Path) -> None:
     if not (models_dir / "model.safetensors").exists():
         print("  skipped: no trained model (run `make repro` first)")
         return
-    published = load_published(models_dir, torch.device("cpu"))
+    # As the sample stage prepares it, in sample.dtype's default.
+    published = ready_to_generate(load_published(models_dir, torch.device("cpu")), "auto",
+                                  "sample.dtype")
     prompt = published.tokenizer.encode("\n").tolist()
     for batch in (1, 8):
         seconds = min(

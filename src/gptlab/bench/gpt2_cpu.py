@@ -41,9 +41,8 @@ PROMPT_TOKENS, NEW_TOKENS = 512, 256
 BATCHES = (1, 8)
 STEP_TOKENS = 1024  # batch 1 x GPT-2's block
 LORA_RANK = 8
-# The adapters of every LoRA figure: gptlab's default targets, attention's two projections.
-ADAPTERS = {"alpha": 16.0, "dropout": 0.0, "targets": ["qkv_proj", "out_proj"]}
-PEFT_TARGETS = r".*\.attn\.(c_attn|c_proj)"  # the same two projections under GPT-2's names
+# lora.targets' default (attention's two projections) under GPT-2's names, for PEFT.
+PEFT_TARGETS = r".*\.attn\.(c_attn|c_proj)"
 IMPLS = ("gptlab", "transformers")
 
 
@@ -162,9 +161,10 @@ def step_figures(config: ModelConfig, impl: str, rank: int,
     (rank 0) or LoRA adapters of that rank; the best of `steps` after a first one."""
     model = gptlab_model(config).train()
     train = TrainParams.model_validate(default_values(TrainParams))
+    lora = LoraParams.model_validate({**default_values(LoraParams), "rank": rank})
     if impl == "gptlab":
         if rank:
-            add_adapters(model, LoraParams(rank=rank, **ADAPTERS))
+            add_adapters(model, lora)
         optimizer = make_optimizer(model, train, torch.device("cpu"))
 
         def loss_of(row: torch.Tensor) -> torch.Tensor:
@@ -175,7 +175,7 @@ def step_figures(config: ModelConfig, impl: str, rank: int,
             from peft import LoraConfig, get_peft_model
 
             model = get_peft_model(model, LoraConfig(
-                r=rank, lora_alpha=ADAPTERS["alpha"], lora_dropout=ADAPTERS["dropout"],
+                r=rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                 target_modules=PEFT_TARGETS, fan_in_fan_out=True))
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                       lr=train.lr, betas=(train.beta1, train.beta2),
@@ -211,6 +211,8 @@ def measured(*job: str) -> dict[str, float] | None:
 def run_job(args: list[str]) -> None:
     """The second form of the command line: one figure as JSON on stdout."""
     kind, impl, *rest = args
+    if kind not in ("generate", "step") or impl not in IMPLS:
+        sys.exit(f"error: expected generate|step {'|'.join(IMPLS)} ..., not {' '.join(args)}")
     try:
         if kind == "generate":
             _, figures = generation_figures(gpt2_config(), impl, int(rest[0]), DTYPES[rest[1]])
