@@ -209,6 +209,9 @@ def test_the_char_export_refuses_a_character_outside_its_vocabulary(tokenizers):
      "learned positions with rmsnorm and a gelu MLP"),
     ({"pos": "rope", "norm": "rmsnorm", "mlp": "gelu_tanh"},
      "rope positions with rmsnorm and a gelu_tanh MLP"),
+    ({"qk_norm": True}, "a model with query/key norm fits no Hugging Face layout"),
+    ({"pos": "rope", "norm": "rmsnorm", "mlp": "swiglu", "logit_softcap": 15.0},
+     "a model with soft-capped logits fits no Hugging Face layout"),
 ])
 def test_a_model_no_layout_expresses_is_refused_in_one_line(tmp_path, tokenizers, fields,
                                                              words):

@@ -68,6 +68,26 @@ def test_adapters_start_at_the_base_model_and_only_they_train():
     assert len(optimizer.state) == len(trainable)
 
 
+def test_muon_trains_the_adapters_and_leaves_the_frozen_weights_alone():
+    adapted = tiny_model()
+    add_adapters(adapted, LORA)
+    frozen = {name: p.detach().clone() for name, p in adapted.named_parameters()
+              if not p.requires_grad}
+    train = run_params(train_overrides={"optimizer": "muon"}).train
+    adamw, muon = make_optimizer(adapted, train, CPU).optimizers
+    # The adapters are the blocks' trainable matrices: Muon's; AdamW has nothing left to train.
+    assert sum(len(group["params"]) for group in muon.param_groups) == 2 * 2 * 4
+    assert not any(group["params"] for group in adamw.param_groups)
+    _, loss = adapted.train()(tokens(), tokens(2))
+    loss.backward()
+    muon.step()
+    for name, p in adapted.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), name
+        elif name.endswith("lora_b"):
+            assert p.any(), name  # moved off its zero start
+
+
 @pytest.mark.parametrize(("pos", "norm", "mlp"), [("learned", "layernorm", "gelu"),
                                                   ("rope", "rmsnorm", "swiglu")])
 def test_the_merged_model_computes_what_the_adapted_one_does(pos, norm, mlp):

@@ -23,13 +23,16 @@ from gptlab.model import (
     swiglu_hidden_size,
 )
 from gptlab.params import ModelConfig
-from gptlab.published import parse_config
+from gptlab.published import KEYS_ADDED_LATER, parse_config
 
 VOCAB = 65
 BLOCK = 16
 VARIANTS = list(
     itertools.product(("learned", "rope"), ("layernorm", "rmsnorm"), ("gelu", "swiglu"))
 )
+# The modded-nanogpt speedrun's architecture.
+SPEEDRUN_MODEL = {"pos": "rope", "norm": "rmsnorm", "mlp": "relu2", "qk_norm": True,
+                  "logit_softcap": 15.0, "proj_init": "zero", "tie_weights": False}
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -62,16 +65,17 @@ def test_pad_vocab_off_keeps_the_true_vocabulary_size(vocab_size):
     assert tiny_config(vocab_size=vocab_size, pad_vocab=False).padded_vocab_size == vocab_size
 
 
-def test_config_without_pad_vocab_pads_as_before_the_field_existed(tmp_path):
-    # config.json files written before pad_vocab existed hold every other field; their weights
-    # have padded tables, so loading them must pad.
+def test_config_written_before_later_keys_builds_the_model_it_was_written_for(tmp_path):
+    # config.json files written before a key existed hold every other field: their weights have
+    # padded tables, no query/key norm, no logit cap, so loading them must build exactly that.
     model = model_config(vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32,
-                         block_size=BLOCK).model_dump(exclude={"pad_vocab"})
+                         block_size=BLOCK).model_dump(exclude=set(KEYS_ADDED_LATER))
     text = json.dumps({"format": 1, "model": model, "training": {},
                        "tokenizer": {"kind": "char", "vocab_size": VOCAB,
                                      "file": "tokenizer.json"}})
     config = parse_config(text, tmp_path / "config.json").model
     assert config.pad_vocab is True and config.padded_vocab_size == 128
+    assert (config.qk_norm, config.logit_softcap, config.proj_init) == (False, None, "scaled")
 
 
 @pytest.mark.parametrize(
@@ -293,6 +297,66 @@ def test_residual_projections_get_scaled_init():
         assert param.std().item() == pytest.approx(expected, rel=0.1), name
 
 
+def test_zero_projections_start_every_block_as_the_identity():
+    model = tiny_model(proj_init="zero")
+    for name, param in model.named_parameters():
+        if name.endswith(("out_proj.weight", "down_proj.weight")):
+            assert not param.any(), name
+    idx = random_tokens(2, BLOCK)
+    logits, _ = model(idx)
+    without_blocks = model.tok_emb(idx) + model.pos_emb(torch.arange(BLOCK))
+    torch.testing.assert_close(logits, model.output_logits(without_blocks))
+    # Zero projections still learn: their gradient is their input times the loss's gradient.
+    _, loss = model(idx, random_tokens(2, BLOCK, seed=2))
+    loss.backward()
+    assert model.blocks[0].attn.out_proj.weight.grad.abs().sum() > 0
+
+
+def scale_queries_and_keys(model: GPT, q_scale: float, k_scale: float) -> None:
+    with torch.no_grad():
+        for block in model.blocks:
+            q_rows, k_rows, _ = block.attn.qkv_proj.weight.chunk(3)
+            q_rows.mul_(q_scale)
+            k_rows.mul_(k_scale)
+
+
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_qk_norm_makes_attention_blind_to_the_size_of_queries_and_keys(qk_norm):
+    model = tiny_model(qk_norm=qk_norm, pos="rope").eval()
+    idx = random_tokens(2, BLOCK)
+    with torch.no_grad():
+        before, _ = model(idx)
+        scale_queries_and_keys(model, 40.0, 0.25)
+        after, _ = model(idx)
+    assert torch.allclose(after, before, atol=1e-4) == qk_norm
+
+
+def test_qk_norm_gives_queries_and_keys_unit_rms_per_head():
+    attention = tiny_model(qk_norm=True).blocks[0].attn
+    q, k = torch.randn(2, 2, 5, 16) * 9, torch.randn(2, 2, 5, 16) / 7
+    normed_q, normed_k = attention.position_queries_and_keys(q, k, rope=None)
+    for t in (normed_q, normed_k):
+        torch.testing.assert_close(t.square().mean(-1), torch.ones(2, 2, 5), atol=1e-4,
+                                   rtol=0)
+    torch.testing.assert_close(normed_q / normed_q.norm(dim=-1, keepdim=True),
+                               q / q.norm(dim=-1, keepdim=True))  # the direction kept
+
+
+def test_logit_softcap_squashes_the_logits_the_model_would_give():
+    capped = tiny_model(logit_softcap=2.0)
+    plain = tiny_model()  # the same seed: the same weights
+    with torch.no_grad():
+        for param in capped.lm_head.parameters():
+            param.mul_(8)  # large logits, to be capped
+        plain.load_state_dict(capped.state_dict())
+        idx = random_tokens(2, BLOCK)
+        logits, _ = capped(idx)
+        uncapped, _ = plain(idx)
+    assert uncapped.abs().max() > 4
+    assert logits.abs().max() <= 2.0
+    torch.testing.assert_close(logits, 2.0 * torch.tanh(uncapped / 2.0))
+
+
 @pytest.mark.parametrize("arch", ["gpt", "bigram"])
 def test_initial_loss_is_uniform_guess(arch):
     model = tiny_model(arch=arch)
@@ -376,7 +440,7 @@ def logits_in_chunks(model: GPT | Bigram, idx: torch.Tensor, chunks: list[int]) 
     ids=["token-by-token", "prefill-then-tokens", "chunks-on-prefix", "one-prefill"],
 )
 def test_cached_logits_match_full_sequence(pos, chunks):
-    model = tiny_model(pos=pos, n_layer=3).eval()
+    model = tiny_model(pos=pos, n_layer=3, qk_norm=pos == "rope").eval()
     idx = random_tokens(2, BLOCK)
     with torch.no_grad():
         full, _ = model(idx)
@@ -384,11 +448,12 @@ def test_cached_logits_match_full_sequence(pos, chunks):
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("pos", ["learned", "rope"])
+@pytest.mark.parametrize("changes", [{"pos": "learned"}, {"pos": "rope"}, SPEEDRUN_MODEL],
+                         ids=["learned", "rope", "speedrun"])
 @pytest.mark.parametrize("arch", ["gpt", "bigram"])
-def test_decode_step_gives_forwards_logits_for_each_new_token(pos, arch):
+def test_decode_step_gives_forwards_logits_for_each_new_token(changes, arch):
     """The lean path generation takes after the prompt computes what forward() computes."""
-    model = tiny_model(pos=pos, arch=arch, n_layer=3).eval()
+    model = tiny_model(arch=arch, n_layer=3, **changes).eval()
     idx = random_tokens(2, BLOCK)
     with torch.no_grad():
         full, _ = model(idx)

@@ -21,9 +21,11 @@ import pytest
 import torch
 import yaml
 from helpers import (
+    PROJECT_PARAMS,
     TIMINGS,
     assert_same_training,
     make_corpus,
+    model_config,
     one_error_line,
     paths_in,
     run_params,
@@ -39,7 +41,8 @@ from safetensors.torch import load_file
 from gptlab.checkpoint import RESUME_FORMAT
 from gptlab.distributed import World
 from gptlab.errors import GptlabError
-from gptlab.optim import OPTIMIZERS
+from gptlab.model import build_model
+from gptlab.optim import make_optimizer
 from gptlab.params import TrainParams, load_params
 from gptlab.stop import StopRequest
 from gptlab.tokenizers import CharTokenizer
@@ -280,8 +283,15 @@ def test_a_log_interval_saves_and_restores_itself_through_json():
     assert restored.state_dict() == state
 
 
+# The modded-nanogpt speedrun's components: Muon's momentum must resume with the run.
+SPEEDRUN = ({"pos": "rope", "norm": "rmsnorm", "mlp": "relu2", "qk_norm": True,
+             "logit_softcap": 15.0, "proj_init": "zero", "tie_weights": False},
+            {"optimizer": "muon", "schedule": "wsd"})
+
+
+@pytest.mark.parametrize("recipe", [({}, {}), SPEEDRUN], ids=["default", "speedrun"])
 def test_a_stop_request_ends_the_run_with_a_checkpoint_that_resumes_to_the_same_result(
-        tmp_path, tokens_dir, monkeypatch):
+        tmp_path, tokens_dir, monkeypatch, recipe):
     @contextlib.contextmanager
     def stop_requested_at_once() -> Iterator[StopRequest]:
         yield StopRequest(requested=True)
@@ -289,11 +299,11 @@ def test_a_stop_request_ends_the_run_with_a_checkpoint_that_resumes_to_the_same_
     paths = paths_in(tmp_path / "stopped", tokens_dir)
     with monkeypatch.context() as patch:
         patch.setattr("gptlab.train.sigint_as_stop_request", stop_requested_at_once)
-        assert train(run_params(), paths) is None  # stopped: no metrics
+        assert train(run_params(*recipe), paths) is None  # stopped: no metrics
     # After the first step, midway through a log interval.
     assert [path.name for path in paths.runs_dir.glob("*/step-*")] == ["step-00000001"]
-    resumed = train(run_params(), paths)
-    uninterrupted = train(run_params(), paths_in(tmp_path / "uninterrupted", tokens_dir))
+    resumed = train(run_params(*recipe), paths)
+    uninterrupted = train(run_params(*recipe), paths_in(tmp_path / "uninterrupted", tokens_dir))
     assert {k: v for k, v in resumed.items() if k not in TIMINGS} == {
         k: v for k, v in uninterrupted.items() if k not in TIMINGS}
     assert [r["train_loss"] for r in read_log(paths.log_csv)] == [
@@ -305,8 +315,11 @@ def test_a_stop_request_ends_the_run_with_a_checkpoint_that_resumes_to_the_same_
 
 def test_train_optimizer_names_an_optimizer_that_exists(tmp_path, params_for):
     """make_optimizer builds what train.optimizer names; params.yaml accepts only those."""
-    assert set(OPTIMIZERS) == set(get_args(TrainParams.model_fields["optimizer"].annotation))
+    model = build_model(model_config(vocab_size=8, n_layer=1, n_head=1, n_embd=8, block_size=4))
+    for name in get_args(TrainParams.model_fields["optimizer"].annotation):
+        t = PROJECT_PARAMS.train.model_copy(update={"optimizer": name})
+        assert make_optimizer(model, t, torch.device("cpu")).param_groups
     path = write_params(tmp_path, params_for({"train.optimizer": "sgd"}))
     with pytest.raises(GptlabError, match=r"params\.yaml: train\.optimizer: Input should be "
-                                          r"'adamw' \(got 'sgd'\)$"):
+                                          r"'adamw' or 'muon' \(got 'sgd'\)$"):
         load_params(path)

@@ -92,6 +92,10 @@ def hf_layout(config: ModelConfig, where: Path) -> str:
     if config.arch != "gpt":
         raise GptlabError(f"{where}: a {config.arch} model has no Hugging Face layout; only "
                           f"arch gpt can be exported")
+    if config.qk_norm or config.logit_softcap is not None:
+        what = "query/key norm" if config.qk_norm else "soft-capped logits"
+        raise GptlabError(f"{where}: a model with {what} fits no Hugging Face layout gptlab "
+                          f"writes (GPT-2's and Llama's have neither)")
     layout = LAYOUTS.get((config.pos, config.norm, config.mlp))
     if layout is None:
         raise GptlabError(f"{where}: {config.pos} positions with {config.norm} and a "

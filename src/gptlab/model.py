@@ -1,9 +1,10 @@
 """GPT language model and a bigram baseline.
 
 A small, readable decoder-only transformer in the style of nanoGPT, with a few switchable
-modernisations (rotary positions, RMSNorm, SwiGLU) so their effect can be measured one at a
-time. `build_model` is the entry point: given a `ModelConfig` (params.yaml's model section plus
-the vocabulary size) it returns a `GPT` or, for `arch: bigram`, the smallest possible baseline,
+modernisations (rotary positions, RMSNorm, SwiGLU, ReLU², query/key norm, logit soft-capping,
+zero-initialised projections) so their effect can be measured one at a time. `build_model` is
+the entry point: given a `ModelConfig` (params.yaml's model section plus the vocabulary size)
+it returns a `GPT` or, for `arch: bigram`, the smallest possible baseline,
 and both share one interface:
 
     _, loss = model(idx, targets)               # training: the loss alone
@@ -163,9 +164,21 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.head_dim = config.head_dim
         self.dropout = config.dropout
+        self.qk_norm = config.qk_norm
         self.qkv_proj = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+
+    def position_queries_and_keys(self, q: Tensor, k: Tensor,
+                                  rope: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+        """Queries and keys (B, n_head, T, head_dim) as attention compares them: normalised
+        (qk_norm: their dot products, the attention logits, are then at most head_dim in size,
+        however large the weights grow), then rotated (rope)."""
+        if self.qk_norm:
+            q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k
 
     def forward(
         self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: KVCache | None
@@ -173,8 +186,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv_proj(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = self.position_queries_and_keys(q, k, rope)
 
         if cache is None or cache.length == 0:
             attn_mask, is_causal = None, True
@@ -197,8 +209,7 @@ class CausalSelfAttention(nn.Module):
         # model's generation is bound by.
         qkv = self.qkv_proj.forward(x)
         q, k, v = qkv.view(B, 3, self.n_head, 1, self.head_dim).unbind(1)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = self.position_queries_and_keys(q, k, rope)
         keys, values = cache.append(self.layer, k, v)
         y = F.scaled_dot_product_attention(q, keys, values)
         return self.out_proj.forward(y.view(B, C))
@@ -376,7 +387,10 @@ class GPT(nn.Module):
         residual_std = 0.02 / math.sqrt(2 * config.n_layer)
         for name, param in self.named_parameters():
             if name.endswith(RESIDUAL_PROJECTIONS):
-                nn.init.normal_(param, mean=0.0, std=residual_std)
+                if config.proj_init == "zero":
+                    nn.init.zeros_(param)
+                else:
+                    nn.init.normal_(param, mean=0.0, std=residual_std)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -404,10 +418,17 @@ class GPT(nn.Module):
             x = block(x, rope, cache)
         if cache is not None:
             cache.advance(T)
+        return logits_or_loss(self.output_logits(x), targets)
 
+    def output_logits(self, x: Tensor) -> Tensor:
+        """The next-token logits of the residual stream x (..., n_embd)."""
         # The padded vocabulary rows exist only for matmul speed: drop their logits.
         logits = self.lm_head(self.final_norm(x))[..., : self.config.vocab_size]
-        return logits_or_loss(logits, targets)
+        cap = self.config.logit_softcap
+        if cap is not None:
+            # Smooth, unlike clipping: every logit keeps a gradient.
+            logits = cap * torch.tanh(logits / cap)
+        return logits
 
     @torch.inference_mode()
     def decode_step(self, idx: Tensor, cache: KVCache) -> Tensor:
@@ -425,7 +446,7 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block.decode(x, rope, cache)
         cache.advance(1)
-        return self.lm_head(self.final_norm(x))[:, : self.config.vocab_size]
+        return self.output_logits(x)
 
     def new_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> KVCache:
         """An empty KV cache on the model's device, in its parameter dtype unless given."""

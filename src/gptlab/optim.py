@@ -1,9 +1,11 @@
-"""The optimizer and its schedule: AdamW that decays matrices only, and nanoGPT's learning rate
-(linear warmup, then cosine decay to min_lr)."""
+"""The optimizer and its schedule: AdamW that decays matrices only, or Muon on the blocks'
+matrices beside it; nanoGPT's learning rate (linear warmup, then cosine decay to min_lr) or
+warmup-stable-decay."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,12 +15,12 @@ from gptlab.params import TrainParams
 # Devices with a fused AdamW kernel, which does the whole update in one pass (CPU and MPS have
 # had one since torch 2.4 and 2.5).
 FUSED_DEVICES = ("cuda", "cpu", "mps")
-# The optimizers train.optimizer names (its Literal in gptlab.params lists the same).
-OPTIMIZERS = {"adamw": torch.optim.AdamW}
 
 
 def learning_rate(step: int, t: TrainParams) -> float:
-    """nanoGPT's schedule for 0-based `step`: linear warmup, then cosine decay to min_lr."""
+    """AdamW's learning rate for 0-based `step`: linear warmup, then train.schedule's decay."""
+    if t.schedule == "wsd":
+        return t.lr * min(warmup_fraction(step, t), wsd_fraction(step, t))
     if step < t.warmup_iters:
         return t.lr * (step + 1) / (t.warmup_iters + 1)
     if step >= t.max_iters:
@@ -27,18 +29,98 @@ def learning_rate(step: int, t: TrainParams) -> float:
     return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (t.lr - t.min_lr)
 
 
-def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def warmup_fraction(step: int, t: TrainParams) -> float:
+    return (step + 1) / (t.warmup_iters + 1) if step < t.warmup_iters else 1.0
+
+
+def wsd_fraction(step: int, t: TrainParams) -> float:
+    """1 until the cooldown, then down in a straight line to 0 at max_iters (the last step
+    still learns, at 1 / cooldown steps of the peak)."""
+    cooldown_steps = max(1, round(t.cooldown * t.max_iters))
+    return min(1.0, max(0.0, (t.max_iters - step) / cooldown_steps))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer | Optimizers, lr: float) -> None:
+    """Set AdamW's learning rate `lr`; a group with an lr_scale (Muon's) gets lr times it, so
+    each group follows the schedule from its own peak."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
-def make_optimizer(model: nn.Module, t: TrainParams, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(model: nn.Module, t: TrainParams,
+                   device: torch.device) -> torch.optim.Optimizer | Optimizers:
+    """train.optimizer for the model's trainable weights: AdamW alone, or Muon on the blocks'
+    matrices with AdamW on the rest."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if t.optimizer == "adamw":
+        return adamw([p for _, p in named], t, device)
+    hidden = [p for name, p in named if is_hidden_matrix(name, p)]
+    rest = [p for name, p in named if not is_hidden_matrix(name, p)]
+    # Muon's weight decay is decoupled and multiplied by its learning rate, as AdamW's is.
+    muon = torch.optim.Muon([{"params": hidden, "lr_scale": t.muon_lr / t.lr}], lr=t.muon_lr,
+                            weight_decay=t.weight_decay, momentum=t.muon_momentum,
+                            nesterov=True, adjust_lr_fn="original")
+    return Optimizers([adamw(rest, t, device), muon])
+
+
+def is_hidden_matrix(name: str, param: nn.Parameter) -> bool:
+    """A weight matrix inside a transformer block: what Muon updates. The embedding and output
+    layer are lookups and a classifier, not maps between hidden states, and stay with AdamW."""
+    return name.startswith("blocks.") and param.dim() == 2
+
+
+def adamw(params: list[nn.Parameter], t: TrainParams, device: torch.device) -> torch.optim.AdamW:
     """AdamW that decays matrices only: biases and norm gains are not pulled towards zero. It
     takes the fused kernel wherever there is one."""
-    params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return OPTIMIZERS[t.optimizer](groups, lr=t.lr, betas=(t.beta1, t.beta2),
-                                   fused=device.type in FUSED_DEVICES)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2),
+                             fused=device.type in FUSED_DEVICES)
+
+
+class Optimizers:
+    """Several optimizers, each over its own parameters, stepped as one: what the training
+    loop, the gradient scaler and a checkpoint see is one optimizer's interface, and its state
+    dict is one optimizer's layout (parameters numbered on across the optimizers), so a
+    checkpoint holds it as it holds AdamW's."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        state, groups, offset = {}, [], 0
+        for optimizer in self.optimizers:
+            own = optimizer.state_dict()
+            state.update({offset + index: values for index, values in own["state"].items()})
+            groups += [{**group, "params": [offset + index for index in group["params"]]}
+                       for group in own["param_groups"]]
+            offset += sum(len(group["params"]) for group in own["param_groups"])
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        groups = iter(state_dict["param_groups"])
+        offset = 0
+        for optimizer in self.optimizers:
+            own_groups = [next(groups) for _ in optimizer.param_groups]
+            count = sum(len(group["params"]) for group in own_groups)
+            own_state = {index - offset: values for index, values in state_dict["state"].items()
+                         if offset <= index < offset + count}
+            optimizer.load_state_dict({
+                "state": own_state,
+                "param_groups": [{**group, "params": [index - offset for index in group["params"]]}
+                                 for group in own_groups]})
+            offset += count

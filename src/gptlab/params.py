@@ -207,6 +207,18 @@ class ModelShape(Section):
     pad_vocab: bool = param(True, description=(
         "Pad the token embedding and output layer to a multiple of 64 rows (true | false): "
         "faster matrix products; the padding ids are never scored or sampled."))
+    qk_norm: bool = param(False, description=(
+        "RMS-normalise each head's queries and keys before attention (true | false), as the "
+        "modded-nanogpt speedrun, OLMo 2 and Qwen 3 do: attention logits stay bounded at high "
+        "learning rates. `gptlab export` refuses such a model (no Hugging Face layout has it)."))
+    logit_softcap: float | None = param(None, gt=0, description=(
+        "Squash the output logits into (-cap, cap) as cap * tanh(logits / cap), as Gemma 2 and "
+        "the speedrun do (15 to 30 there); null: no cap. `gptlab export` refuses a capped "
+        "model."))
+    proj_init: Literal["scaled", "zero"] = param("scaled", description=(
+        "Initial weights of the projections that write into the residual stream (attention's "
+        "out_proj, the MLP's down_proj): scaled (normal, std 0.02 / sqrt(2 * n_layer), as "
+        "GPT-2) | zero (as the speedrun: every block starts as the identity)."))
 
     def cross_field_problems(self) -> list[tuple[str, str]]:
         if self.n_embd % self.n_head:
@@ -267,7 +279,8 @@ class ModelConfig(ModelShape):
 # positions, LayerNorm and GELU's tanh approximation.
 GPT2_ARCHITECTURE: dict[str, Any] = {"arch": "gpt", "bias": True, "tie_weights": True,
                                      "pos": "learned", "norm": "layernorm", "mlp": "gelu_tanh",
-                                     "pad_vocab": True}
+                                     "pad_vocab": True, "qk_norm": False, "logit_softcap": None,
+                                     "proj_init": "scaled"}
 # Models by name, for ModelConfig.from_name: GPT-2 small (124M) as OpenAI published it, with
 # 1024 positions and the 50257 tokens of its BPE (tiktoken's gpt2 encoding).
 SHAPES: dict[str, dict[str, Any]] = {
@@ -317,12 +330,14 @@ class TrainParams(Section):
         "Micro-batches per optimizer step, over all processes (divisible by nproc): tokens per "
         "step = batch_size * grad_accum * block_size, whatever the number of processes."))
     max_iters: int = param(2000, ge=1, description="Optimizer steps.")
-    lr: float = param(1e-3, gt=0, description="Peak learning rate, reached after warmup_iters.")
+    lr: float = param(1e-3, gt=0, description=(
+        "Peak learning rate (of AdamW), reached after warmup_iters."))
     min_lr: float = param(1e-4, ge=0, description=(
         "Learning rate at the end of the cosine decay (at most lr)."))
     warmup_iters: int = param(100, ge=0, description="Steps of linear warmup from 0 to lr.")
     weight_decay: float = param(0.1, ge=0, description=(
-        "AdamW weight decay, applied to matrices only (not to biases, norms or gains)."))
+        "Weight decay, decoupled as AdamW's (each step shrinks a weight by lr * weight_decay), "
+        "applied to matrices only (not to biases, norms or gains), by Muon too."))
     beta1: float = param(0.9, ge=0, lt=1, description=(
         "AdamW beta1: decay of the gradient's running mean, in [0, 1)."))
     beta2: float = param(0.99, ge=0, lt=1, description=(
@@ -330,8 +345,24 @@ class TrainParams(Section):
         "runs."))
     grad_clip: float = param(1.0, ge=0, description=(
         "Clip the gradient norm to this value; 0 disables clipping."))
-    optimizer: Literal["adamw"] = param("adamw", description=(
-        "Optimizer: adamw (fused or foreach where the device supports it)."))
+    optimizer: Literal["adamw", "muon"] = param("adamw", description=(
+        "adamw - AdamW on every weight (the fused kernel where the device has one)\n"
+        "muon  - Muon (torch.optim.Muon: momentum, orthogonalised by Newton-Schulz steps) on the "
+        "blocks' weight matrices at train.muon_lr, AdamW at train.lr on the embeddings, the "
+        "output layer, gains and biases, as the modded-nanogpt speedrun trains"))
+    muon_lr: float = param(0.02, gt=0, description=(
+        "Muon's peak learning rate (train.optimizer: muon), scaled for each matrix by "
+        "sqrt(max(1, rows / columns)) as Muon's authors do; the schedule moves it in step with "
+        "train.lr."))
+    muon_momentum: float = param(0.95, ge=0, lt=1, description=(
+        "Muon's momentum (Nesterov), in [0, 1)."))
+    schedule: Literal["cosine", "wsd"] = param("cosine", description=(
+        "cosine - nanoGPT's: warmup, then cosine decay to min_lr at max_iters\n"
+        "wsd    - warmup-stable-decay: warmup, the peak held, then a linear decay to zero over "
+        "the last train.cooldown of the steps (min_lr unused)"))
+    cooldown: float = param(0.4, gt=0, le=1, description=(
+        "wsd: the fraction of max_iters over which the learning rate decays to zero, in (0, "
+        "1]."))
     eval_interval: int = param(250, ge=1, description=(
         "Evaluate train and val loss every this many steps (and at the first and last step)."))
     eval_iters: int = param(20, ge=1, description="Batches per evaluation and split.")

@@ -40,6 +40,10 @@ CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
 ADAPTERS = "adapters.safetensors"
 HASHED = (WEIGHTS, TOKENIZER)
+# Model keys added after models were published, each with the value that builds the model an
+# older config.json describes.
+KEYS_ADDED_LATER = {"pad_vocab": True, "qk_norm": False, "logit_softcap": None,
+                    "proj_init": "scaled"}
 # How often a reader starts over when the folder is replaced while it reads.
 READ_TRIES = 5
 
@@ -69,10 +73,11 @@ class PublishedConfig(BaseModel):
 
     @field_validator("model", mode="before")
     @classmethod
-    def padded_before_the_key_existed(cls, model: Any) -> Any:
-        # A config.json written before model.pad_vocab existed holds weights with padded tables.
-        if isinstance(model, dict) and "pad_vocab" not in model:
-            return {**model, "pad_vocab": True}
+    def written_before_the_keys_existed(cls, model: Any) -> Any:
+        # A config.json written before a model key existed holds a model built as that key's
+        # value here builds it (padded tables, before model.pad_vocab).
+        if isinstance(model, dict):
+            return {**KEYS_ADDED_LATER, **model}
         return model
 
 
