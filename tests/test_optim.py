@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import PROJECT_PARAMS, model_config
 
+from gptlab import optim
 from gptlab.model import build_model
 from gptlab.optim import learning_rate, make_optimizer, set_learning_rate
 
@@ -129,3 +130,27 @@ def test_muon_and_adamw_state_saves_and_loads_as_one_optimizers():
     for (name, ours), theirs in zip(model.state_dict().items(), twin.state_dict().values(),
                                     strict=True):
         assert torch.equal(ours, theirs), name
+
+
+def test_our_muon_steps_as_torchs_does_but_in_float32(monkeypatch):
+    """Where bf16 is emulated the Newton-Schulz steps run in float32; the update is torch's
+    Muon's, to the precision of bf16 (in which torch's computes it)."""
+    monkeypatch.setattr(optim, "has_bf16", lambda device: False)
+    torch.manual_seed(0)
+    matrices = [torch.nn.Parameter(torch.randn(rows, columns) * 0.02)
+                for rows, columns in ((96, 32), (32, 128), (64, 64))]
+    copies = [torch.nn.Parameter(m.detach().clone()) for m in matrices]
+    starts = [m.detach().clone() for m in matrices]
+    settings = {"lr": 0.02, "weight_decay": 0.1, "momentum": 0.95, "nesterov": True,
+                "adjust_lr_fn": "original"}
+    ours, theirs = optim.Muon(matrices, **settings), torch.optim.Muon(copies, **settings)
+    for _ in range(3):  # momentum builds up
+        for mine, reference in zip(matrices, copies, strict=True):
+            mine.grad = torch.randn_like(mine)
+            reference.grad = mine.grad.clone()
+        ours.step()
+        theirs.step()
+    for mine, reference, start in zip(matrices, copies, starts, strict=True):
+        our_change, their_change = mine.detach() - start, reference.detach() - start
+        assert 0 < (our_change - their_change).norm() < 0.03 * their_change.norm()
+    assert set(ours.state_dict()["state"][0]) == set(theirs.state_dict()["state"][0])
