@@ -36,7 +36,7 @@ from helpers import (
 
 from gptlab.sources import describe_files
 
-KILLS = 4
+KILLS = 3
 
 
 def kill_at(process: subprocess.Popen, seconds: float) -> None:

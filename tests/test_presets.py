@@ -1,12 +1,15 @@
-"""The GPT-2 (124M) preset: valid params with GPT-2's recipe, and its first step on CPU."""
+"""The presets: GPT-2 (124M) with GPT-2's recipe and its first step on CPU, fine-tuning as
+nanoGPT does, and the CPU speedrun on nanoGPT's data and split."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, paths_in, write_tokens
+import yaml
+from helpers import ROOT, TINYSHAKESPEARE, paths_in, run_stage, write_params, write_tokens
 
 from gptlab.optim import learning_rate
 from gptlab.params import ModelConfig, RunParams, load_params
@@ -75,3 +78,41 @@ def test_the_finetune_preset_is_nanogpts_finetune_shakespeare_on_gpt2s_shape():
     t = preset.train
     assert {learning_rate(step, t) for step in range(t.max_iters)} == {3e-5}  # constant
     assert (t.batch_size * t.grad_accum, t.max_iters) == (32, 20)
+
+
+SPEEDRUN = ROOT / "src" / "gptlab" / "presets" / "speedrun-cpu.yaml"
+
+
+def test_the_speedrun_preset_splits_nanogpts_text_as_nanogpt_does(tmp_path):
+    """The record is defined on nanoGPT's data and split: the preset's download is the file
+    nanoGPT's shakespeare_char reads (its sha256), and its clean stage splits it at
+    int(0.9 * n) characters, as nanoGPT's prepare.py does, changing nothing."""
+    preset = yaml.safe_load(SPEEDRUN.read_text())
+    text = TINYSHAKESPEARE.read_text(encoding="utf-8")
+    assert hashlib.sha256(TINYSHAKESPEARE.read_bytes()).hexdigest() == preset["data"]["sha256"]
+    assert preset["data"]["spec"].endswith("/char-rnn/master/data/tinyshakespeare/input.txt")
+    # The same file from this machine instead of the internet: the rest of the preset as is.
+    preset["data"].update(source="local", spec=str(TINYSHAKESPEARE))
+    write_params(tmp_path, preset)
+    for stage in ("download", "clean"):
+        result = run_stage(stage, tmp_path)
+        assert result.returncode == 0, result.stderr
+    cut = int(0.9 * len(text))
+    clean = tmp_path / "data" / "clean"
+    assert (clean / "train.txt").read_text(encoding="utf-8") == text[:cut]
+    assert (clean / "val.txt").read_text(encoding="utf-8") == text[cut:]
+
+
+def test_the_speedrun_preset_trains_nanogpts_shape_with_the_speedruns_components():
+    preset = load_params(SPEEDRUN)
+    default = load_params(ROOT / "params.yaml")
+    m, t = preset.model, preset.train
+    shape = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "pos", "norm")
+    assert {key: getattr(m, key) for key in shape} == {
+        key: getattr(default.model, key) for key in shape}  # nanoGPT's CPU model
+    assert (m.mlp, m.qk_norm, m.proj_init, m.tie_weights) == ("relu2", True, "zero", False)
+    assert (t.optimizer, t.schedule) == ("muon", "wsd")
+    assert learning_rate(t.max_iters - 1, t) > 0 and learning_rate(t.max_iters, t) == 0
+    # Scored as the record is: every validation token, in 64-token windows, in float32.
+    assert (preset.eval.context, preset.eval.dtype) == (64, "float32")
+    assert preset.tokenizer.kind == "char" and preset.clean.split == "tail"

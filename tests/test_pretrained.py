@@ -95,7 +95,8 @@ def test_the_config_is_gpt2s(checkpoint):
     assert config.model_dump() == {
         "arch": "gpt", "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32,
         "dropout": 0.1, "bias": True, "tie_weights": True, "pos": "learned",
-        "norm": "layernorm", "mlp": "gelu_tanh", "vocab_size": 100, "pad_vocab": True}
+        "norm": "layernorm", "mlp": "gelu_tanh", "vocab_size": 100, "pad_vocab": True,
+        "qk_norm": False, "logit_softcap": None, "proj_init": "scaled"}
 
 
 def test_the_named_gpt2_is_transformers_gpt2_small(tmp_path):
