@@ -132,6 +132,20 @@ def test_muon_and_adamw_state_saves_and_loads_as_one_optimizers():
         assert torch.equal(ours, theirs), name
 
 
+def test_where_bf16_is_native_our_muon_is_torchs(monkeypatch):
+    monkeypatch.setattr(optim, "has_bf16", lambda device: True)
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(48, 16) * 0.02)]
+    theirs = [torch.nn.Parameter(ours[0].detach().clone())]
+    optimizers = optim.Muon(ours, lr=0.02), torch.optim.Muon(theirs, lr=0.02)
+    for _ in range(2):
+        ours[0].grad = torch.randn_like(ours[0])
+        theirs[0].grad = ours[0].grad.clone()
+        for optimizer in optimizers:
+            optimizer.step()
+    assert torch.equal(ours[0], theirs[0])
+
+
 def test_our_muon_steps_as_torchs_does_but_in_float32(monkeypatch):
     """Where bf16 is emulated the Newton-Schulz steps run in float32; the update is torch's
     Muon's, to the precision of bf16 (in which torch's computes it)."""

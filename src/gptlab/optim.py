@@ -89,14 +89,15 @@ class Muon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self) -> None:
+        first = next((p for group in self.param_groups for p in group["params"]), None)
+        if first is not None and has_bf16(first.device):
+            super().step()
+            return
         for group in self.param_groups:
             params: list[torch.Tensor] = []
             grads: list[torch.Tensor] = []
             buffers: list[torch.Tensor] = []
-            self._init_group(group, params, grads, buffers)
-            if params and has_bf16(params[0].device):
-                super().step()
-                return
+            self._init_group(group, params, grads, buffers)  # torch's: the momentum buffers
             for param, grad, buffer in zip(params, grads, buffers, strict=True):
                 buffer.lerp_(grad, 1 - group["momentum"])
                 update = grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
