@@ -110,7 +110,7 @@ def test_the_speedrun_preset_trains_nanogpts_shape_with_the_speedruns_components
     shape = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "pos", "norm")
     assert {key: getattr(m, key) for key in shape} == {
         key: getattr(default.model, key) for key in shape}  # nanoGPT's CPU model
-    assert (m.mlp, m.qk_norm, m.proj_init, m.tie_weights) == ("relu2", True, "zero", False)
+    assert (m.mlp, m.qk_norm, m.proj_init, m.tie_weights) == ("gelu", True, "zero", False)
     assert (t.optimizer, t.schedule) == ("muon", "wsd")
     assert learning_rate(t.max_iters - 1, t) > 0 and learning_rate(t.max_iters, t) == 0
     # Scored as the record is: every validation token, in 64-token windows, in float32.
