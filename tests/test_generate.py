@@ -34,9 +34,9 @@ from gptlab.generate import (
     encode_prompt,
     fenced,
     generate,
+    load_for_generation,
     next_tokens,
     prepare_to_generate,
-    ready_to_generate,
 )
 from gptlab.model import Bigram, PrepackedLinear, build_model
 from gptlab.published import load_published
@@ -381,12 +381,10 @@ def test_a_large_float32_model_on_cpu_generates_through_prepacked_products_alike
     assert threads_seen(model)[0] == {torch.get_num_threads()}
 
 
-def test_ready_to_generate_casts_the_weights_once_and_generation_runs_in_their_dtype(
+def test_a_model_loaded_for_generation_has_its_weights_cast_once_and_runs_in_their_dtype(
         models_dir):
-    published = load_published(models_dir)
-    reference = copy.deepcopy(published.model)
-    assert ready_to_generate(published, "bfloat16", "sample.dtype") is published
-    model = published.model
+    reference = load_published(models_dir).model
+    model = load_for_generation(models_dir, torch.device("cpu"), "bfloat16", "sample.dtype").model
     assert not model.training
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.new_cache(2).keys[0].dtype == torch.bfloat16  # no step converts the cache
@@ -402,8 +400,7 @@ def test_ready_to_generate_casts_the_weights_once_and_generation_runs_in_their_d
         theirs = reference(prompt)[0]
     assert torch.allclose(ours, theirs, atol=0.1 * theirs.abs().max().item())
     # auto is float32 on a CPU without native bf16, and then casts nothing.
-    again = load_published(models_dir)
-    ready_to_generate(again, "auto", "sample.dtype")
+    again = load_for_generation(models_dir, torch.device("cpu"), "auto", "sample.dtype")
     expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     assert {p.dtype for p in again.model.parameters()} == {expected}
 

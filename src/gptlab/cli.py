@@ -484,13 +484,11 @@ def option_name(key: str) -> str:
 def run_sample(args: argparse.Namespace) -> None:
     # Imported here: torch takes over a second to load, which `params` and `tokens` need not.
     from gptlab.device import pick_device
-    from gptlab.generate import ready_to_generate, sample_all
-    from gptlab.published import load_published
+    from gptlab.generate import load_for_generation, sample_all
 
     params = sampling_params(args)
-    published = ready_to_generate(
-        load_published(args.models, pick_device(params.device, "--device")), params.dtype,
-        "--dtype")
+    published = load_for_generation(args.models, pick_device(params.device, "--device"),
+                                    params.dtype, "--dtype")
     prompts_name = "--prompt" if args.prompts else "sample.prompts"
     for result in sample_all(published, params, prompts_name):
         for continuation in result.continuations:
@@ -502,14 +500,12 @@ def run_chat(args: argparse.Namespace) -> None:
     import torch
 
     from gptlab.device import pick_device
-    from gptlab.generate import ready_to_generate
-    from gptlab.published import load_published
+    from gptlab.generate import load_for_generation
     from gptlab.tokenizers import chat_tokens_of
 
     params = sampling_params(args).model_copy(update={"num_samples": 1})
-    published = ready_to_generate(
-        load_published(args.models, pick_device(params.device, "--device")), params.dtype,
-        "--dtype")
+    published = load_for_generation(args.models, pick_device(params.device, "--device"),
+                                    params.dtype, "--dtype")
     # One generator for the session: the same lines typed again give the same replies.
     generator = torch.Generator(published.device).manual_seed(params.seed)
     chat = chat_tokens_of(published.tokenizer)

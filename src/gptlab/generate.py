@@ -119,10 +119,12 @@ def generate_steps(
         yield from decode_steps(model, tokens, len(prompt), pick)
 
 
-def ready_to_generate(published: Published, dtype_name: str, param: str) -> Published:
-    """The published model made ready by `prepare_to_generate` in the dtype `dtype_name` picks
-    for its device (params key `param`)."""
-    prepare_to_generate(published.model, pick_dtype(dtype_name, published.device, param))
+def load_for_generation(models_dir: Path, device: torch.device, dtype_name: str,
+                        param: str) -> Published:
+    """The model published in `models_dir`, on `device`, made ready by `prepare_to_generate`
+    in the dtype `dtype_name` picks there (named in errors as params key `param`)."""
+    published = load_published(models_dir, device)
+    prepare_to_generate(published.model, pick_dtype(dtype_name, device, param))
     return published
 
 
@@ -293,9 +295,8 @@ def sample_prompts(models_dir: Path, params: SampleParams) -> tuple[str, dict[st
     skipped with a note on the page, not an error: the stage runs after training, and failing
     here would throw a finished experiment away.
     """
-    published = ready_to_generate(
-        load_published(models_dir, pick_device(params.device, "sample.device")), params.dtype,
-        "sample.dtype")
+    published = load_for_generation(models_dir, pick_device(params.device, "sample.device"),
+                                    params.dtype, "sample.dtype")
     results = [sample_or_skip(published, prompt, f"sample.prompts[{index}]", params)
                for index, prompt in enumerate(params.prompts)]
     new_tokens = sum(result.new_tokens for result in results)

@@ -651,10 +651,9 @@ def serve(specs: list[str], host: str, port: int, device: torch.device, dtype: s
     host:port until interrupted."""
     import uvicorn
 
-    from gptlab.generate import ready_to_generate
-    from gptlab.published import load_published
+    from gptlab.generate import load_for_generation
 
-    models = {name: ready_to_generate(load_published(path, device), dtype, "--dtype")
+    models = {name: load_for_generation(path, device, dtype, "--dtype")
               for name, path in named_models(specs).items()}
     if host != LOOPBACK:
         print(f"note: listening on {host}: anyone who can reach this machine can use the "

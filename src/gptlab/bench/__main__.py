@@ -34,9 +34,9 @@ from gptlab.device import cpu_model_name
 from gptlab.encode import encode_file, encode_splits
 from gptlab.errors import exit_stopped
 from gptlab.evaluate import evaluate_model
-from gptlab.generate import generate, ready_to_generate
+from gptlab.generate import generate, load_for_generation
 from gptlab.params import CleanParams, Params, RunParams, load_params
-from gptlab.published import load_published, read_config
+from gptlab.published import read_config
 from gptlab.tokenizers import BPETokenizer, CharTokenizer, TiktokenTokenizer, Tokenizer
 from gptlab.train import TrainPaths, train
 
@@ -161,8 +161,7 @@ def bench_sampling(models_dir: Path) -> None:
         print("  skipped: no trained model (run `make repro` first)")
         return
     # As the sample stage prepares it, in sample.dtype's default.
-    published = ready_to_generate(load_published(models_dir, torch.device("cpu")), "auto",
-                                  "sample.dtype")
+    published = load_for_generation(models_dir, torch.device("cpu"), "auto", "sample.dtype")
     prompt = published.tokenizer.encode("\n").tolist()
     for batch in (1, 8):
         seconds = min(
