@@ -22,6 +22,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -277,11 +278,17 @@ def commit(project: Path, message: str) -> None:
 def dvc_run(project: Path, *args: str) -> subprocess.CompletedProcess:
     """`dvc ARGS` in `project`, with a PATH of this environment and the system only."""
     bin_dir = str(Path(sys.executable).parent)
-    return subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=project, capture_output=True, text=True,
-        env={"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(project.parent), **PASSIVE_THREADS},
-        timeout=600,
-    )
+    # Files, not pipes: the queue worker that `dvc exp run --run-all` starts inherits them and
+    # idles for 10 s after the last experiment; on a pipe, this would wait for it to end.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        code = subprocess.run(
+            [sys.executable, "-m", "dvc", *args], cwd=project, stdout=out, stderr=err,
+            env={"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(project.parent),
+                 **PASSIVE_THREADS},
+            timeout=600,
+        ).returncode
+        out.seek(0), err.seek(0)
+        return subprocess.CompletedProcess(args, code, out.read(), err.read())
 
 
 def dvc(project: Path, *args: str) -> str:
@@ -301,9 +308,12 @@ def change_params(project: Path, overrides: dict) -> None:
 
 
 def copy_project(project: Path, folder: Path) -> Path:
-    """A copy of a project repo, its git history and DVC cache included, to change freely."""
+    """A copy of a project repo, its git history and DVC cache included, to change freely. Not
+    its .dvc/tmp (locks, and the queue's state, which a worker may still be clearing): the
+    experiments that ran are in git."""
     copy = folder / "project"
-    shutil.copytree(project, copy, symlinks=True)
+    shutil.copytree(project, copy, symlinks=True,
+                    ignore=lambda where, _: ["tmp"] if Path(where) == project / ".dvc" else [])
     return copy
 
 

@@ -140,7 +140,7 @@ def run_command(args: argparse.Namespace) -> None:
 def needs_project(args: argparse.Namespace) -> bool:
     """Whether the command reads the project it runs in: its experiments, its params.yaml, or
     its models/ (the default folder, when there is none here)."""
-    if args.command in ("compare", "scaling", "report", "recover", "stages"):
+    if args.command in ("compare", "scaling", "speedrun", "report", "recover", "stages"):
         return True
     if args.command == "params":
         return args.file == PARAMS_FILE and not (args.explain or args.docs)
@@ -155,7 +155,8 @@ def require_project(folder: Path) -> None:
 
 
 def add_lab_commands(commands: argparse._SubParsersAction) -> None:
-    """compare, scaling and report: questions answered from the project's DVC experiments; and
+    """compare, scaling, speedrun and report: questions answered from the project's DVC
+    experiments; and
     recover, which runs again the queued ones a killed worker left behind."""
     compare = commands.add_parser(
         "compare", help="seed statistics of the experiments, grouped by their params",
@@ -215,6 +216,7 @@ def add_lab_commands(commands: argparse._SubParsersAction) -> None:
                               f"{BOOTSTRAP_SAMPLES}; fewer are quicker and coarser)")
     scaling.add_argument("--all-commits", action="store_true",
                          help="the experiments of every commit, not only the current one")
+    add_speedrun_command(commands)
     report = commands.add_parser(
         "report", help="a Markdown report card of the workspace's run or of an experiment")
     report.add_argument("--exp", metavar="NAME", help="a DVC experiment's run")
@@ -227,6 +229,33 @@ def add_lab_commands(commands: argparse._SubParsersAction) -> None:
                     "runs them (a killed worker), marks them failed, queues each again under "
                     "its name with the params it was queued with, and starts the queue: each "
                     "resumes from its last checkpoint.")
+
+
+def add_speedrun_command(commands: argparse._SubParsersAction) -> None:
+    from gptlab.lab.speedrun import BY_NAME, SEEDS, TARGET
+
+    speedrun = commands.add_parser(
+        "speedrun", help="queue the CPU speedrun's study, or write its records table",
+        description="With --queue: queue each recipe of the study (the speedrun preset, each "
+                    "of its components left out or another added, and nanoGPT's recipe) at "
+                    "each seed as the experiment speedrun-RECIPE-SEED, on the preset's data, "
+                    "split and scoring whatever params.yaml holds. Without: test each recipe's "
+                    "mean validation loss against the target (a record: below it with a "
+                    "one-sided p < 0.01 over 5 or more seeds) and against the preset's "
+                    "(Welch), write metrics/speedrun.json and print the records table.")
+    speedrun.add_argument("--queue", action="store_true", help="queue the study's experiments")
+    speedrun.add_argument("--recipes", type=str_list, metavar="NAME,...",
+                          help=f"the recipes to queue (default: all: {','.join(BY_NAME)})")
+    speedrun.add_argument("--seeds", type=int_list, default=list(SEEDS), metavar="S,S,...",
+                          help=f"(default: {','.join(map(str, SEEDS))})")
+    speedrun.add_argument("--set", dest="settings", action="append", default=[],
+                          metavar="KEY=VALUE", help="a param of every queued run (repeat), e.g. "
+                          "data.source=local and data.spec=PATH for a copy of the text that "
+                          "is already on this machine")
+    speedrun.add_argument("--target", type=float, default=TARGET, metavar="LOSS",
+                          help=f"the loss a record must beat (default: {TARGET}, nanoGPT's)")
+    speedrun.add_argument("--all-commits", action="store_true",
+                          help="the experiments of every commit, not only the current one")
 
 
 def add_serve_command(commands: argparse._SubParsersAction) -> None:
@@ -272,6 +301,13 @@ def float_list(text: str) -> list[float]:
         return [float(part) for part in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a list of numbers") from None
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of integers") from None
 
 
 def str_list(text: str) -> list[str]:
@@ -372,6 +408,28 @@ def run_scaling(args: argparse.Namespace) -> None:
     figure = write_scaling_figure(sweep, Path("plots/scaling.png"))
     print(render_scaling(summary))
     print(f"wrote metrics/scaling.json and {figure}")
+
+
+def run_speedrun(args: argparse.Namespace) -> None:
+    from gptlab.io import write_json
+    from gptlab.lab.speedrun import (
+        choose_recipes,
+        queue_study,
+        records,
+        render_records,
+        settings_of,
+        study_runs,
+    )
+
+    if args.queue:
+        names = queue_study(choose_recipes(args.recipes), args.seeds, settings_of(args.settings))
+        print(f"queued {counted(names, 'experiment')} ({names[0]} to {names[-1]}); run them "
+              f"with `dvc queue start`, then `gptlab speedrun`")
+        return
+    study = records(study_runs(read_experiments(all_commits=args.all_commits)), args.target)
+    write_json(Path("metrics/speedrun.json"), study, "the speedrun's records")
+    print(render_records(study))
+    print("wrote metrics/speedrun.json")
 
 
 def run_report(args: argparse.Namespace) -> None:
@@ -592,7 +650,8 @@ def typed_lines(interactive: bool) -> Iterator[str]:
 
 
 COMMANDS = {"params": show_params, "tokens": show_tokens, "sample": run_sample,
-            "compare": run_compare, "scaling": run_scaling, "report": run_report,
+            "compare": run_compare, "scaling": run_scaling, "speedrun": run_speedrun,
+            "report": run_report,
             "recover": run_recover,
             "chat": run_chat, "serve": run_serve, "export": run_export,
             "plots-template": build_plots_template, "stages": write_stage_deps}

@@ -484,10 +484,10 @@ def _cells(comparison: Comparison) -> tuple[list[str], list[list[str]]]:
             cells += ["baseline", "", ""] + ([""] if corrected else [])
         else:
             cells += [f"{versus.diff:+.{decimals}f}", _interval(versus.ci95, decimals),
-                      _p_value(versus.p_value)]
-            cells += [_p_value(versus.p_adjusted)] if corrected else []
+                      format_p(versus.p_value)]
+            cells += [format_p(versus.p_adjusted)] if corrected else []
         if (target := row.versus_target) is not None:
-            cells += [f"{target.diff:+.{decimals}f}", _p_value(target.p_value)]
+            cells += [f"{target.diff:+.{decimals}f}", format_p(target.p_value)]
         rows.append(cells)
     return header, rows
 
@@ -511,7 +511,7 @@ def _interval(interval: tuple[float, float] | None, decimals: int) -> str:
     return f"[{low:.{decimals}f}, {high:.{decimals}f}]"
 
 
-def _p_value(p: float | None) -> str:
+def format_p(p: float | None) -> str:
     if p is None:
         return "-"
     return f"<{P_VALUE_FLOOR:g}" if p < P_VALUE_FLOOR else f"{p:#.3g}"
