@@ -188,10 +188,10 @@ def paths_in(folder: Path, tokens_dir: Path) -> TrainPaths:
 
 # --- the train stage, run as DVC runs it -----------------------------------------------------
 
-# Long enough to be interrupted: 200 steps, a checkpoint every 10.
+# Long enough to be interrupted: 100 steps, a checkpoint every 10.
 STAGE_MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32}
-STAGE_TRAIN = {**TINY_TRAIN, "batch_size": 8, "max_iters": 200, "checkpoint_interval": 10,
-               "eval_interval": 100, "log_interval": 10}
+STAGE_TRAIN = {**TINY_TRAIN, "batch_size": 8, "max_iters": 100, "checkpoint_interval": 10,
+               "eval_interval": 50, "log_interval": 10}
 # Metrics that measure the machine rather than the run: they differ between any two runs.
 TIMINGS = {"tokens_per_sec", "wall_seconds", "peak_memory_mb", "mfu"}
 

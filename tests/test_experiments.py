@@ -23,6 +23,7 @@ from helpers import (
     DVC_YAML,
     PASSIVE_THREADS,
     ROOT,
+    STAGE_TRAIN,
     VENV,
     copy_project,
     dvc,
@@ -117,7 +118,8 @@ def test_the_log_grows_while_training_runs_and_resumes_to_the_same_rows(
     resumed = start_train(project)
     assert resumed.wait() == 0
     rows = log.read_text().splitlines()
-    assert [row.split(",")[0] for row in rows[1:]] == [str(step) for step in range(0, 201, 5)]
+    steps = range(0, STAGE_TRAIN["max_iters"] + 1, 5)
+    assert [row.split(",")[0] for row in rows[1:]] == [str(step) for step in steps]
 
 
 def test_the_trained_model_is_a_registered_artifact(pipeline, tmp_path):

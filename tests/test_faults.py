@@ -100,13 +100,13 @@ def test_a_finished_run_whose_outputs_are_gone_publishes_them_again(
     project = train_project(tmp_path, char_tokens, default_params)
     runs = project / ".gptlab" / "runs"
     process = start_train(project, start_new_session=True)
-    kill_when(process, lambda: list(runs.glob("*/step-00000200")), "final checkpoint")
+    kill_when(process, lambda: list(runs.glob("*/step-00000100")), "final checkpoint")
     outputs = [project / name for name in ("models", "plots/train_log.csv", "metrics")]
     for round_ in range(2):
         for output in outputs:
             shutil.rmtree(output, ignore_errors=True) if output.is_dir() else output.unlink(
                 missing_ok=True)
-        assert "resuming from step 200" in finish_train(project)
+        assert "resuming from step 100" in finish_train(project)
         published = {path: path.read_bytes() for output in outputs
                      for path in ([output] if output.is_file() else sorted(output.rglob("*")))}
         if round_ == 0:
@@ -128,7 +128,7 @@ def test_a_damaged_checkpoint_is_reported_and_the_run_falls_back(
     project = tmp_path / "project"
     shutil.copytree(reference, project)
     checkpoints = sorted(project.glob(".gptlab/runs/*/step-*"), reverse=True)
-    assert [p.name for p in checkpoints] == ["step-00000200", "step-00000190"]
+    assert [p.name for p in checkpoints] == ["step-00000100", "step-00000090"]
     flip_a_byte(checkpoints[0] / "model.safetensors")
     if damaged == 2:
         (checkpoints[1] / "state.safetensors").write_bytes(b"truncated")
@@ -137,13 +137,13 @@ def test_a_damaged_checkpoint_is_reported_and_the_run_falls_back(
     assert (f"{checkpoints[0].relative_to(project)}: damaged resume checkpoint "
             f"(model.safetensors is not the file that was written") in stderr
     if damaged == 1:
-        assert "removed it, falling back to step-00000190" in stderr
-        assert "resuming from step 190" in stderr
+        assert "removed it, falling back to step-00000090" in stderr
+        assert "resuming from step 90" in stderr
     else:
         assert "no good resume checkpoint left: starting afresh" in stderr
     assert_same_training(project, reference)
     # Never a crash loop: the damaged checkpoints are gone, the next rerun resumes cleanly.
-    assert "resuming from step 200" in finish_train(project)
+    assert "resuming from step 100" in finish_train(project)
 
 
 # --- clean and tokenize killed ------------------------------------------------------------------

@@ -66,6 +66,18 @@ def test_compare_groups_the_seeds_of_each_choice_against_the_workspace(lab):
         "error: --metric tokens_per_sec: no experiment has it (did you mean ")
 
 
+def test_experiments_show_metrics_and_plots_diff_has_the_loss_curve(lab):
+    chosen = next(e.name for e in read_experiments(lab).finished
+                  if e.params.get("model.norm") == "rmsnorm")
+    table = dvc(lab, "exp", "show", "--csv")
+    header = table.splitlines()[0].split(",")
+    assert "val_loss" in header and "model.norm" in header
+    assert chosen in table
+    diff = json.loads(dvc(lab, "plots", "diff", chosen, "--json"))
+    curves = json.dumps(diff)
+    assert "train_loss" in curves and "val_loss" in curves
+
+
 def test_report_of_an_experiment_shows_its_own_results(lab, tmp_path):
     found = read_experiments(lab)
     chosen = next(e for e in found.finished if e.params.get("model.norm") == "rmsnorm")

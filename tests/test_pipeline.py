@@ -253,15 +253,3 @@ def test_a_code_change_reruns_exactly_the_stages_that_run_it(pipeline, tmp_path,
         source.write("\n# an edit\n")
     # `dvc status` lists the stages whose own deps changed (not those downstream of them).
     assert set(json.loads(dvc(project, "status", "--json"))) == expected
-
-
-def test_experiments_show_metrics_and_plots_diff_has_the_loss_curve(pipeline, tmp_path):
-    project = copy_project(pipeline[0], tmp_path)
-    dvc(project, "exp", "run", "-S", "model.n_layer=1", "-n", "one-layer")
-    table = dvc(project, "exp", "show", "--csv")
-    header = table.splitlines()[0].split(",")
-    assert "val_loss" in header and "model.n_layer" in header
-    assert "one-layer" in table
-    diff = json.loads(dvc(project, "plots", "diff", "one-layer", "--json"))
-    curves = json.dumps(diff)
-    assert "train_loss" in curves and "val_loss" in curves
