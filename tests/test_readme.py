@@ -1,5 +1,6 @@
-"""The README's figures are the committed ones: its first table, and the pipeline page's figures
-of the default corpus, are checked against the metrics files, so they cannot drift apart."""
+"""The README's figures are the committed ones: its first table, the pipeline page's figures of
+the default corpus, the scaling fit and the speedrun's records are checked against the metrics
+files, so they cannot drift apart."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import subprocess
 
 import pytest
 from helpers import ROOT
+
+from gptlab.lab.speedrun import render_records
 
 README = (ROOT / "README.md").read_text()
 PIPELINE_PAGE = (ROOT / "docs" / "pipeline.md").read_text()
@@ -104,3 +107,13 @@ def test_the_scaling_table_shows_the_committed_fit_with_its_intervals():
         estimate = law[name]
         shown = [estimate["value"], estimate["ci95"]["low"], estimate["ci95"]["high"]]
         assert cell == "{:.2f} [{:.2f}, {:.2f}]".format(*shown), name
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/speedrun.md"])
+def test_the_speedrun_records_are_the_committed_study(page):
+    """`gptlab speedrun` wrote the tables from the study's experiments, and the numbers it read
+    into metrics/speedrun.json: the page shows exactly what that file holds."""
+    study = committed("metrics/speedrun.json")
+    assert render_records(study) in (ROOT / page).read_text()
+    rows = {row["recipe"]: row for row in study["recipes"]}
+    assert rows["record"]["reaches_target"] and rows["record"]["n"] >= 5

@@ -154,6 +154,11 @@ def test_an_unfinished_run_or_no_record_is_one_line():
     without_record = Experiments([e for e in STUDY.finished if "record" not in e.name], [], {})
     with pytest.raises(GptlabError, match=r"^no finished experiments of the record's recipe"):
         study_runs(without_record)
+    twice = Experiments([*STUDY.finished, Experiment("speedrun-record-1", "b" * 40, {},
+                                                      {LOSS: 1.8, WALL: 40.0}, "c" * 40)], [], {})
+    with pytest.raises(GptlabError, match=r"^experiment speedrun-record-1 ran on two commits "
+                                          r"\(0000000, ccccccc\)"):
+        study_runs(twice)
     no_wall = Experiments([Experiment("speedrun-record-1", "a" * 40, {}, {LOSS: 1.8})], [], {})
     with pytest.raises(GptlabError, match=r"^experiment speedrun-record-1: no train\.wall_seconds"):
         study_runs(no_wall)

@@ -73,6 +73,12 @@ RECIPES = (
            {"train.optimizer": "adamw"}),
     Recipe("batch-12", LEFT_OUT, "32 sequences a step (12, the same 280 steps)",
            {"train.batch_size": 12}),
+    # The two that change the time a step takes, again given at least the preset's wall time
+    # (steps from their per-step times on a 2-core CPU): more steps for the time they save.
+    Recipe("no-muon-time", LEFT_OUT, "Muon, in as much time or more (AdamW for 350 steps)",
+           {"train.optimizer": "adamw", "train.max_iters": 350}),
+    Recipe("batch-12-time", LEFT_OUT, "32 sequences a step, in as much time or more (12 for "
+           "610 steps)", {"train.batch_size": 12, "train.max_iters": 610}),
     Recipe("no-qk-norm", LEFT_OUT, "QK-norm", {"model.qk_norm": False}),
     Recipe("tied", LEFT_OUT, "untied output layer (tied)", {"model.tie_weights": True}),
     Recipe("cosine", LEFT_OUT, "warmup-stable-decay (cosine to 1e-4)",
@@ -166,10 +172,16 @@ def study_runs(experiments: Experiments) -> dict[str, list[Experiment]]:
                           f"or running, or failed (`dvc queue status`, `dvc queue logs "
                           f"{unfinished[0]}`); wait for it, or remove it with `dvc exp remove`")
     runs: dict[str, list[Experiment]] = {}
+    seen: dict[str, Experiment] = {}
     for experiment in experiments.finished:
         found = NAME.match(experiment.name)
         if found is None or found["recipe"] not in BY_NAME:
             continue
+        if (earlier := seen.setdefault(experiment.name, experiment)) is not experiment:
+            raise GptlabError(f"experiment {experiment.name} ran on two commits "
+                              f"({(earlier.base or earlier.rev)[:7]}, "
+                              f"{(experiment.base or experiment.rev)[:7]}): remove one with "
+                              f"`dvc exp remove`, or leave out --all-commits")
         missing = [key for key in (LOSS, WALL) if key not in experiment.metrics]
         if missing:
             raise GptlabError(f"experiment {experiment.name}: no {missing[0]} in its metrics")
