@@ -187,9 +187,10 @@ def study_runs(experiments: Experiments) -> dict[str, list[Experiment]]:
             raise GptlabError(f"experiment {experiment.name}: no {missing[0]} in its metrics")
         runs.setdefault(found["recipe"], []).append(experiment)
     if RECORD not in runs:
-        raise GptlabError(f"no finished experiments of the record's recipe ({PREFIX}{RECORD}-*); "
-                          f"queue the study with `gptlab speedrun --queue` and run it with "
-                          f"`dvc queue start`")
+        raise GptlabError(f"no finished experiments of the record's recipe ({PREFIX}{RECORD}-*) "
+                          f"in this commit; queue the study with `gptlab speedrun --queue` and "
+                          f"run it with `dvc queue start` (or add --all-commits for earlier "
+                          f"commits' studies)")
     return {name: runs[name] for name in BY_NAME if name in runs}
 
 
