@@ -179,14 +179,26 @@ def recover(project: Path = Path(".")) -> list[str]:
     for name, overrides in requeue.items():
         dvc(project, "queue", "kill", name)  # its process is gone: DVC marks the task failed
         dvc(project, "queue", "remove", name)  # so no listing shows it beside its rerun
-        dvc(project, "exp", "run", "--queue", "-n", name, *overrides)
+        queue_experiment(name, overrides, project)
     if requeue:
         dvc(project, "queue", "start")
     return list(requeue)
 
 
-def queued_overrides(project: Path, run: StaleRun) -> list[str]:
-    """`-S key=value` for each param the run was queued with that the workspace lacks."""
+def queue_experiment(name: str, overrides: dict[str, Any], project: Path = Path(".")) -> None:
+    """Queue the experiment `name` with the params `overrides` (by dotted key) set on the
+    workspace's; `dvc queue start` runs it."""
+    # JSON values are values of DVC's override grammar: quoted strings, lists, null.
+    settings = [item for key, value in overrides.items()
+                for item in ("-S", f"{key}={json.dumps(value)}")]
+    try:
+        dvc(project, "exp", "run", "--queue", "-n", name, *settings)
+    except GptlabError as error:
+        raise GptlabError(f"queueing {name} failed: {error}") from None
+
+
+def queued_overrides(project: Path, run: StaleRun) -> dict[str, Any]:
+    """The params the run was queued with that differ from the workspace's."""
     changed = git_output(project, "diff", "--name-only", run.rev, "--", *RUN_CODE)
     if changed:
         raise GptlabError(f"{run.name}: was queued with code the workspace no longer has "
@@ -196,9 +208,7 @@ def queued_overrides(project: Path, run: StaleRun) -> list[str]:
     if set(here) - set(queued):
         raise GptlabError(f"{run.name}: its params lack {sorted(set(here) - set(queued))}, "
                           f"which the workspace's {PARAMS_FILE} has; queue it again yourself")
-    # JSON values are values of DVC's override grammar: quoted strings, lists, null.
-    return [item for key, value in queued.items() if here.get(key, object()) != value
-            for item in ("-S", f"{key}={json.dumps(value)}")]
+    return {key: value for key, value in queued.items() if here.get(key, object()) != value}
 
 
 def git_output(project: Path, *args: str) -> str:

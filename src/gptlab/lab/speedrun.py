@@ -12,11 +12,8 @@ of the train stage's `wall_seconds`, evaluations included).
 
 from __future__ import annotations
 
-import json
 import re
 import statistics
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +22,7 @@ import yaml
 from pydantic import ValidationError
 
 from gptlab.errors import GptlabError
-from gptlab.lab.experiments import Experiment, Experiments, flatten
+from gptlab.lab.experiments import Experiment, Experiments, flatten, queue_experiment
 from gptlab.lab.stats import Difference, below_target, difference, format_p, summarize
 from gptlab.params import PARAMS_FILE, Params, describe
 
@@ -150,14 +147,7 @@ def queue_study(recipes: list[Recipe], seeds: list[int], settings: dict[str, Any
     planned = {f"{PREFIX}{recipe.name}-{seed}": study_overrides(workspace, recipe, seed, settings)
                for recipe in recipes for seed in seeds}
     for name, overrides in planned.items():
-        # JSON values are values of DVC's override grammar: quoted strings, lists, null.
-        items = [item for key, value in overrides.items()
-                 for item in ("-S", f"{key}={json.dumps(value)}")]
-        command = [sys.executable, "-m", "dvc", "exp", "run", "--queue", "-n", name, *items]
-        result = subprocess.run(command, cwd=project, capture_output=True, text=True)
-        if result.returncode:
-            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            raise GptlabError(f"queueing {name} failed: {last}")
+        queue_experiment(name, overrides, project)
     return list(planned)
 
 

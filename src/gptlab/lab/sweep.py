@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from gptlab.errors import GptlabError
-from gptlab.lab.experiments import Experiments
+from gptlab.lab.experiments import Experiments, queue_experiment
 from gptlab.lab.scaling import ScalingRun
 from gptlab.params import ModelConfig, ModelParams, TrainParams, describe
 
@@ -136,14 +134,7 @@ def repeated_data(planned: list[PlannedRun], train_tokens: int) -> list[str]:
 def queue_sweep(planned: list[PlannedRun], project: Path = Path(".")) -> None:
     """Queue each experiment of the sweep (`dvc queue start` runs them)."""
     for run in planned:
-        name = run.name
-        settings = [item for key, value in run.overrides.items()
-                    for item in ("-S", f"{key}={value}")]
-        command = [sys.executable, "-m", "dvc", "exp", "run", "--queue", "-n", name, *settings]
-        result = subprocess.run(command, cwd=project, capture_output=True, text=True)
-        if result.returncode:
-            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            raise GptlabError(f"queueing {name} failed: {last}")
+        queue_experiment(run.name, run.overrides, project)
 
 
 def scaling_runs(experiments: Experiments, prefix: str = PREFIX) -> list[ScalingRun]:
