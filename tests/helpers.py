@@ -309,11 +309,12 @@ def change_params(project: Path, overrides: dict) -> None:
 
 def copy_project(project: Path, folder: Path) -> Path:
     """A copy of a project repo, its git history and DVC cache included, to change freely. Not
-    its .dvc/tmp (locks, and the queue's state, which a worker may still be clearing): the
-    experiments that ran are in git."""
+    the queue's state (.dvc/tmp/exps), which its worker may still be clearing: the experiments
+    that ran are in git."""
     copy = folder / "project"
+    queue_state = project / ".dvc" / "tmp"
     shutil.copytree(project, copy, symlinks=True,
-                    ignore=lambda where, _: ["tmp"] if Path(where) == project / ".dvc" else [])
+                    ignore=lambda where, _: ["exps"] if Path(where) == queue_state else [])
     return copy
 
 
