@@ -41,10 +41,12 @@ from helpers import (
 from gptlab.errors import GptlabError
 from gptlab.lab.experiments import (
     flat_metrics,
+    flatten,
     git_output,
     parse_experiments,
     read_experiments,
     stale_runs,
+    unflatten,
 )
 
 README = (ROOT / "README.md").read_text()
@@ -301,3 +303,9 @@ def test_a_queued_run_whose_worker_is_killed_is_recovered_by_one_command(pipelin
     recovered_metrics = next(run.metrics for run in experiments.finished if run.name == "killed")
     for key in ("final_train_loss", "final_val_loss", "best_val_loss"):
         assert recovered_metrics[key] == expected[key], key
+
+
+def test_unflatten_is_the_inverse_of_flatten():
+    nested = {"seed": 1, "model": {"n_layer": 2, "norm": "rmsnorm"}, "train": {"lora": {"rank": 0}}}
+    assert flatten(nested)["train.lora.rank"] == 0
+    assert unflatten(flatten(nested)) == nested

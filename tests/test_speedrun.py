@@ -11,7 +11,13 @@ import yaml
 from helpers import ROOT, commit, dvc, git, gptlab, make_project, with_venv
 
 from gptlab.errors import GptlabError
-from gptlab.lab.experiments import Experiment, Experiments, flatten, read_experiments
+from gptlab.lab.experiments import (
+    Experiment,
+    Experiments,
+    flatten,
+    read_experiments,
+    unflatten,
+)
 from gptlab.lab.speedrun import (
     BY_NAME,
     LOSS,
@@ -23,7 +29,6 @@ from gptlab.lab.speedrun import (
     settings_of,
     study_overrides,
     study_runs,
-    unflatten,
 )
 from gptlab.lab.stats import below_target, summarize
 from gptlab.params import Params

@@ -128,6 +128,18 @@ def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    """Dotted keys back into nested sections: the inverse of `flatten`."""
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        *sections, leaf = key.split(".")
+        inner = nested
+        for section in sections:
+            inner = inner.setdefault(section, {})
+        inner[leaf] = value
+    return nested
+
+
 # --- queued runs whose worker died ----------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import statistics
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,21 @@ import yaml
 from pydantic import ValidationError
 
 from gptlab.errors import GptlabError
-from gptlab.lab.experiments import Experiment, Experiments, flatten, queue_experiment
-from gptlab.lab.stats import Difference, below_target, difference, format_p, summarize
+from gptlab.lab.experiments import (
+    Experiment,
+    Experiments,
+    flatten,
+    queue_experiment,
+    unflatten,
+)
+from gptlab.lab.stats import (
+    Difference,
+    below_target,
+    difference,
+    format_p,
+    interval_json,
+    summarize,
+)
 from gptlab.params import PARAMS_FILE, Params, describe
 
 PREFIX = "speedrun-"
@@ -111,12 +125,18 @@ def settings_of(items: list[str]) -> dict[str, Any]:
     return settings
 
 
+@cache
+def preset_params() -> dict[str, Any]:
+    """The speedrun preset's params by dotted key."""
+    return flatten(yaml.safe_load(PRESET.read_text(encoding="utf-8")))
+
+
 def study_overrides(workspace: dict[str, Any], recipe: Recipe, seed: int,
                     settings: dict[str, Any]) -> dict[str, Any]:
     """The params (dotted keys) to set on the workspace's params.yaml for one run: where the
     preset differs from it, the recipe's changes, the seed, then `settings` (a local copy of
     the data, say); validated, so that a bad one stops the study before anything is queued."""
-    preset = flatten(yaml.safe_load(PRESET.read_text(encoding="utf-8")))
+    preset = preset_params()
     unknown = sorted(set(settings) - set(preset))
     if unknown:
         raise GptlabError(f"--set: unknown key {unknown[0]!r}")
@@ -127,17 +147,6 @@ def study_overrides(workspace: dict[str, Any], recipe: Recipe, seed: int,
         raise GptlabError(f"{PREFIX}{recipe.name}-{seed}: {describe(error)}") from None
     wanted = flatten(valid.model_dump(mode="json"))
     return {key: value for key, value in wanted.items() if workspace.get(key) != value}
-
-
-def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    nested: dict[str, Any] = {}
-    for key, value in flat.items():
-        *sections, leaf = key.split(".")
-        inner = nested
-        for section in sections:
-            inner = inner.setdefault(section, {})
-        inner[leaf] = value
-    return nested
 
 
 def queue_study(recipes: list[Recipe], seeds: list[int], settings: dict[str, Any],
@@ -200,7 +209,7 @@ def records(runs: dict[str, list[Experiment]], target: float = TARGET) -> dict[s
             "recipe": name, "kind": recipe.kind, "change": recipe.label,
             "steps": params["train.max_iters"], "batch_size": params["train.batch_size"],
             "seeds": [e.params["seed"] for e in experiments], "n": summary.n,
-            "mean": summary.mean, "sd": summary.sd, "ci95": _pair(summary.ci95),
+            "mean": summary.mean, "sd": summary.sd, "ci95": interval_json(summary.ci95),
             "min": min(losses), "max": max(losses),
             "p_below_target": versus_target.p_value,
             "reaches_target": _reaches(summary.n, versus_target.p_value),
@@ -217,11 +226,7 @@ def _reaches(n: int, p_value: float | None) -> bool:
 
 
 def _difference(diff: Difference) -> dict[str, Any]:
-    return {"diff": diff.diff, "ci95": _pair(diff.ci95), "p_value": diff.p_value}
-
-
-def _pair(interval: tuple[float, float] | None) -> list[float] | None:
-    return None if interval is None else list(interval)
+    return {"diff": diff.diff, "ci95": interval_json(diff.ci95), "p_value": diff.p_value}
 
 
 # --- markdown -----------------------------------------------------------------------------------

@@ -455,16 +455,17 @@ def _row_json(row: Row, corrected: bool) -> dict[str, Any]:
         "n": summary.n,
         "mean": summary.mean,
         "sd": summary.sd,
-        "ci95": _pair(summary.ci95),
+        "ci95": interval_json(summary.ci95),
         "vs_baseline": None if versus is None else {
-            "diff": versus.diff, "ci95": _pair(versus.ci95), "p_value": versus.p_value,
+            "diff": versus.diff, "ci95": interval_json(versus.ci95), "p_value": versus.p_value,
             **({"p_adjusted": versus.p_adjusted} if corrected else {})},
         **({"vs_target": {"diff": target.diff, "p_below": target.p_value}}
            if target is not None else {}),
     }
 
 
-def _pair(interval: tuple[float, float] | None) -> list[float] | None:
+def interval_json(interval: tuple[float, float] | None) -> list[float] | None:
+    """An interval as JSON holds it: a [low, high] list, or null."""
     return None if interval is None else list(interval)
 
 
