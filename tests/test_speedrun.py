@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from typing import Any
 
 import pytest
 import yaml
@@ -33,6 +34,7 @@ from gptlab.lab.speedrun import (
 from gptlab.lab.stats import below_target, summarize
 from gptlab.params import Params
 
+NANOGPT_PRESET = ROOT / "src" / "gptlab" / "presets" / "nanogpt-cpu.yaml"
 WORKSPACE = flatten(yaml.safe_load((ROOT / "params.yaml").read_text()))
 PRESET_PARAMS = flatten(yaml.safe_load(PRESET.read_text()))
 
@@ -49,14 +51,24 @@ def test_each_recipe_is_the_preset_with_its_changes_on_any_workspace(recipe):
                          if PRESET_PARAMS[key] != value}
 
 
-def test_the_left_out_components_undo_the_preset_and_nanogpts_recipe_is_the_default():
+def recipe_of(params: dict[str, Any]) -> dict[str, Any]:
+    """The model and training sections of flattened params: what a recipe is."""
+    return {k: v for k, v in params.items() if k.startswith(("model.", "train."))}
+
+
+def test_the_recipes_undo_the_preset_and_the_default_is_the_speedrun_without_qk_norm():
     for recipe in RECIPES:
         if recipe.kind == "left out":
             assert all(PRESET_PARAMS[key] != value for key, value in recipe.overrides.items())
+        if recipe.base == "nanogpt":  # one component on top of nanoGPT's recipe
+            assert recipe.overrides.keys() >= BY_NAME["nanogpt"].overrides.keys()
+    # The nanogpt recipe is nanoGPT's CPU recipe as its preset has it, data and scoring too.
     nanogpt = {**PRESET_PARAMS, **BY_NAME["nanogpt"].overrides}
-    # The default params.yaml trains nanoGPT's recipe: the same model and training sections.
-    assert {k: v for k, v in nanogpt.items() if k.startswith(("model.", "train."))} == {
-        k: v for k, v in WORKSPACE.items() if k.startswith(("model.", "train."))}
+    assert nanogpt == flatten(yaml.safe_load(NANOGPT_PRESET.read_text()))
+    # The default params.yaml trains the speedrun's recipe but for QK-norm, which no Hugging
+    # Face layout has (`gptlab export` of the default model works).
+    assert recipe_of(WORKSPACE) == recipe_of({**PRESET_PARAMS,
+                                              **BY_NAME["no-qk-norm"].overrides})
 
 
 def test_settings_are_yaml_values_checked_before_anything_is_queued():
@@ -110,6 +122,9 @@ STUDY = Experiments(
                 for seed, loss in zip(range(5), NO_MUON_LOSSES, strict=True)),
               experiment("softcap", 0, 1.84, 41.0), experiment("softcap", 1, 1.85, 43.0),
               *(experiment("nanogpt", seed, 1.90 + seed / 100, 95.0 + seed) for seed in range(3)),
+              *(experiment("nanogpt-muon", seed, 1.85 + seed / 100, 120.0) for seed in range(3)),
+              *(experiment("fewer-evals", seed, loss, 36.0)
+                for seed, loss in zip(range(5), RECORD_LOSSES, strict=True)),
               Experiment("other-run", "f" * 40, {}, {LOSS: 9.0})],
     unfinished=["scale-1e10-1x8"], workspace={})
 
@@ -117,7 +132,9 @@ STUDY = Experiments(
 def test_records_give_each_recipe_its_mean_test_against_the_target_and_effect():
     study = records(study_runs(STUDY), target=1.9)
     rows = {row["recipe"]: row for row in study["recipes"]}
-    assert list(rows) == ["record", "nanogpt", "no-muon", "softcap"]  # RECIPES' order
+    assert list(rows) == ["record", "fewer-evals", "nanogpt", "no-muon", "softcap",
+                          "nanogpt-muon"]  # RECIPES' order
+
     record = rows["record"]
     assert record["n"] == 5 and record["seeds"] == [0, 1, 2, 3, 4]
     assert record["mean"] == pytest.approx(statistics.fmean(RECORD_LOSSES))
@@ -125,11 +142,15 @@ def test_records_give_each_recipe_its_mean_test_against_the_target_and_effect():
         below_target(summarize(RECORD_LOSSES), 1.9).p_value)
     assert record["p_below_target"] < 0.01 and record["reaches_target"]
     assert record["wall_seconds"] == 42.0 and record["wall_range"] == [40.0, 44.0]
-    assert (record["steps"], record["batch_size"]) == (280, 32) and record["vs_record"] is None
+    assert (record["steps"], record["batch_size"]) == (280, 32) and record["vs_base"] is None
     no_muon = rows["no-muon"]
-    assert no_muon["vs_record"]["diff"] == pytest.approx(0.18)
-    low, high = no_muon["vs_record"]["ci95"]
-    assert 0 < low < 0.18 < high and no_muon["vs_record"]["p_value"] < 0.001
+    assert no_muon["base"] == "record" and no_muon["vs_base"]["diff"] == pytest.approx(0.18)
+    low, high = no_muon["vs_base"]["ci95"]
+    assert 0 < low < 0.18 < high and no_muon["vs_base"]["p_value"] < 0.001
+    # A component added to nanoGPT's recipe is measured against nanoGPT's recipe.
+    muon = rows["nanogpt-muon"]
+    assert muon["base"] == "nanogpt" and muon["vs_base"]["diff"] == pytest.approx(-0.05)
+    assert rows["nanogpt"]["base"] == "record"  # nanoGPT's recipe against the record's
     assert not no_muon["reaches_target"]
     # Two seeds have a mean below the target, but two are not five: no record.
     assert rows["softcap"]["n"] == 2 and not rows["softcap"]["reaches_target"]
@@ -144,11 +165,21 @@ def test_the_records_table_shows_the_ladder_and_each_components_verdict():
     assert lines[2] == "| 1 | nanoGPT's recipe | 2000 x 12 | 96.0 s | 1.9100 (3) | 0.887 |"
     assert lines[3] == ("| 2 | the speedrun preset | 280 x 32 | 42.0 s (0.44x) | 1.8400 (5) | "
                         "<0.001 |")
+    # Each further row of the ladder, in RECIPES' order, its time against nanoGPT's recipe's.
+    assert lines[4] == ("| 3 | the preset, evaluated every 140 steps on 10 batches while it "
+                        "trains | 280 x 32 | 36.0 s (0.38x) | 1.8400 (5) | <0.001 |")
+    assert lines[5] == ""
     no_muon = next(line for line in lines if line.startswith("| without Muon"))
     assert no_muon.endswith("| <0.001 | 30.0 s | helps |")
     assert "| +0.180 (" in no_muon and "| 2.0200 (2.0000-2.0400) |" in no_muon
     softcap = next(line for line in lines if line.startswith("| with logit soft-cap 30"))
     assert softcap.endswith("| no measurable effect |")
+    # The components added to nanoGPT's recipe get a table of their own, after the preset's.
+    title = lines.index("| change to nanoGPT's recipe | mean loss (range) | difference (95% "
+                        "interval) | p | training time | verdict |")
+    assert lines.index(softcap) < title and len(lines) == title + 3
+    assert lines[-1] == ("| with Muon on the blocks' matrices (at 0.02) | 1.8600 (1.8500-1.8700) | "
+                         "-0.050 (-0.073, -0.027) | 0.00360 | 120.0 s | helps |")
 
 
 def test_an_unfinished_run_or_no_record_is_one_line():
