@@ -186,7 +186,8 @@ def test_the_timed_step_is_trainings_own_on_random_tokens(monkeypatch):
 
 def test_the_foreach_optimizer_is_trainings_but_for_the_kernel():
     model = build_model(TINY)
-    fused = make_optimizer(model, PROJECT_PARAMS.train, CPU)
+    adamw = PROJECT_PARAMS.train.model_copy(update={"optimizer": "adamw"})
+    fused = make_optimizer(model, adamw, CPU)
     foreach = on_foreach_kernel(fused)
     assert (fused.defaults["fused"], foreach.defaults["fused"]) == (True, None)
     assert foreach.defaults["foreach"] is True
@@ -295,9 +296,9 @@ def test_training_and_sampling_figures_are_measured_and_printed(tmp_path, capsys
                                                          "eval_interval": 4,
                                                          "checkpoint_interval": 4}),
     })
-    bench_main.bench_training(corpus, params)
+    bench_main.bench_training(corpus, params, "params.yaml")
     out = capsys.readouterr().out
-    assert "seeds 1337, 1, 2" in out
+    assert out.startswith("\ntrain, params.yaml (2 layers") and "seeds 1337, 1, 2" in out
     rows = [line for line in out.splitlines() if "full-validation loss" in line]
     assert [row.split()[1] for row in rows] == ["float32", "auto"]
     assert all(re.search(r"[\d,]+ tokens/s \(median\)", row) for row in rows)

@@ -47,7 +47,8 @@ def assert_same_state_dict(a: nn.Module, b: nn.Module) -> None:
 
 # --- resume checkpoints ------------------------------------------------------------------------
 
-TRAIN = PROJECT_PARAMS.train
+# AdamW, whose state the tests read by name (Muon's resume is test_train's speedrun recipe).
+TRAIN = PROJECT_PARAMS.train.model_copy(update={"optimizer": "adamw"})
 # Dropout makes each step draw from torch's global RNG, so exact resume needs it restored too.
 RESUME_CONFIG = model_config(vocab_size=VOCAB, n_layer=1, n_head=2, n_embd=32, block_size=8,
                              dropout=0.1)

@@ -42,9 +42,11 @@ CPU = torch.device("cpu")
 
 
 def tiny_model(seed: int = 0, **fields) -> torch.nn.Module:
+    """A base model to adapt: random projections, as a trained model's are (zero ones would
+    pass no gradient to the adapters of the projections before them)."""
     torch.manual_seed(seed)
     return build_model(model_config(vocab_size=40, n_layer=2, n_head=2, n_embd=32,
-                                    block_size=16, **fields)).eval()
+                                    block_size=16, **{"proj_init": "scaled", **fields})).eval()
 
 
 def tokens(seed: int = 1) -> torch.Tensor:
@@ -59,7 +61,8 @@ def test_adapters_start_at_the_base_model_and_only_they_train():
     trainable = {name for name, p in adapted.named_parameters() if p.requires_grad}
     assert trainable and all(name.endswith(("lora_a", "lora_b")) for name in trainable)
     assert sum(isinstance(m, LoRALinear) for m in adapted.modules()) == 2 * 4
-    optimizer = make_optimizer(adapted, run_params().train, CPU)
+    optimizer = make_optimizer(adapted, run_params(train_overrides={"optimizer": "adamw"}).train,
+                               CPU)
     _, loss = adapted.train()(tokens(), tokens(2))
     loss.backward()
     optimizer.step()

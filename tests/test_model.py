@@ -36,7 +36,10 @@ SPEEDRUN_MODEL = {"pos": "rope", "norm": "rmsnorm", "mlp": "relu2", "qk_norm": T
 
 
 def tiny_config(**overrides) -> ModelConfig:
-    fields = dict(vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32, block_size=BLOCK)
+    # GPT-2's tied output layer and random projections unless a test says otherwise: with the
+    # default zero projections an untrained block computes nothing a test could check.
+    fields = dict(vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32, block_size=BLOCK,
+                  tie_weights=True, proj_init="scaled")
     return model_config(**(fields | overrides))
 
 

@@ -17,7 +17,7 @@ from gptlab.optim import learning_rate, make_optimizer, set_learning_rate
 
 def test_learning_rate_warms_up_then_decays_to_min_lr():
     t = PROJECT_PARAMS.train.model_copy(update={"lr": 1e-3, "min_lr": 1e-4, "warmup_iters": 10,
-                                                "max_iters": 100})
+                                                "max_iters": 100, "schedule": "cosine"})
     rates = [learning_rate(step, t) for step in range(101)]
     assert rates[0] == pytest.approx(1e-3 / 11)
     assert rates[9] == pytest.approx(1e-3 * 10 / 11)
@@ -30,7 +30,8 @@ def test_learning_rate_warms_up_then_decays_to_min_lr():
 def test_optimizer_decays_matrices_only():
     model = build_model(model_config(vocab_size=65, n_layer=2, n_head=2, n_embd=32,
                                      block_size=16, bias=True))
-    optimizer = make_optimizer(model, PROJECT_PARAMS.train, torch.device("cpu"))
+    adamw = PROJECT_PARAMS.train.model_copy(update={"optimizer": "adamw"})
+    optimizer = make_optimizer(model, adamw, torch.device("cpu"))
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == PROJECT_PARAMS.train.weight_decay
     assert no_decay["weight_decay"] == 0.0

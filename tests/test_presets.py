@@ -1,5 +1,6 @@
 """The presets: GPT-2 (124M) with GPT-2's recipe and its first step on CPU, fine-tuning as
-nanoGPT does, and the CPU speedrun on nanoGPT's data and split."""
+nanoGPT does, the CPU speedrun on nanoGPT's data and split (nanoGPT's own recipe beside it is
+checked in test_speedrun), each a whole params file."""
 
 from __future__ import annotations
 
@@ -116,3 +117,20 @@ def test_the_speedrun_preset_trains_nanogpts_shape_with_the_speedruns_components
     # Scored as the record is: every validation token, in 64-token windows, in float32.
     assert (preset.eval.context, preset.eval.dtype) == (64, "float32")
     assert preset.tokenizer.kind == "char" and preset.clean.split == "tail"
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "src" / "gptlab" / "presets").glob("*.yaml")),
+                         ids=lambda path: path.name)
+def test_each_preset_is_a_whole_params_file(preset):
+    """`cp PRESET params.yaml` must give a project whose every key is set: a preset missing a
+    key would train with whatever the schema's default is at the time."""
+    raw = yaml.safe_load(preset.read_text())
+    default = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+    def keys(section: dict, prefix: str = "") -> set[str]:
+        return {f"{prefix}{key}" for key in section} | {
+            name for key, value in section.items() if isinstance(value, dict)
+            for name in keys(value, f"{prefix}{key}.")}
+
+    assert keys(raw) == keys(default)
+    load_params(preset)  # and valid

@@ -76,7 +76,10 @@ def test_every_run_spends_its_budget_and_the_design_spans_what_a_law_needs():
                                  "model.n_embd": run.n_embd, "train.max_iters": run.steps,
                                  "train.warmup_iters": run.warmup}
         assert run.warmup == min(PROJECT_PARAMS.train.warmup_iters, run.steps // 20)
-    assert {run.warmup for run in planned} >= {6, PROJECT_PARAMS.train.warmup_iters}
+    # Both limits bind somewhere in the design: the short runs' 1/20, the long runs' own.
+    warmups = {run.warmup for run in planned}
+    assert PROJECT_PARAMS.train.warmup_iters in warmups
+    assert min(warmups) < PROJECT_PARAMS.train.warmup_iters
     sizes = [run.n_params for run in planned]
     assert max(BUDGETS) / min(BUDGETS) >= 10 and max(sizes) / min(sizes) >= 30
     assert len(set(BUDGETS)) >= 3
@@ -106,11 +109,11 @@ def test_runs_that_read_the_train_split_more_than_once_are_named():
     planned = default_design()
     # The default corpus's 4.5M-token train split: the largest budget's two smallest models.
     assert repeated_data(planned, train_tokens=4_525_044) == [
-        "scale-1e12-2x24 reads 9,513,216 tokens, 2.1 epochs of the 4,525,044-token train "
+        "scale-1e12-2x24 reads 8,521,728 tokens, 1.9 epochs of the 4,525,044-token train "
         "split: it repeats data",
-        "scale-1e12-2x32 reads 5,648,640 tokens, 1.2 epochs of the 4,525,044-token train "
+        "scale-1e12-2x32 reads 5,171,200 tokens, 1.1 epochs of the 4,525,044-token train "
         "split: it repeats data"]
-    assert len(repeated_data(planned, train_tokens=2_000_000)) == 6
+    assert len(repeated_data(planned, train_tokens=2_000_000)) == 4
     assert repeated_data(planned, train_tokens=10**8) == []
 
 

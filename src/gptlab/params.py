@@ -194,7 +194,7 @@ class ModelShape(Section):
         "Dropout probability in [0, 1); 0 for small data and short runs."))
     bias: bool = param(False, description=(
         "Biases in the linear layers and LayerNorms (true | false)."))
-    tie_weights: bool = param(True, description=(
+    tie_weights: bool = param(False, description=(
         "Share the token embedding with the output layer (true | false), as GPT-2 does."))
     pos: Literal["learned", "rope"] = param("learned", description=(
         "Positions: learned (a table, as GPT-2) | rope (rotary embeddings on queries and keys)."))
@@ -215,7 +215,7 @@ class ModelShape(Section):
         "Squash the output logits into (-cap, cap) as cap * tanh(logits / cap), as Gemma 2 and "
         "the speedrun do (15 to 30 there); null: no cap. `gptlab export` refuses a capped "
         "model."))
-    proj_init: Literal["scaled", "zero"] = param("scaled", description=(
+    proj_init: Literal["scaled", "zero"] = param("zero", description=(
         "Initial weights of the projections that write into the residual stream (attention's "
         "out_proj, the MLP's down_proj): scaled (normal, std 0.02 / sqrt(2 * n_layer), as "
         "GPT-2) | zero (as the speedrun: every block starts as the identity)."))
@@ -325,16 +325,16 @@ class TrainParams(Section):
     nproc: int = param(1, ge=1, description=(
         "Processes (one per GPU, or CPU processes with gloo) that `dvc repro` starts through "
         "torchrun for data-parallel training (DDP); 1 trains in this process."))
-    batch_size: int = param(12, ge=1, description="Sequences per micro-batch.")
+    batch_size: int = param(32, ge=1, description="Sequences per micro-batch.")
     grad_accum: int = param(1, ge=1, description=(
         "Micro-batches per optimizer step, over all processes (divisible by nproc): tokens per "
         "step = batch_size * grad_accum * block_size, whatever the number of processes."))
-    max_iters: int = param(2000, ge=1, description="Optimizer steps.")
-    lr: float = param(1e-3, gt=0, description=(
+    max_iters: int = param(280, ge=1, description="Optimizer steps.")
+    lr: float = param(3e-3, gt=0, description=(
         "Peak learning rate (of AdamW), reached after warmup_iters."))
     min_lr: float = param(1e-4, ge=0, description=(
         "Learning rate at the end of the cosine decay (at most lr)."))
-    warmup_iters: int = param(100, ge=0, description="Steps of linear warmup from 0 to lr.")
+    warmup_iters: int = param(20, ge=0, description="Steps of linear warmup from 0 to lr.")
     weight_decay: float = param(0.1, ge=0, description=(
         "Weight decay, decoupled as AdamW's (each step shrinks a weight by lr * weight_decay), "
         "applied to matrices only (not to biases, norms or gains), by Muon too."))
@@ -345,7 +345,7 @@ class TrainParams(Section):
         "runs."))
     grad_clip: float = param(1.0, ge=0, description=(
         "Clip the gradient norm to this value; 0 disables clipping."))
-    optimizer: Literal["adamw", "muon"] = param("adamw", description=(
+    optimizer: Literal["adamw", "muon"] = param("muon", description=(
         "adamw - AdamW on every weight (the fused kernel where the device has one)\n"
         "muon  - Muon (torch.optim.Muon: momentum, orthogonalised by Newton-Schulz steps) on the "
         "blocks' weight matrices at train.muon_lr, AdamW at train.lr on the embeddings, the "
@@ -356,19 +356,19 @@ class TrainParams(Section):
         "train.lr."))
     muon_momentum: float = param(0.95, ge=0, lt=1, description=(
         "Muon's momentum (Nesterov), in [0, 1)."))
-    schedule: Literal["cosine", "wsd"] = param("cosine", description=(
+    schedule: Literal["cosine", "wsd"] = param("wsd", description=(
         "cosine - nanoGPT's: warmup, then cosine decay to min_lr at max_iters\n"
         "wsd    - warmup-stable-decay: warmup, the peak held, then a linear decay to zero over "
         "the last train.cooldown of the steps (min_lr unused)"))
     cooldown: float = param(0.4, gt=0, le=1, description=(
         "wsd: the fraction of max_iters over which the learning rate decays to zero, in (0, "
         "1]."))
-    eval_interval: int = param(250, ge=1, description=(
+    eval_interval: int = param(50, ge=1, description=(
         "Evaluate train and val loss every this many steps (and at the first and last step)."))
     eval_iters: int = param(20, ge=1, description="Batches per evaluation and split.")
     log_interval: int = param(10, ge=1, description=(
         "Log loss, learning rate, grad norm and tokens/s every this many steps."))
-    checkpoint_interval: int = param(250, ge=1, description=(
+    checkpoint_interval: int = param(50, ge=1, description=(
         "Save a resumable checkpoint every this many steps (and at the end)."))
     lora: LoraParams = Field(description=(
         "Low-rank adapters (LoRA): with rank > 0 only small adapters of the listed projections "
@@ -522,9 +522,13 @@ class Params(Section):
     tokenizer: TokenizerParams = Field(description="tokenize: text to token ids.")
     model: ModelParams = Field(description=(
         "model: the network trained by the train stage. Every choice is one `-S` away, e.g. `dvc "
-        "exp run -S model.pos=rope`. Defaults are nanoGPT's CPU recipe for shakespeare_char."))
+        "exp run -S model.pos=rope`. Defaults: nanoGPT's shakespeare_char shape (4 layers, 4 "
+        "heads, 128 wide, 64 tokens) with the CPU speedrun's untied output layer and zero "
+        "projections (docs/speedrun.md); nanoGPT's own recipe is the preset nanogpt-cpu.yaml."))
     train: TrainParams = Field(description=(
-        "train: optimisation. Reruns only train and what follows it."))
+        "train: optimisation. Reruns only train and what follows it. Defaults: the CPU "
+        "speedrun's (Muon, 280 steps of 32 sequences, warmup-stable-decay), which reaches "
+        "nanoGPT's CPU recipe's loss in about half its time."))
     eval: EvalParams = Field(description=(
         "evaluate: the trained model scored on the whole validation split (not a sample)."))
     sample: SampleParams = Field(description=(

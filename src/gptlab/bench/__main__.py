@@ -45,6 +45,8 @@ SHARD_TOKENS = 100_000_000
 SEEDS = (1337, 1, 2)
 # Copies of the corpus in the parallel tokenize figure: tinyshakespeare x 64 is about 70 MB.
 PARALLEL_COPIES = 64
+# nanoGPT's CPU recipe, trained beside nanoGPT itself in docs/performance.md's side by side.
+NANOGPT_PRESET = Path(__file__).parents[1] / "presets" / "nanogpt-cpu.yaml"
 
 
 def main() -> None:
@@ -60,7 +62,8 @@ def main() -> None:
     params = load_params()
     bench_tokenizers(corpus)
     bench_dedupe(corpus, params.clean)
-    bench_training(corpus, params)
+    bench_training(corpus, load_params(NANOGPT_PRESET), "nanoGPT's recipe, nanogpt-cpu.yaml")
+    bench_training(corpus, params, "params.yaml")
     bench_sampling(Path("models"))
     bench_serving(Path("models"))
     bench_gpt2_cpu()
@@ -117,13 +120,14 @@ def bench_dedupe(corpus: Path, clean_params: CleanParams) -> None:
           f"MB/s, split {split_seconds * 1000:.1f} ms)")
 
 
-def bench_training(corpus: Path, params: Params) -> None:
-    """The train stage's default model and schedule on the corpus, split as nanoGPT splits it,
-    in float32 and in the `auto` dtype (bf16 autocast where the CPU has it), over three seeds:
-    tokens/s, and the loss on every token of the validation split."""
-    print(f"\ntrain ({params.model.n_layer} layers, {params.model.n_embd} wide, block "
+def bench_training(corpus: Path, params: Params, recipe: str) -> None:
+    """The model and training of `params` (the `recipe` named) on the corpus, split as nanoGPT
+    splits it, in float32 and in the `auto` dtype (bf16 autocast where the CPU has it), over
+    three seeds: tokens/s, and the loss on every token of the validation split."""
+    print(f"\ntrain, {recipe} ({params.model.n_layer} layers, {params.model.n_embd} wide, block "
           f"{params.model.block_size}, batch {params.train.batch_size}, "
-          f"{params.train.max_iters} iters, char tokens, seeds {', '.join(map(str, SEEDS))})")
+          f"{params.train.max_iters} iters, {params.train.optimizer}, char tokens, seeds "
+          f"{', '.join(map(str, SEEDS))})")
     with tempfile.TemporaryDirectory() as tmp:
         tokens_dir = Path(tmp) / "tokens"
         tokens_dir.mkdir()

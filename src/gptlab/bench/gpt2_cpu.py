@@ -160,7 +160,8 @@ def step_figures(config: ModelConfig, impl: str, rank: int,
     """A training step (forward, backward, AdamW) on one row of `tokens` tokens, every weight
     (rank 0) or LoRA adapters of that rank; the best of `steps` after a first one."""
     model = gptlab_model(config).train()
-    train = TrainParams.model_validate(default_values(TrainParams))
+    # AdamW on both sides, whatever optimizer training defaults to.
+    train = TrainParams.model_validate({**default_values(TrainParams), "optimizer": "adamw"})
     lora = LoraParams.model_validate({**default_values(LoraParams), "rank": rank})
     if impl == "gptlab":
         if rank:

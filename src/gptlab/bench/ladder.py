@@ -34,7 +34,8 @@ from gptlab.train import LogInterval, TrainingSession, TrainPaths, training_forw
 # and the exact GELU, as in nanoGPT's speed runs: biases cost time and do not help the loss.
 GPT2_SHAPE = ModelConfig.from_name("gpt2", bias=False, mlp="gelu", pad_vocab=False)
 # nanoGPT's AdamW settings for GPT-2, and its gradient clipping.
-GPT2_OPTIMIZER = {"lr": 6e-4, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95, "grad_clip": 1.0}
+GPT2_OPTIMIZER = {"optimizer": "adamw", "lr": 6e-4, "weight_decay": 0.1, "beta1": 0.9,
+                  "beta2": 0.95, "grad_clip": 1.0}
 # Random tokens the batches are drawn from, as training draws them from its token files: the
 # ids do not change the speed of a step.
 RANDOM_TOKENS = 1 << 20
