@@ -52,11 +52,11 @@ SAMPLING_DEFAULTS = (f"Defaults come from the sample section of ./params.yaml if
 PROJECT_FILE = "dvc.yaml"
 SAMPLE_SEPARATOR = "-" * 15
 # `gptlab scaling --queue`'s default sweep, on the default corpus and recipe: four budgets
-# about 4.6x apart (100x in all), five shapes at each, sliding up a ladder of nine (N 2K to
-# 347K, 175x) as the budget grows. The design was chosen on synthetic runs: a law of
-# Chinchilla's exponents at this corpus's losses, sampled at these runs with seed-to-seed
-# noise, is recovered within 10%, which the narrower design of three budgets over 16x and N
-# over 18x did not do (tests/test_sweep.py).
+# about 4.6x apart (100x in all), five shapes at each, sliding up a ladder of nine (N 2.7K to
+# 355K, 133x, with the default untied output layer; 175x tied) as the budget grows. The design
+# was chosen on synthetic runs: a law of Chinchilla's exponents at this corpus's losses,
+# sampled at the tied model's runs with seed-to-seed noise, is recovered within 10%, which the
+# narrower design of three budgets over 16x and N over 18x did not do (tests/test_sweep.py).
 BUDGETS = (1e10, 4.6e10, 2.2e11, 1e12)
 SHAPES = ("1x8", "1x12", "1x16", "1x24", "2x24", "2x32", "2x48", "2x64", "3x96")
 SHAPES_PER_BUDGET = 5

@@ -5,15 +5,16 @@ The sweep is Hoffmann et al.'s (2022) approach 2: isoFLOP profiles. At each of a
 budgets C, several model shapes (depth x width) each train for the steps that spend C = 6 N D,
 so that the loss against N at fixed C is a valley whose bottom is that budget's best model.
 
-N counts every parameter of the model, as Hoffmann et al. did (the token table once: tied, it
-is also the output layer), D the training tokens, and the loss is the validation loss on every
-token of the split (metrics/eval.json). With N so counted, a run's C = 6 N D falls 9-26% short
-of the FLOPs nanoGPT's estimate counts for the default ladder (attention over the 64-token
-context, which weighs most in the smallest shapes); the non-embedding count of Kaplan et al.
-(2020) leaves out the output layer too, and with it up to half the compute of these shapes.
+N counts every parameter of the model, as Hoffmann et al. did (a tied token table once, as it
+is also the output layer; an untied output layer as weights of its own), D the training tokens,
+and the loss is the validation loss on every token of the split (metrics/eval.json). With N so
+counted, a run's C = 6 N D falls 9-24% short (9-26% tied) of the FLOPs nanoGPT's estimate
+counts for the default ladder (attention over the 64-token context, which weighs most in the
+smallest shapes); the non-embedding count of Kaplan et al. (2020) leaves out the output layer
+too.
 
 Each run's warmup is at most a twentieth of its steps, so the shortest runs are not spent
-warming up; its cosine decay ends at its last step, as each run's schedule always does.
+warming up; its schedule's decay ends at its last step, as each run's schedule always does.
 """
 
 from __future__ import annotations
