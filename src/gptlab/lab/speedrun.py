@@ -121,6 +121,10 @@ RECIPES = (
            {**NANOGPT, "train.optimizer": "muon", "train.max_iters": 1400}, base=NANOGPT_RECIPE),
     Recipe("nanogpt-batch-32-time", ADDED, "32 sequences a step, as many tokens (750 steps)",
            {**NANOGPT, "train.batch_size": 32, "train.max_iters": 750}, base=NANOGPT_RECIPE),
+    Recipe("nanogpt-relu2", ADDED, "ReLU² instead of GELU", {**NANOGPT, "model.mlp": "relu2"},
+           base=NANOGPT_RECIPE),
+    Recipe("nanogpt-softcap", ADDED, "logit soft-cap 30",
+           {**NANOGPT, "model.logit_softcap": 30.0}, base=NANOGPT_RECIPE),
 )
 BY_NAME = {recipe.name: recipe for recipe in RECIPES}
 
